@@ -1,0 +1,279 @@
+"""Shared benchmark harness: timing, bandwidth, the device's copy bandwidth, and reports.
+
+Timing rules (see the README's benchmarking section):
+- CUDA events, warm-up first, median of repeats.
+- Small cases run under a captured CUDA graph that holds one call per input set, so launch
+  overhead stays out of the figure; large cases are timed as plain launches between events.
+- Several input sets are rotated so that repeated calls do not measure a warm L2 (up to what fits
+  in memory budget); each result records whether its working set still fit in L2.
+- The reference copy bandwidth is the best of several >= 1 GiB device-to-device copies in the same
+  process, counting bytes read plus bytes written. Percentages are relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+GRAPH_BELOW_BYTES = 512 << 20  # CUDA graphs for calls moving less than this (Python and
+# guard overhead of eager and compiled callables would otherwise show up at mid sizes)
+ROTATE_BUDGET_BYTES = 1 << 30  # at most this much memory for rotated input sets
+MAX_SETS = 64
+
+
+def device_info() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "device": p.name,
+        "sm_count": p.multi_processor_count,
+        "l2_bytes": getattr(p, "L2_cache_size", 0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _triton_version(),
+    }
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Best device-to-device copy rate in bytes/s, counting read + write (2 * nbytes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    best = math.inf
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / best
+
+
+def num_sets(bytes_per_call: int) -> int:
+    """Input sets to rotate: enough to spill L2 three times over, within the memory budget."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
+    want = math.ceil(3 * l2 / max(bytes_per_call, 1))
+    fit = max(1, ROTATE_BUDGET_BYTES // max(bytes_per_call, 1))
+    return max(1, min(want, fit, MAX_SETS))
+
+
+def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = None,
+               repeats: int = 20, min_ms: float = 20.0) -> dict:
+    """Median seconds per call of rotating through `calls` (zero-argument callables).
+
+    Each callable must do the same work on its own input set. Returns seconds and method.
+    """
+    if use_graph is None:
+        use_graph = bytes_per_call < GRAPH_BELOW_BYTES
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: compilation, autotuning, allocator
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+    if use_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        run = graph.replay
+    else:
+        def run():
+            for c in calls:
+                c()
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Size one timed sample to last at least min_ms.
+    run()
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    inner = max(1, int(min_ms / once))
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / (inner * len(calls)))
+    if use_graph:
+        del graph
+    return {"seconds": statistics.median(samples), "spread": (max(samples) - min(samples))
+            / statistics.median(samples), "graph": use_graph, "sets": len(calls)}
+
+
+@dataclass
+class Result:
+    case: dict
+    variant: str
+    seconds: float
+    bytes: int
+    graph: bool
+    sets: int
+    spread: float
+    l2_resident: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9
+
+
+def measure(case: dict, variant: str, make_call, bytes_per_call: int, **kw) -> Result:
+    """Build `num_sets` input sets with make_call() -> callable, time them, return a Result."""
+    n = num_sets(bytes_per_call)
+    calls = [make_call() for _ in range(n)]
+    t = time_calls(calls, bytes_per_call, **kw)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
+    res = Result(case, variant, t["seconds"], bytes_per_call, t["graph"], t["sets"], t["spread"],
+                 l2_resident=n * bytes_per_call <= l2)
+    del calls
+    return res
+
+
+class Report:
+    """Collects results; writes JSON, a markdown table and a plot under bench/results/."""
+
+    def __init__(self, name: str, copy_bw: float, baseline: str, case_keys: list[str]):
+        self.name = name
+        self.info = device_info()
+        self.copy_bw = copy_bw
+        self.baseline = baseline
+        self.case_keys = case_keys
+        self.results: list[Result] = []
+
+    def add(self, r: Result) -> None:
+        self.results.append(r)
+        pct = 100 * r.bytes / r.seconds / self.copy_bw
+        case = " ".join(f"{k}={r.case[k]}" for k in self.case_keys)
+        print(f"{case:<40} {r.variant:<24} {r.seconds * 1e6:9.2f} us {r.gbps:8.1f} GB/s "
+              f"{pct:6.1f}%{'  (L2)' if r.l2_resident else ''}", flush=True)
+
+    def _rows(self):
+        by_case: dict[tuple, dict[str, Result]] = {}
+        for r in self.results:
+            by_case.setdefault(tuple(r.case[k] for k in self.case_keys), {})[r.variant] = r
+        return by_case
+
+    def markdown(self) -> str:
+        i = self.info
+        lines = [
+            f"# {self.name} on {i['device']}",
+            "",
+            f"torch {i['torch']} (CUDA {i['cuda']}), triton {i['triton']}; {i['sm_count']} SMs. "
+            f"Measured copy bandwidth (best 1 GiB device-to-device copy, read + write): "
+            f"**{self.copy_bw / 1e9:.0f} GB/s**. `%copy` = achieved / that. "
+            f"`x{self.baseline}` = time of `{self.baseline}` / time of the row's variant "
+            f"(> 1 means faster). `graph`: timed as CUDA-graph replays. `L2`: the rotated inputs "
+            f"fit in L2, so the figure is not a DRAM rate.",
+            "",
+            "| " + " | ".join(self.case_keys) + " | variant | µs | GB/s | %copy | "
+            f"x{self.baseline} | graph | L2 |",
+            "|" + "---|" * (len(self.case_keys) + 8),
+        ]
+        for key, variants in self._rows().items():
+            base = variants.get(self.baseline)
+            for v, r in variants.items():
+                ratio = f"{base.seconds / r.seconds:.2f}" if base else "-"
+                lines.append(
+                    "| " + " | ".join(str(k) for k in key) + f" | {v} | {r.seconds * 1e6:.2f} | "
+                    f"{r.gbps:.0f} | {100 * r.bytes / r.seconds / self.copy_bw:.1f} | {ratio} | "
+                    f"{'y' if r.graph else 'n'} | {'y' if r.l2_resident else 'n'} |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str, stem: str, plot_x: str | None = None,
+              plot_group: list[str] | None = None) -> list[str]:
+        os.makedirs(out_dir, exist_ok=True)
+        paths = []
+        data = {"info": self.info, "copy_bandwidth_Bps": self.copy_bw, "argv": sys.argv,
+                "results": [dict(asdict(r), gbps=r.gbps,
+                                 pct_copy=100 * r.bytes / r.seconds / self.copy_bw)
+                            for r in self.results]}
+        p = os.path.join(out_dir, f"{stem}.json")
+        with open(p, "w") as f:
+            json.dump(data, f, indent=1)
+        paths.append(p)
+        p = os.path.join(out_dir, f"{stem}.md")
+        with open(p, "w") as f:
+            f.write(self.markdown())
+        paths.append(p)
+        if plot_x:
+            p = self.plot(os.path.join(out_dir, f"{stem}.png"), plot_x, plot_group or [])
+            if p:
+                paths.append(p)
+        return paths
+
+    def plot(self, path: str, x_key: str, group_keys: list[str]) -> str | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot", file=sys.stderr)
+            return None
+        groups: dict[tuple, list[Result]] = {}
+        for r in self.results:
+            groups.setdefault(tuple(r.case[k] for k in group_keys), []).append(r)
+        n = len(groups)
+        cols = min(3, n)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+        for ax, (g, rs) in zip(axes.flat, groups.items()):
+            variants = sorted({r.variant for r in rs})
+            for v in variants:
+                pts = sorted((r.case[x_key], 100 * r.bytes / r.seconds / self.copy_bw)
+                             for r in rs if r.variant == v)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel("% of copy bandwidth")
+            ax.set_ylim(0, 105)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in zip(group_keys, g)), fontsize=9)
+            ax.grid(True, alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{self.name} on {self.info['device']} (torch {self.info['torch']})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def setup_compile():
+    """torch.compile settings for benchmarking many static shapes in one process."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 100_000)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = 100_000
+    elif hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = 100_000

@@ -1,0 +1,38 @@
+"""compile_ops: vLLM's hot-path kernels as torch.library custom ops for torch.compile.
+
+``import compile_ops`` registers every op under ``torch.ops.compile_ops``. Each op has a fake
+kernel (for tracing), a pure-PyTorch reference body (the CPU kernel and test oracle) and, when the
+extension is built, a CUDA kernel. See README.md for the op table.
+"""
+
+from compile_ops._extension import kernels_available, kernels_unavailable_reason
+from compile_ops.norm import fused_add_rms_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kernels_available",
+    "kernels_unavailable_reason",
+    "registered_ops",
+    "rms_norm",
+    "fused_add_rms_norm",
+]
+
+
+def registered_ops() -> list[str]:
+    """Qualified names of the ops this package registers, e.g. ``compile_ops::rms_norm``."""
+    import torch
+
+    ns = torch.ops.compile_ops
+    names = []
+    for name in sorted(dir(ns)):
+        packet = getattr(ns, name, None)
+        if isinstance(packet, torch._ops.OpOverloadPacket):
+            names.append(f"compile_ops::{name}")
+    return names
+
+
+from compile_ops._extension import _warn_if_gpu_without_kernels as _w  # noqa: E402
+
+_w()
+del _w

@@ -1,0 +1,115 @@
+"""Input checks shared by every op's reference body, fake kernel and CUDA binding.
+
+One helper per argument kind, so the eager path and the fake (tracing) path raise the same error
+for the same bad input. Messages start with the op name and name the offending argument.
+Only metadata is read (dtype, device, shape, strides): the checks work on fake tensors.
+"""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fail(op: str, msg: str, exc=ValueError):
+    raise exc(f"compile_ops.{op}: {msg}")
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+
+
+def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        fail(op, f"{name} must be float32, float16 or bfloat16, got {t.dtype}", TypeError)
+
+
+def check_like(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "input",
+               *, shape: bool = True) -> None:
+    """`t` has the dtype and device of `ref` (and its shape when `shape`)."""
+    check_tensor(op, name, t)
+    if t.dtype != ref.dtype:
+        fail(op, f"{name} must have dtype {ref.dtype} (same as {ref_name}), got {t.dtype}",
+             TypeError)
+    if t.device != ref.device:
+        fail(op, f"{name} must be on device {ref.device} (same as {ref_name}), got {t.device}")
+    if shape and t.shape != ref.shape:
+        fail(op, f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                 f"got {tuple(t.shape)}")
+
+
+def check_rows(op: str, name: str, t: torch.Tensor, *, writable: bool) -> None:
+    """`t` is rows of t.size(-1) contiguous elements with a single row stride.
+
+    The last dimension must be contiguous; the leading dimensions must collapse into one stride
+    (a slice of a wider tensor is fine, a transposed one is not). Rows that are written must not
+    overlap in memory; rows that are only read may (a broadcast input, stride 0).
+    """
+    if t.dim() < 1:
+        fail(op, f"{name} must have at least one dimension, got a 0-d tensor")
+    hidden = t.size(-1)
+    if hidden > 1 and t.stride(-1) != 1:
+        fail(op, f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    row_stride, expect = None, None
+    for d in range(t.dim() - 2, -1, -1):
+        if t.size(d) == 1:
+            continue
+        if expect is None:
+            row_stride = t.stride(d)
+        elif t.stride(d) != expect:
+            fail(op, f"{name} leading dimensions must collapse into rows with one stride, got "
+                     f"shape {tuple(t.shape)} and strides {t.stride()}")
+        expect = t.stride(d) * t.size(d)
+    if writable and row_stride is not None and row_stride < hidden:
+        fail(op, f"{name} rows overlap in memory (row stride {row_stride} < hidden size {hidden})")
+
+
+def check_no_partial_overlap(op: str, name: str, t: torch.Tensor, other_name: str,
+                             other: torch.Tensor, *, allow_same: bool) -> None:
+    """Two real tensors written by one op must not share memory (unless exactly the same view).
+
+    Skipped for tensors without storage (fake or meta), where addresses are unknown.
+    """
+    if t.device.type == "meta" or _is_fake(t) or _is_fake(other):
+        return
+    if t.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+        return
+    if t.numel() == 0 or other.numel() == 0:
+        return
+    if allow_same and t.data_ptr() == other.data_ptr() and t.stride() == other.stride() \
+            and t.shape == other.shape:
+        return
+    lo_a, hi_a = _extent(t)
+    lo_b, hi_b = _extent(other)
+    if lo_a < hi_b and lo_b < hi_a:
+        fail(op, f"{name} and {other_name} overlap in memory; pass separate tensors")
+
+
+def _extent(t: torch.Tensor):
+    lo = t.data_ptr()
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+    return lo, lo + span * t.element_size()
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    # Fake tensors, and functional or other wrappers around them, have no real addresses.
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+
+
+def check_weight(op: str, weight, input: torch.Tensor) -> None:
+    check_like(op, "weight", weight, input, shape=False)
+    hidden = input.size(-1)
+    if weight.dim() != 1 or weight.size(0) != hidden:
+        fail(op, f"weight must be a 1-D tensor of size {hidden} (input.size(-1)), "
+                 f"got shape {tuple(weight.shape)}")
+    if hidden > 1 and weight.stride(0) != 1:
+        fail(op, f"weight must be contiguous, got stride {weight.stride()}")
+
+
+def check_epsilon(op: str, epsilon) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (float, int)):
+        fail(op, f"epsilon must be a float, got {type(epsilon).__name__}", TypeError)
+    if not (0.0 <= float(epsilon) < float("inf")):
+        fail(op, f"epsilon must be finite and >= 0, got {epsilon}")

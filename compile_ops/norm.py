@@ -1,0 +1,169 @@
+"""RMSNorm family: ``rms_norm`` and ``fused_add_rms_norm`` (vLLM schemas and semantics).
+
+Registered ops (out-style / in-place, exactly as vLLM's ``torch.ops._C`` ops)::
+
+    torch.ops.compile_ops.rms_norm(out, input, weight, epsilon) -> None
+    torch.ops.compile_ops.fused_add_rms_norm(input, residual, weight, epsilon) -> None
+
+Functional wrappers (allocate their outputs)::
+
+    compile_ops.rms_norm(x, weight, epsilon=1e-6) -> Tensor
+    compile_ops.fused_add_rms_norm(x, residual, weight, epsilon=1e-6) -> (out, residual_out)
+
+The custom-op bodies are the pure-PyTorch references: they are the CPU kernels and the test
+oracles. The CUDA kernels live in ``csrc/layernorm_kernels.cu``.
+"""
+
+import torch
+
+from compile_ops import _checks as C
+from compile_ops._extension import _C
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_ref", "fused_add_rms_norm_ref"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Math (shared by the reference bodies and usable directly as an oracle)
+# ---------------------------------------------------------------------------------------------
+def _normalize(z: torch.Tensor, weight: torch.Tensor, epsilon: float, dtype: torch.dtype):
+    # z is float32. Same rounding steps as the kernels and as vLLM's forward_native:
+    # normalize in fp32, round to the model dtype, then multiply by the weight in that dtype.
+    inv = torch.rsqrt(z.pow(2).mean(dim=-1, keepdim=True) + epsilon)
+    return (z * inv).to(dtype) * weight
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """out = T(x * rsqrt(mean(x^2) + eps)) * weight, statistics in float32."""
+    return _normalize(x.float(), weight, epsilon, x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(z), T(z)) with z = x + residual summed in float32."""
+    z = x.float() + residual.float()
+    return _normalize(z, weight, epsilon, x.dtype), z.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks (reference body, fake kernel and CUDA binding all call these)
+# ---------------------------------------------------------------------------------------------
+def _check_rms_norm(out, input, weight, epsilon):
+    op = "rms_norm"
+    C.check_tensor(op, "input", input)
+    C.check_float_dtype(op, "input", input)
+    C.check_like(op, "out", out, input)
+    C.check_weight(op, weight, input)
+    C.check_epsilon(op, epsilon)
+    C.check_rows(op, "input", input, writable=False)
+    C.check_rows(op, "out", out, writable=True)
+    C.check_no_partial_overlap(op, "out", out, "input", input, allow_same=True)
+    C.check_no_partial_overlap(op, "out", out, "weight", weight, allow_same=False)
+
+
+def _check_fused_add_rms_norm(input, residual, weight, epsilon):
+    op = "fused_add_rms_norm"
+    C.check_tensor(op, "input", input)
+    C.check_float_dtype(op, "input", input)
+    C.check_like(op, "residual", residual, input)
+    C.check_weight(op, weight, input)
+    C.check_epsilon(op, epsilon)
+    C.check_rows(op, "input", input, writable=True)
+    C.check_rows(op, "residual", residual, writable=True)
+    C.check_no_partial_overlap(op, "input", input, "residual", residual, allow_same=False)
+    C.check_no_partial_overlap(op, "input", input, "weight", weight, allow_same=False)
+    C.check_no_partial_overlap(op, "residual", residual, "weight", weight, allow_same=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("compile_ops::rms_norm", mutates_args=("out",))
+def _rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+              epsilon: float) -> None:
+    """RMSNorm into ``out``: ``out = T(x * rsqrt(mean(x^2, -1) + epsilon)) * weight``.
+
+    Parameters
+    ----------
+    out : Tensor [..., hidden], same dtype/device/shape as ``input``; written (may be ``input``).
+    input : Tensor [..., hidden], float32/float16/bfloat16; last dim contiguous, leading dims
+        collapsible into one row stride (a row slice of a wider tensor is fine).
+    weight : Tensor [hidden], same dtype and device as ``input``, contiguous.
+    epsilon : float, added to the mean square before the reciprocal square root.
+
+    The mean square is accumulated in float32; the normalized value is rounded to the input
+    dtype before the weight multiply (vLLM's rounding).
+    """
+    _check_rms_norm(out, input, weight, epsilon)
+    out.copy_(rms_norm_ref(input, weight, epsilon))
+
+
+@_rms_norm.register_fake
+def _(out, input, weight, epsilon):
+    _check_rms_norm(out, input, weight, epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_add_rms_norm
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("compile_ops::fused_add_rms_norm", mutates_args=("input", "residual"))
+def _fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        epsilon: float) -> None:
+    """Residual add + RMSNorm, in place: ``residual <- input + residual``,
+    ``input <- rms_norm(input + residual) * weight``.
+
+    Parameters
+    ----------
+    input : Tensor [..., hidden], float32/float16/bfloat16; overwritten with the normalized sum.
+    residual : Tensor, same dtype/device/shape as ``input``; overwritten with ``input + residual``
+        (rounded to the dtype). Must not share memory with ``input``.
+    weight : Tensor [hidden], same dtype and device as ``input``, contiguous.
+    epsilon : float.
+
+    The sum is formed and squared in float32 (statistics over the unrounded sum, as vLLM's
+    forward_native); each tensor is read once and written once by the CUDA kernel.
+    """
+    _check_fused_add_rms_norm(input, residual, weight, epsilon)
+    out, res = fused_add_rms_norm_ref(input, residual, weight, epsilon)
+    input.copy_(out)
+    residual.copy_(res)
+
+
+@_fused_add_rms_norm.register_fake
+def _(input, residual, weight, epsilon):
+    _check_fused_add_rms_norm(input, residual, weight, epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels
+# ---------------------------------------------------------------------------------------------
+if _C is not None:
+
+    @_rms_norm.register_kernel("cuda")
+    def _(out, input, weight, epsilon):
+        _check_rms_norm(out, input, weight, epsilon)
+        _C.rms_norm(out, input, weight, float(epsilon))
+
+    @_fused_add_rms_norm.register_kernel("cuda")
+    def _(input, residual, weight, epsilon):
+        _check_fused_add_rms_norm(input, residual, weight, epsilon)
+        _C.fused_add_rms_norm(input, residual, weight, float(epsilon))
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional wrappers
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """Functional RMSNorm: returns a new tensor (see ``torch.ops.compile_ops.rms_norm``)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.compile_ops.rms_norm(out, x, weight, epsilon)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional residual add + RMSNorm: returns ``(rms_norm(x + residual), x + residual)``
+    and leaves ``x`` and ``residual`` untouched."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    res = residual.clone(memory_format=torch.contiguous_format)
+    torch.ops.compile_ops.fused_add_rms_norm(out, res, weight, epsilon)
+    return out, res

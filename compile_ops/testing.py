@@ -1,0 +1,45 @@
+"""Test helpers shared by tests/ and bench/: the one per-dtype tolerance table and input makers.
+
+Tests never invent their own tolerances: they call ``assert_close`` (or read ``TOLERANCES``).
+"""
+
+import torch
+
+# Where the numbers come from. The kernels and the references perform the same operations in the
+# same order per element; they differ only in the float32 reduction order (a few ulps of float32)
+# and in rsqrtf (<= 2 ulps of float32). An output is rounded to the dtype at most twice
+# (normalize, then weight multiply), so a float32 difference that crosses a rounding boundary moves
+# the result by one ulp of the dtype per rounding: allow two ulps, relative to the value.
+#   bfloat16: 8 significant bits, ulp <= 2**-7 relative  -> 2 ulps ~ 1.6e-2
+#   float16: 11 significant bits, ulp <= 2**-10 relative  -> 2 ulps ~ 2.0e-3
+#   float32: reduction order over up to ~1e5 terms and rsqrtf -> ~1e-6; 1e-5 leaves room.
+# atol covers values that round to (near) zero, where a relative bound is meaningless.
+TOLERANCES = {
+    torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+}
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None,
+                 msg: str = "") -> None:
+    """Compare on the CPU with the tolerance of ``dtype`` (default: actual.dtype); NaN fails."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.detach().cpu().to(expected.dtype),
+                               expected.detach().cpu(), equal_nan=False,
+                               msg=(lambda m: f"{msg}\n{m}") if msg else None, **tol)
+
+
+def rows_tensor(tokens: int, hidden: int, dtype: torch.dtype, device, *, row_pad: int = 0,
+                generator: torch.Generator = None) -> torch.Tensor:
+    """Random normal [tokens, hidden]. With ``row_pad`` > 0 it is a row slice of a wider tensor
+    (row stride hidden + row_pad): a pad of 64 keeps rows 16-byte aligned (vectorized path with a
+    stride), an odd pad breaks the alignment (scalar path)."""
+    base = torch.randn(tokens, hidden + row_pad, dtype=torch.float32, generator=generator)
+    t = base.to(dtype=dtype, device=device)
+    return t[:, :hidden] if row_pad else t

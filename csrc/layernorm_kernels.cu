@@ -1,0 +1,154 @@
+// Launchers for rms_norm and fused_add_rms_norm: argument checks, device guard, current stream,
+// dtype dispatch and the choice between the register-cached and the two-pass kernel.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "compile_ops/norm.cuh"
+#include "launch_utils.h"
+
+namespace compile_ops {
+namespace {
+
+// Rows handled by one block when a single warp owns a row.
+constexpr int kWarpRowsPerBlock = 4;
+static_assert(32 * kWarpRowsPerBlock <= kRegKernelThreads, "warp-row blocks exceed the launch bound");
+// Rows of up to this many packs go to one warp; longer rows get a block of threads.
+constexpr int kMaxPacksPerWarpRow = 32 * 8;
+// Threads per row for long rows (the register-cached kernel's launch bound). Rows longer than
+// 8 packs x 256 threads (16384 bf16/fp16 elements, 8192 fp32, 2048 unaligned) use the two-pass
+// kernel: holding them in registers would need more threads, capping registers at 64 and spilling.
+constexpr int kMaxRowThreads = kRegKernelThreads;
+
+template <int V, typename T, int W, bool FUSED>
+void launch_reg(dim3 grid, dim3 block, cudaStream_t stream, T* out, int64_t os, const T* in,
+                int64_t is, T* res, int64_t rs, const T* w, int64_t rows, int hidden, float eps) {
+  rms_norm_reg_kernel<T, W, V, FUSED>
+      <<<grid, block, 0, stream>>>(out, os, in, is, res, rs, w, rows, hidden, eps);
+}
+
+// Smallest packs-per-thread V in {1, 2, 4, 8} with ceil(n / V) <= limit, or 0 if none.
+int pick_packs_per_thread(int64_t n, int64_t limit) {
+  for (int v = 1; v <= 8; v *= 2)
+    if (ceil_div(n, v) <= limit) return v;
+  return 0;
+}
+
+template <typename T, int W, bool FUSED>
+void launch_norm(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs, const T* w,
+                 int64_t rows, int hidden, float eps, cudaStream_t stream) {
+  const int64_t n = hidden / W;
+  dim3 grid, block;
+  int v;
+  if (n <= kMaxPacksPerWarpRow) {
+    v = pick_packs_per_thread(n, 32);
+    block = dim3(32, kWarpRowsPerBlock);
+    grid = dim3(static_cast<unsigned>(ceil_div(rows, kWarpRowsPerBlock)));
+  } else {
+    v = pick_packs_per_thread(n, kMaxRowThreads);
+    const int64_t threads = v ? ceil_div(ceil_div(n, v), 32) * 32 : 0;
+    block = dim3(static_cast<unsigned>(threads));
+    grid = dim3(static_cast<unsigned>(rows));
+  }
+  switch (v) {
+    case 1: launch_reg<1, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 2: launch_reg<2, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 4: launch_reg<4, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 8: launch_reg<8, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    default: {
+      const int threads = static_cast<int>(std::min<int64_t>(1024, ceil_div(n, 32) * 32));
+      rms_norm_twopass_kernel<T, W, FUSED><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+          out, os, in, is, res, rs, w, hidden, eps);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool FUSED>
+void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
+                    const at::Tensor& weight, int64_t rows, int hidden, double eps) {
+  constexpr int VW = kVecWidth<T>;
+  bool aligned = hidden % VW == 0 && is_aligned(weight.data_ptr(), 16) && out.aligned(VW) &&
+                 in.aligned(VW) && (res == nullptr || res->aligned(VW));
+  auto* o = static_cast<T*>(out.ptr);
+  auto* x = static_cast<const T*>(in.ptr);
+  auto* r = res ? static_cast<T*>(res->ptr) : nullptr;
+  const int64_t rs = res ? res->stride : 0;
+  auto* w = static_cast<const T*>(weight.data_ptr());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float feps = static_cast<float>(eps);
+  if (aligned)
+    launch_norm<T, VW, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream);
+  else
+    launch_norm<T, 1, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream);
+}
+
+template <bool FUSED>
+void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
+               const at::Tensor* residual, const at::Tensor& weight, double epsilon) {
+  check_float_type(op, "input", input);
+  check_same_type(op, "weight", weight, input);
+  check_same_device(op, "weight", weight, input);
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
+  const int64_t hidden64 = input.size(-1);
+  TORCH_CHECK(hidden64 <= std::numeric_limits<int>::max(), op, ": hidden size too large");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden64 && weight.stride(0) == 1, op,
+              ": weight must be a contiguous 1-D tensor of size ", hidden64, ", got shape ",
+              weight.sizes());
+  TORCH_CHECK(std::isfinite(epsilon) && epsilon >= 0, op, ": epsilon must be finite and >= 0");
+  const RowView in = row_view(op, "input", input, /*writable=*/FUSED);
+  const RowView o = FUSED ? in : row_view(op, "out", out, /*writable=*/true);
+  if (!FUSED) {
+    check_same_type(op, "out", out, input);
+    check_same_device(op, "out", out, input);
+    TORCH_CHECK(out.sizes() == input.sizes(), op, ": out must have the shape of input ",
+                input.sizes(), ", got ", out.sizes());
+  }
+  RowView r{};
+  if (FUSED) {
+    check_same_type(op, "residual", *residual, input);
+    check_same_device(op, "residual", *residual, input);
+    TORCH_CHECK(residual->sizes() == input.sizes(), op,
+                ": residual must have the shape of input ", input.sizes(), ", got ",
+                residual->sizes());
+    r = row_view(op, "residual", *residual, /*writable=*/true);
+  }
+  const int64_t rows = in.rows;
+  if (rows == 0 || hidden64 == 0) return;
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(), op, ": too many rows");
+  const c10::cuda::CUDAGuard guard(input.device());
+  switch (input.scalar_type()) {
+    case at::ScalarType::Float:
+      dispatch_width<float, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon);
+      break;
+    case at::ScalarType::Half:
+      dispatch_width<__half, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon);
+      break;
+    case at::ScalarType::BFloat16:
+      dispatch_width<__nv_bfloat16, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64,
+                                           epsilon);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", input.scalar_type());
+  }
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+  norm_impl<false>("rms_norm", out, input, nullptr, weight, epsilon);
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                        double epsilon) {
+  norm_impl<true>("fused_add_rms_norm", input, input, &residual, weight, epsilon);
+}
+
+}  // namespace compile_ops

@@ -1,0 +1,18 @@
+// Python bindings of the launchers as compile_ops._C. The ops themselves are declared in Python
+// (torch.library.custom_op); these functions are their CUDA kernels.
+#include <torch/extension.h>
+
+namespace compile_ops {
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                        double epsilon);
+}  // namespace compile_ops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "compile_ops CUDA kernels (launchers called by the registered ops)";
+  m.def("rms_norm", &compile_ops::rms_norm, "out <- rms_norm(input) * weight", py::arg("out"),
+        py::arg("input"), py::arg("weight"), py::arg("epsilon"));
+  m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm,
+        "residual <- input + residual; input <- rms_norm(residual) * weight", py::arg("input"),
+        py::arg("residual"), py::arg("weight"), py::arg("epsilon"));
+}

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+import compile_ops
+
+
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU in this process"
+    if not compile_ops.kernels_available():
+        return f"compile_ops CUDA kernels not loaded: {compile_ops.kernels_unavailable_reason()}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator: fresh, reproducible random inputs per test."""
+    g = torch.Generator()
+    g.manual_seed(1234)
+    return g

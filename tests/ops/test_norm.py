@@ -1,0 +1,439 @@
+"""rms_norm and fused_add_rms_norm: reference, fake, opcheck, CUDA kernels, compile, errors."""
+
+import itertools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import compile_ops
+from compile_ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+from compile_ops.testing import assert_close, rows_tensor
+
+ops = torch.ops.compile_ops
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-6
+
+# The shared grid (CUDA): odd and real hidden sizes, token counts around block/warp boundaries.
+GPU_TOKENS = [1, 7, 128, 4099]
+GPU_HIDDEN = [8, 768, 769, 4096, 5120, 8192]
+# Row padding: 0 = contiguous, 64 = strided rows that stay 16-byte aligned, 11 = misaligned rows.
+ROW_PADS = [0, 64, 11]
+
+
+def float64_rms_norm(x, weight, eps):
+    """Independent oracle for the reference: everything in float64, one final rounding."""
+    x64 = x.double()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return y.to(x.dtype)
+
+
+def run_rms_norm(x, weight, eps=EPS, out=None):
+    out = torch.full_like(x, float("nan")) if out is None else out
+    ops.rms_norm(out, x, weight, eps)
+    return out
+
+
+def run_fused(x, residual, weight, eps=EPS):
+    ops.fused_add_rms_norm(x, residual, weight, eps)
+    return x, residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 8), (7, 769), (33, 1024), (5, 4096)])
+def test_reference_matches_float64(dtype, tokens, hidden, gen):
+    x = rows_tensor(tokens, hidden, dtype, "cpu", generator=gen)
+    r = rows_tensor(tokens, hidden, dtype, "cpu", generator=gen)
+    w = rows_tensor(1, hidden, dtype, "cpu", generator=gen)[0]
+    assert_close(rms_norm_ref(x, w, EPS), float64_rms_norm(x, w, EPS), dtype)
+    out, res = fused_add_rms_norm_ref(x, r, w, EPS)
+    z = x.double() + r.double()
+    assert_close(res, z.to(dtype), dtype)
+    assert_close(out, float64_rms_norm(z, w.double(), EPS).to(dtype), dtype)
+
+
+def test_reference_uses_epsilon(gen):
+    # With a tiny row, eps dominates: a wrong or ignored eps changes the result visibly.
+    x = torch.full((2, 16), 1e-3)
+    w = torch.ones(16)
+    a = rms_norm_ref(x, w, 1e-6)
+    b = rms_norm_ref(x, w, 1e-2)
+    assert_close(a, float64_rms_norm(x, w, 1e-6))
+    assert_close(b, float64_rms_norm(x, w, 1e-2))
+    assert (a - b).abs().max() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops on CPU: in-place semantics, layouts, functional wrappers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+def test_cpu_ops_match_reference(dtype, row_pad, gen):
+    x = rows_tensor(9, 80, dtype, "cpu", row_pad=row_pad, generator=gen)
+    r = rows_tensor(9, 80, dtype, "cpu", row_pad=row_pad, generator=gen)
+    w = rows_tensor(1, 80, dtype, "cpu", generator=gen)[0]
+    assert_close(run_rms_norm(x, w), rms_norm_ref(x, w, EPS))
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    got_out, got_res = run_fused(x, r, w)
+    assert_close(got_out, exp_out)
+    assert_close(got_res, exp_res)
+
+
+def test_cpu_leading_dims_and_in_place(gen):
+    x = torch.randn(2, 3, 40, generator=gen)
+    w = torch.randn(40, generator=gen)
+    expected = rms_norm_ref(x, w, EPS)
+    assert_close(compile_ops.rms_norm(x, w, EPS), expected)
+    y = x.clone()
+    ops.rms_norm(y, y, w, EPS)  # out is input: vLLM allows it
+    assert_close(y, expected)
+
+
+def test_cpu_broadcast_input_rows(gen):
+    # A read-only input may repeat one row (stride 0); every output row equals the one-row result.
+    row = torch.randn(1, 24, generator=gen)
+    w = torch.randn(24, generator=gen)
+    out = run_rms_norm(row.expand(5, 24), w)
+    assert_close(out, rms_norm_ref(row, w, EPS).expand(5, 24))
+
+
+def test_functional_wrappers_leave_inputs_alone(gen):
+    x = torch.randn(4, 32, generator=gen)
+    r = torch.randn(4, 32, generator=gen)
+    w = torch.randn(32, generator=gen)
+    x0, r0 = x.clone(), r.clone()
+    out, res = compile_ops.fused_add_rms_norm(x, r, w, EPS)
+    assert torch.equal(x, x0) and torch.equal(r, r0)
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    assert_close(out, exp_out)
+    assert_close(res, exp_res)
+    assert_close(compile_ops.rms_norm(x, w, EPS), rms_norm_ref(x, w, EPS))
+
+
+def test_zero_tokens():
+    x = torch.empty(0, 64)
+    w = torch.ones(64)
+    assert compile_ops.rms_norm(x, w).shape == (0, 64)
+    out, res = compile_ops.fused_add_rms_norm(x, x.clone(), w)
+    assert out.shape == res.shape == (0, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck (schema, fake, functionalization, aot dispatch) on sample inputs
+# ---------------------------------------------------------------------------------------------
+def _samples(device, gen):
+    for dtype, (tokens, hidden), pad in itertools.product(
+            DTYPES, [(1, 8), (7, 769), (16, 256)], [0, 11]):
+        x = rows_tensor(tokens, hidden, dtype, device, row_pad=pad, generator=gen)
+        r = rows_tensor(tokens, hidden, dtype, device, row_pad=pad, generator=gen)
+        w = rows_tensor(1, hidden, dtype, device, generator=gen)[0]
+        yield x, r, w
+
+
+def _opcheck_all(device, gen):
+    for x, r, w in _samples(device, gen):
+        torch.library.opcheck(ops.rms_norm.default, (torch.empty_like(x), x, w, EPS))
+        torch.library.opcheck(ops.fused_add_rms_norm.default, (x.clone(), r.clone(), w, EPS))
+
+
+def test_opcheck_cpu(gen):
+    _opcheck_all("cpu", gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: same shapes/dtypes as real, and the same errors
+# ---------------------------------------------------------------------------------------------
+def test_fake_matches_real_metadata(gen):
+    x = rows_tensor(6, 48, torch.bfloat16, "cpu", row_pad=64, generator=gen)
+    r = rows_tensor(6, 48, torch.bfloat16, "cpu", generator=gen)
+    w = torch.ones(48, dtype=torch.bfloat16)
+    real = compile_ops.fused_add_rms_norm(x, r, w)
+    with FakeTensorMode() as mode:
+        fx, fr, fw = (mode.from_tensor(t) for t in (x, r, w))
+        fake = compile_ops.fused_add_rms_norm(fx, fr, fw)
+        fake_norm = compile_ops.rms_norm(fx, fw)
+    for a, b in zip(real, fake):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+    assert (fake_norm.shape, fake_norm.dtype) == (x.shape, x.dtype)
+
+
+def _bad_calls():
+    """(id, function of a namespace of tensors, expected exception, message fragment)."""
+    f32, f16 = torch.float32, torch.float16
+    x = lambda: torch.randn(4, 16)  # noqa: E731
+    w = lambda: torch.randn(16)  # noqa: E731
+    return [
+        ("weight_dtype", lambda: ops.rms_norm(torch.empty(4, 16), x(), w().to(f16), EPS),
+         TypeError, "weight must have dtype torch.float32"),
+        ("input_int", lambda: ops.rms_norm(torch.empty(4, 16, dtype=torch.int32),
+                                           x().int(), w(), EPS),
+         TypeError, "input must be float32, float16 or bfloat16"),
+        ("out_dtype", lambda: ops.rms_norm(torch.empty(4, 16, dtype=f16), x(), w(), EPS),
+         TypeError, "out must have dtype"),
+        ("out_shape", lambda: ops.rms_norm(torch.empty(4, 17), x(), w(), EPS),
+         ValueError, "out must have the shape of input"),
+        ("weight_size", lambda: ops.rms_norm(torch.empty(4, 16), x(), torch.randn(15), EPS),
+         ValueError, "weight must be a 1-D tensor of size 16"),
+        ("weight_2d", lambda: ops.rms_norm(torch.empty(4, 16), x(), torch.randn(1, 16), EPS),
+         ValueError, "weight must be a 1-D tensor"),
+        ("weight_strided", lambda: ops.rms_norm(torch.empty(4, 16), x(), torch.randn(32)[::2],
+                                                EPS),
+         ValueError, "weight must be contiguous"),
+        ("weight_device", lambda: ops.rms_norm(torch.empty(4, 16), x(),
+                                               torch.empty(16, device="meta"), EPS),
+         ValueError, "weight must be on device cpu"),
+        ("input_transposed", lambda: ops.rms_norm(torch.empty(16, 4), x().t(), torch.randn(4),
+                                                  EPS),
+         ValueError, "input must be contiguous in its last dimension"),
+        ("input_not_collapsible", lambda: ops.rms_norm(
+            torch.empty(3, 4, 16), torch.randn(4, 3, 16).transpose(0, 1), w(), EPS),
+         ValueError, "input leading dimensions must collapse"),
+        ("out_rows_overlap", lambda: ops.rms_norm(torch.empty(1, 16).expand(4, 16), x(), w(),
+                                                  EPS),
+         ValueError, "out rows overlap in memory"),
+        ("epsilon_negative", lambda: ops.rms_norm(torch.empty(4, 16), x(), w(), -1.0),
+         ValueError, "epsilon must be finite and >= 0"),
+        ("residual_dtype", lambda: ops.fused_add_rms_norm(x(), x().to(f16), w(), EPS),
+         TypeError, "residual must have dtype torch.float32"),
+        ("residual_shape", lambda: ops.fused_add_rms_norm(x(), torch.randn(4, 1), w(), EPS),
+         ValueError, "residual must have the shape of input"),
+        ("fused_weight_dtype", lambda: ops.fused_add_rms_norm(x(), x(), w().to(f16), EPS),
+         TypeError, "weight must have dtype"),
+        ("fused_input_overlap_rows", lambda: ops.fused_add_rms_norm(
+            torch.randn(1, 16).expand(4, 16), x(), w(), EPS),
+         ValueError, "input rows overlap in memory"),
+        ("fused_weight_f32_input_f16", lambda: ops.fused_add_rms_norm(
+            x().to(f16), x().to(f16), w().to(f32), EPS),
+         TypeError, "weight must have dtype torch.float16"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input_eager_and_fake(case):
+    name, call, exc, fragment = case
+    with pytest.raises(exc, match=fragment):
+        call()
+    # The fake kernel runs the same checks: the same error while tracing.
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(exc, match=fragment):
+            call()
+
+
+def test_fused_rejects_aliased_input_and_residual():
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="input and residual overlap in memory"):
+        ops.fused_add_rms_norm(x, x, torch.randn(16), EPS)
+    buf = torch.randn(5, 16)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        ops.fused_add_rms_norm(buf[:4], buf[1:], torch.randn(16), EPS)
+
+
+def test_out_partially_overlapping_input_rejected():
+    buf = torch.randn(5, 16)
+    with pytest.raises(ValueError, match="out and input overlap in memory"):
+        ops.rms_norm(buf[1:], buf[:4], torch.randn(16), EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (CPU)
+# ---------------------------------------------------------------------------------------------
+class AddNorm(torch.nn.Module):
+    """Two layers of vLLM-style code: out-style rms_norm, then the in-place fused op."""
+
+    def __init__(self, hidden, dtype):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(hidden, dtype=dtype), requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, x, residual):
+        h = x + residual
+        out = torch.empty_like(h)
+        ops.rms_norm(out, h, self.w1, 1e-5)
+        y = out * 2.0
+        ops.fused_add_rms_norm(y, h, self.w2, 1e-6)
+        return y, h
+
+
+def _compile_check(device, dtype, gen, **compile_kwargs):
+    torch._dynamo.reset()
+    model = AddNorm(64, dtype).to(device)
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    for tokens in (3, 5):
+        x = rows_tensor(tokens, 64, dtype, device, generator=gen)
+        r = rows_tensor(tokens, 64, dtype, device, generator=gen)
+        exp = model(x.clone(), r.clone())
+        for _ in range(3):  # CUDA graph trees record on the 2nd call and replay after
+            got = compiled(x.clone(), r.clone())
+        for a, b in zip(got, exp):
+            assert_close(a, b)
+
+
+def test_torch_compile_fullgraph_cpu(gen):
+    _compile_check("cpu", torch.float32, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------
+def _wide(tokens, hidden, dtype, row_pad, gen, fill=None):
+    """(view, base): a [tokens, hidden] view into a base with row_pad extra columns."""
+    base = torch.randn(tokens, hidden + row_pad, generator=gen).to(dtype=dtype, device="cuda")
+    if fill is not None:
+        base.fill_(fill)
+    return base[:, :hidden], base
+
+
+def _pad_untouched(base, before, hidden):
+    assert torch.equal(base[:, hidden:], before[:, hidden:]), "wrote outside the rows"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", GPU_HIDDEN)
+@pytest.mark.parametrize("tokens", GPU_TOKENS)
+def test_cuda_rms_norm_grid(tokens, hidden, dtype, row_pad, gen):
+    x, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    out, out_base = _wide(tokens, hidden, dtype, row_pad, gen, fill=float("nan"))
+    before = out_base.clone()
+    x0 = x.clone()
+    ops.rms_norm(out, x, w, EPS)
+    assert_close(out, rms_norm_ref(x, w, EPS), msg=f"{tokens}x{hidden} {dtype} pad={row_pad}")
+    assert torch.equal(x, x0), "input was modified"
+    _pad_untouched(out_base, before, hidden)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", GPU_HIDDEN)
+@pytest.mark.parametrize("tokens", GPU_TOKENS)
+def test_cuda_fused_add_rms_norm_grid(tokens, hidden, dtype, row_pad, gen):
+    x, x_base = _wide(tokens, hidden, dtype, row_pad, gen)
+    r, r_base = _wide(tokens, hidden, dtype, row_pad, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    xb, rb = x_base.clone(), r_base.clone()
+    ops.fused_add_rms_norm(x, r, w, EPS)
+    tag = f"{tokens}x{hidden} {dtype} pad={row_pad}"
+    assert_close(x, exp_out, msg=tag)
+    assert_close(r, exp_res, msg=tag)
+    _pad_untouched(x_base, xb, hidden)
+    _pad_untouched(r_base, rb, hidden)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [16384, 65536, 70000, 9001])
+def test_cuda_long_rows(hidden, dtype, gen):
+    # Around the limit of the register-cached kernel (8 packs x 1024 threads): 65536 in 16-bit
+    # types is exactly at it; 70000 (aligned) and 9001 (scalar) go to the two-pass kernel, as do
+    # the float32 sizes past 32768.
+    x = rows_tensor(3, hidden, dtype, "cuda", generator=gen)
+    r = rows_tensor(3, hidden, dtype, "cuda", generator=gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    assert_close(run_rms_norm(x, w), rms_norm_ref(x, w, EPS))
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    run_fused(x, r, w)
+    assert_close(x, exp_out)
+    assert_close(r, exp_res)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_misaligned_base_pointer(dtype, gen):
+    # Rows of an aligned size but a base one element off 16 bytes: the scalar path must be used.
+    buf = rows_tensor(1, 7 * 4096 + 1, dtype, "cuda", generator=gen)[0]
+    x = buf[1:].view(7, 4096)
+    w = rows_tensor(1, 4096, dtype, "cuda", generator=gen)[0]
+    assert_close(run_rms_norm(x, w), rms_norm_ref(x, w, EPS))
+    r = rows_tensor(7, 4096, dtype, "cuda", generator=gen)
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    run_fused(x, r, w)
+    assert_close(x, exp_out)
+    assert_close(r, exp_res)
+
+
+@pytest.mark.cuda
+def test_cuda_in_place_broadcast_and_3d(gen):
+    x = rows_tensor(64, 4096, torch.bfloat16, "cuda", generator=gen)
+    w = rows_tensor(1, 4096, torch.bfloat16, "cuda", generator=gen)[0]
+    expected = rms_norm_ref(x, w, EPS)
+    ops.rms_norm(x, x, w, EPS)
+    assert_close(x, expected)
+    row = rows_tensor(1, 4096, torch.bfloat16, "cuda", generator=gen)
+    assert_close(run_rms_norm(row.expand(9, 4096), w), rms_norm_ref(row, w, EPS).expand(9, 4096))
+    x3 = rows_tensor(6, 3 * 768, torch.float16, "cuda", generator=gen).view(2, 3, 3, 768)
+    w3 = rows_tensor(1, 768, torch.float16, "cuda", generator=gen)[0]
+    assert_close(compile_ops.rms_norm(x3, w3), rms_norm_ref(x3, w3, EPS))
+
+
+@pytest.mark.cuda
+def test_cuda_zero_tokens():
+    x = torch.empty(0, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    assert compile_ops.rms_norm(x, w).shape == (0, 4096)
+    compile_ops.fused_add_rms_norm(x, x.clone(), w)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda(gen):
+    _opcheck_all("cuda", gen)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_input_raises():
+    x = torch.randn(4, 16, device="cuda")
+    with pytest.raises(ValueError, match="weight must be on device cuda:0"):
+        ops.rms_norm(torch.empty_like(x), x, torch.randn(16), EPS)
+    with pytest.raises(ValueError, match="residual must be on device cuda:0"):
+        ops.fused_add_rms_norm(x, torch.randn(4, 16), torch.randn(16, device="cuda"), EPS)
+
+
+@pytest.mark.cuda
+def test_cuda_launcher_checks():
+    # The C++ launcher re-checks its arguments for callers that bypass the Python layer.
+    from compile_ops._extension import _C
+
+    x = torch.randn(4, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="weight must have dtype"):
+        _C.rms_norm(torch.empty_like(x), x, torch.randn(16, device="cuda").half(), EPS)
+    with pytest.raises(RuntimeError, match="input must be contiguous in its last dimension"):
+        _C.rms_norm(torch.empty(16, 4, device="cuda"), x.t(), torch.randn(4, device="cuda"), EPS)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 1-D tensor of size 16"):
+        _C.fused_add_rms_norm(x, x.clone(), torch.randn(8, device="cuda"), EPS)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_current_stream(gen):
+    x = rows_tensor(512, 4096, torch.bfloat16, "cuda", generator=gen)
+    x_new = rows_tensor(512, 4096, torch.bfloat16, "cuda", generator=gen)
+    w = rows_tensor(1, 4096, torch.bfloat16, "cuda", generator=gen)[0]
+    expected = rms_norm_ref(x_new, w, EPS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # The side stream is busy, then rewrites x: a kernel launched on any other stream would
+        # run early and normalize the old x.
+        torch.cuda._sleep(5_000_000)
+        x.copy_(x_new)
+        out = torch.empty_like(x)
+        ops.rms_norm(out, x, w, EPS)
+        result = out.clone()
+    side.synchronize()
+    assert_close(result, expected)
+
+
+@pytest.mark.cuda
+def test_torch_compile_fullgraph_cuda(gen):
+    _compile_check("cuda", torch.bfloat16, gen)
+
+
+@pytest.mark.cuda
+def test_torch_compile_cuda_graphs(gen):
+    _compile_check("cuda", torch.bfloat16, gen, mode="reduce-overhead")
