@@ -72,6 +72,7 @@ def bench_add_norm(report, tokens, hidden, dtype, w):
         def call():
             h = x + r
             ops.rms_norm(out, h, w, EPS)
+            return h
         return call
 
     def fused():

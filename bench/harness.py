@@ -21,10 +21,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+# Benchmarks run from a checkout (python bench/bench_x.py) with or without an installed package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 GRAPH_BELOW_BYTES = 512 << 20  # CUDA graphs for calls moving less than this (Python and
 # guard overhead of eager and compiled callables would otherwise show up at mid sizes)
-ROTATE_BUDGET_BYTES = 1 << 30  # at most this much memory for rotated input sets
+ROTATE_BUDGET_BYTES = 4 << 30  # at most this much memory for rotated input sets
 MAX_SETS = 64
+MIN_SETS = 2  # in-place ops would otherwise find their own last writes in L2
 
 
 def device_info() -> dict:
@@ -48,23 +54,27 @@ def _triton_version():
         return None
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Best device-to-device copy rate in bytes/s, counting read + write (2 * nbytes)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    best = math.inf
+def copy_bandwidth(sizes=(1 << 30, 2 << 30), repeats: int = 10) -> float:
+    """Best device-to-device copy rate in bytes/s, counting read + write (2 * nbytes).
+
+    Best over `repeats` copies at each size (>= 1 GiB, far past L2), timed with CUDA events.
+    """
+    best_rate = 0.0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(repeats):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / best
+    for nbytes in sizes:
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        for _ in range(repeats):
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best_rate = max(best_rate, 2 * nbytes / (start.elapsed_time(end) / 1e3))
+        del src, dst
+        torch.cuda.empty_cache()
+    return best_rate
 
 
 def num_sets(bytes_per_call: int) -> int:
@@ -72,7 +82,7 @@ def num_sets(bytes_per_call: int) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
     want = math.ceil(3 * l2 / max(bytes_per_call, 1))
     fit = max(1, ROTATE_BUDGET_BYTES // max(bytes_per_call, 1))
-    return max(1, min(want, fit, MAX_SETS))
+    return max(MIN_SETS, min(want, fit, MAX_SETS))
 
 
 def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = None,
@@ -143,10 +153,21 @@ class Result:
         return self.bytes / self.seconds / 1e9
 
 
+def _keep_outputs(call):
+    """Hold each set's last outputs alive, so that under graph capture every set writes its own
+    buffers. Otherwise the allocator hands every call the same freed block: an out-of-place
+    variant then keeps rewriting a few L2-resident buffers, which an in-place op cannot do."""
+    box = [None]
+
+    def run():
+        box[0] = call()
+    return run
+
+
 def measure(case: dict, variant: str, make_call, bytes_per_call: int, **kw) -> Result:
     """Build `num_sets` input sets with make_call() -> callable, time them, return a Result."""
     n = num_sets(bytes_per_call)
-    calls = [make_call() for _ in range(n)]
+    calls = [_keep_outputs(make_call()) for _ in range(n)]
     t = time_calls(calls, bytes_per_call, **kw)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size or (50 << 20)
     res = Result(case, variant, t["seconds"], bytes_per_call, t["graph"], t["sets"], t["spread"],
@@ -185,7 +206,8 @@ class Report:
             f"# {self.name} on {i['device']}",
             "",
             f"torch {i['torch']} (CUDA {i['cuda']}), triton {i['triton']}; {i['sm_count']} SMs. "
-            f"Measured copy bandwidth (best 1 GiB device-to-device copy, read + write): "
+            f"Measured copy bandwidth (best of ten 1 GiB and ten 2 GiB device-to-device copies, "
+            f"read + write): "
             f"**{self.copy_bw / 1e9:.0f} GB/s**. `%copy` = achieved / that. "
             f"`x{self.baseline}` = time of `{self.baseline}` / time of the row's variant "
             f"(> 1 means faster). `graph`: timed as CUDA-graph replays. `L2`: the rotated inputs "
@@ -193,7 +215,7 @@ class Report:
             "",
             "| " + " | ".join(self.case_keys) + " | variant | µs | GB/s | %copy | "
             f"x{self.baseline} | graph | L2 |",
-            "|" + "---|" * (len(self.case_keys) + 8),
+            "|" + "---|" * (len(self.case_keys) + 7),
         ]
         for key, variants in self._rows().items():
             base = variants.get(self.baseline)

@@ -2,12 +2,63 @@
 // Python layer (compile_ops/_checks.py) raises first with the same argument names.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <torch/all.h>
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace compile_ops {
+
+// Numbers in messages go through std::to_string, never through an ostream: streaming an integer
+// from this extension crashed inside libstdc++ on the device image (torch 2.11), so a bad argument
+// turned into a segfault instead of an error.
+inline std::string num(int64_t v) { return std::to_string(v); }
+inline std::string dims(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+// Programmatic dependent launch (Hopper+): our kernel may be scheduled while the previous kernel
+// on the stream drains; the kernel itself waits (griddepcontrol.wait) before touching memory.
+// COMPILE_OPS_PDL=0 turns it off.
+inline bool pdl_enabled(int device) {
+  static const bool env_on = [] {
+    const char* e = std::getenv("COMPILE_OPS_PDL");
+    return !(e && e[0] == '0');
+  }();
+  constexpr int kMaxDevices = 64;
+  static int major[kMaxDevices] = {};  // 0 = not read yet
+  if (!env_on || device < 0 || device >= kMaxDevices) return false;
+  if (major[device] == 0) {
+    int m = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device));
+    major[device] = m;
+  }
+  return major[device] >= 9;
+}
+
+// Launch `kernel` on `stream`, with programmatic stream serialization where supported.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   int device, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled(device) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
+}
 
 inline bool is_aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
@@ -49,7 +100,7 @@ inline RowView row_view(const char* op, const char* name, const at::Tensor& t, b
   TORCH_CHECK(nd >= 1, op, ": ", name, " must have at least one dimension");
   const int64_t hidden = t.size(-1);
   TORCH_CHECK(hidden <= 1 || t.stride(-1) == 1, op, ": ", name,
-              " must be contiguous in its last dimension, got strides ", t.strides());
+              " must be contiguous in its last dimension, got strides ", dims(t.strides()));
   RowView v;
   v.ptr = t.data_ptr();
   v.rows = hidden == 0 ? 0 : t.numel() / hidden;
@@ -61,13 +112,14 @@ inline RowView row_view(const char* op, const char* name, const at::Tensor& t, b
     } else {
       TORCH_CHECK(t.stride(d) == expect, op, ": ", name,
                   " leading dimensions must collapse into rows with one stride, got shape ",
-                  t.sizes(), " and strides ", t.strides());
+                  dims(t.sizes()), " and strides ", dims(t.strides()));
     }
     expect = t.stride(d) * t.size(d);
   }
   if (v.rows <= 1) v.stride = hidden;
   TORCH_CHECK(!writable || v.rows <= 1 || v.stride >= hidden, op, ": ", name,
-              " rows overlap in memory (row stride ", v.stride, " < hidden size ", hidden, ")");
+              " rows overlap in memory (row stride ", num(v.stride), " < hidden size ", num(hidden),
+              ")");
   return v;
 }
 

@@ -28,10 +28,11 @@ constexpr int kMaxPacksPerWarpRow = 32 * 8;
 constexpr int kMaxRowThreads = kRegKernelThreads;
 
 template <int V, typename T, int W, bool FUSED>
-void launch_reg(dim3 grid, dim3 block, cudaStream_t stream, T* out, int64_t os, const T* in,
-                int64_t is, T* res, int64_t rs, const T* w, int64_t rows, int hidden, float eps) {
-  rms_norm_reg_kernel<T, W, V, FUSED>
-      <<<grid, block, 0, stream>>>(out, os, in, is, res, rs, w, rows, hidden, eps);
+void launch_reg(dim3 grid, dim3 block, cudaStream_t stream, int dev, T* out, int64_t os,
+                const T* in, int64_t is, T* res, int64_t rs, const T* w, int64_t rows, int hidden,
+                float eps) {
+  launch_kernel(rms_norm_reg_kernel<T, W, V, FUSED>, grid, block, stream, dev, out, os, in, is,
+                res, rs, w, rows, hidden, eps);
 }
 
 // Smallest packs-per-thread V in {1, 2, 4, 8} with ceil(n / V) <= limit, or 0 if none.
@@ -43,7 +44,7 @@ int pick_packs_per_thread(int64_t n, int64_t limit) {
 
 template <typename T, int W, bool FUSED>
 void launch_norm(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs, const T* w,
-                 int64_t rows, int hidden, float eps, cudaStream_t stream) {
+                 int64_t rows, int hidden, float eps, cudaStream_t stream, int dev) {
   const int64_t n = hidden / W;
   dim3 grid, block;
   int v;
@@ -58,17 +59,16 @@ void launch_norm(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs
     grid = dim3(static_cast<unsigned>(rows));
   }
   switch (v) {
-    case 1: launch_reg<1, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 2: launch_reg<2, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 4: launch_reg<4, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 8: launch_reg<8, T, W, FUSED>(grid, block, stream, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 1: launch_reg<1, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 2: launch_reg<2, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 4: launch_reg<4, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
+    case 8: launch_reg<8, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
     default: {
       const int threads = static_cast<int>(std::min<int64_t>(1024, ceil_div(n, 32) * 32));
-      rms_norm_twopass_kernel<T, W, FUSED><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-          out, os, in, is, res, rs, w, hidden, eps);
+      launch_kernel(rms_norm_twopass_kernel<T, W, FUSED>, dim3(static_cast<unsigned>(rows)),
+                    dim3(threads), stream, dev, out, os, in, is, res, rs, w, hidden, eps);
     }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool FUSED>
@@ -83,11 +83,14 @@ void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
   const int64_t rs = res ? res->stride : 0;
   auto* w = static_cast<const T*>(weight.data_ptr());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = weight.get_device();
   const float feps = static_cast<float>(eps);
   if (aligned)
-    launch_norm<T, VW, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream);
+    launch_norm<T, VW, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream,
+                              dev);
   else
-    launch_norm<T, 1, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream);
+    launch_norm<T, 1, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream,
+                             dev);
 }
 
 template <bool FUSED>
@@ -100,8 +103,8 @@ void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
   const int64_t hidden64 = input.size(-1);
   TORCH_CHECK(hidden64 <= std::numeric_limits<int>::max(), op, ": hidden size too large");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden64 && weight.stride(0) == 1, op,
-              ": weight must be a contiguous 1-D tensor of size ", hidden64, ", got shape ",
-              weight.sizes());
+              ": weight must be a contiguous 1-D tensor of size ", num(hidden64), ", got shape ",
+              dims(weight.sizes()));
   TORCH_CHECK(std::isfinite(epsilon) && epsilon >= 0, op, ": epsilon must be finite and >= 0");
   const RowView in = row_view(op, "input", input, /*writable=*/FUSED);
   const RowView o = FUSED ? in : row_view(op, "out", out, /*writable=*/true);
@@ -109,15 +112,15 @@ void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
     check_same_type(op, "out", out, input);
     check_same_device(op, "out", out, input);
     TORCH_CHECK(out.sizes() == input.sizes(), op, ": out must have the shape of input ",
-                input.sizes(), ", got ", out.sizes());
+                dims(input.sizes()), ", got ", dims(out.sizes()));
   }
   RowView r{};
   if (FUSED) {
     check_same_type(op, "residual", *residual, input);
     check_same_device(op, "residual", *residual, input);
     TORCH_CHECK(residual->sizes() == input.sizes(), op,
-                ": residual must have the shape of input ", input.sizes(), ", got ",
-                residual->sizes());
+                ": residual must have the shape of input ", dims(input.sizes()), ", got ",
+                dims(residual->sizes()));
     r = row_view(op, "residual", *residual, /*writable=*/true);
   }
   const int64_t rows = in.rows;

@@ -42,6 +42,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
                     int64_t res_stride, const T* __restrict__ weight, int64_t rows, int hidden,
                     float eps) {
   using P = Pack<T, W>;
+  pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // whole warps only: a row never spans a partial warp
   const int n = hidden / W;
@@ -75,6 +76,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
     }
   }
   const float inv = rsqrtf(row_sum(ss) / static_cast<float>(hidden) + eps);
+  pdl_launch_dependents();  // only stores remain
 
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -104,6 +106,7 @@ __global__ void __launch_bounds__(1024)
 rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
                         int64_t res_stride, const T* __restrict__ weight, int hidden, float eps) {
   using P = Pack<T, W>;
+  pdl_wait();
   const int64_t row = blockIdx.x;
   const int n = hidden / W;
   const P* x_row = reinterpret_cast<const P*>(in + row * in_stride);

@@ -42,6 +42,20 @@ struct alignas(sizeof(T) * W) Pack {
 template <typename T>
 constexpr int kVecWidth = 16 / static_cast<int>(sizeof(T));
 
+// Programmatic dependent launch. Every kernel calls pdl_wait() before its first global memory
+// access (the previous grid on the stream may still be running when it starts), and may call
+// pdl_launch_dependents() once its remaining work no longer needs the SM slots to itself.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace compile_ops
