@@ -92,6 +92,10 @@ struct RowView {
   bool aligned(int width) const {
     return stride % width == 0 && is_aligned(ptr, 16);
   }
+  // Elements from the previous 16-byte boundary to the first row's start.
+  int phase(int width, size_t elem_size) const {
+    return static_cast<int>((reinterpret_cast<uintptr_t>(ptr) / elem_size) % width);
+  }
 };
 
 // Leading dimensions must collapse into one row stride; writable rows must not overlap.

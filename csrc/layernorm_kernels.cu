@@ -27,14 +27,6 @@ constexpr int kMaxPacksPerWarpRow = 32 * 8;
 // kernel: holding them in registers would need more threads, capping registers at 64 and spilling.
 constexpr int kMaxRowThreads = kRegKernelThreads;
 
-template <int V, typename T, int W, bool FUSED>
-void launch_reg(dim3 grid, dim3 block, cudaStream_t stream, int dev, T* out, int64_t os,
-                const T* in, int64_t is, T* res, int64_t rs, const T* w, int64_t rows, int hidden,
-                float eps) {
-  launch_kernel(rms_norm_reg_kernel<T, W, V, FUSED>, grid, block, stream, dev, out, os, in, is,
-                res, rs, w, rows, hidden, eps);
-}
-
 // Smallest packs-per-thread V in {1, 2, 4, 8} with ceil(n / V) <= limit, or 0 if none.
 int pick_packs_per_thread(int64_t n, int64_t limit) {
   for (int v = 1; v <= 8; v *= 2)
@@ -42,41 +34,96 @@ int pick_packs_per_thread(int64_t n, int64_t limit) {
   return 0;
 }
 
+// Grid and packs-per-thread for rows of n packs (v == 0: too long for the register kernels).
+struct RowPlan {
+  dim3 grid, block;
+  int v;
+};
+
+RowPlan plan_rows(int64_t n, int64_t rows) {
+  RowPlan p;
+  if (n <= kMaxPacksPerWarpRow) {
+    p.v = pick_packs_per_thread(n, 32);
+    p.block = dim3(32, kWarpRowsPerBlock);
+    p.grid = dim3(static_cast<unsigned>(ceil_div(rows, kWarpRowsPerBlock)));
+  } else {
+    p.v = pick_packs_per_thread(n, kMaxRowThreads);
+    const int64_t threads = p.v ? ceil_div(ceil_div(n, p.v), 32) * 32 : 0;
+    p.block = dim3(static_cast<unsigned>(threads));
+    p.grid = dim3(static_cast<unsigned>(rows));
+  }
+  return p;
+}
+
+template <typename T, int W, bool FUSED>
+void launch_twopass(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs, const T* w,
+                    int64_t rows, int hidden, float eps, cudaStream_t stream, int dev) {
+  const int64_t n = hidden / W;
+  const int threads = static_cast<int>(std::min<int64_t>(1024, ceil_div(n, 32) * 32));
+  launch_kernel(rms_norm_twopass_kernel<T, W, FUSED>, dim3(static_cast<unsigned>(rows)),
+                dim3(threads), stream, dev, out, os, in, is, res, rs, w, hidden, eps);
+}
+
+// Kernel<V> for V in {1, 2, 4, 8}; false when the plan has no register variant.
+template <template <int> class Kernel, typename... Args>
+bool launch_by_packs(const RowPlan& p, cudaStream_t stream, int dev, Args... args) {
+  switch (p.v) {
+    case 1: launch_kernel(Kernel<1>::fn, p.grid, p.block, stream, dev, args...); return true;
+    case 2: launch_kernel(Kernel<2>::fn, p.grid, p.block, stream, dev, args...); return true;
+    case 4: launch_kernel(Kernel<4>::fn, p.grid, p.block, stream, dev, args...); return true;
+    case 8: launch_kernel(Kernel<8>::fn, p.grid, p.block, stream, dev, args...); return true;
+    default: return false;
+  }
+}
+
+template <typename T, int W, bool FUSED>
+struct RegKernel {
+  template <int V>
+  struct K {
+    static constexpr auto fn = rms_norm_reg_kernel<T, W, V, FUSED>;
+  };
+};
+
+template <typename T, bool FUSED>
+struct ShiftKernel {
+  template <int V>
+  struct K {
+    static constexpr auto fn = rms_norm_shift_kernel<T, V, FUSED>;
+  };
+};
+
 template <typename T, int W, bool FUSED>
 void launch_norm(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs, const T* w,
                  int64_t rows, int hidden, float eps, cudaStream_t stream, int dev) {
-  const int64_t n = hidden / W;
-  dim3 grid, block;
-  int v;
-  if (n <= kMaxPacksPerWarpRow) {
-    v = pick_packs_per_thread(n, 32);
-    block = dim3(32, kWarpRowsPerBlock);
-    grid = dim3(static_cast<unsigned>(ceil_div(rows, kWarpRowsPerBlock)));
-  } else {
-    v = pick_packs_per_thread(n, kMaxRowThreads);
-    const int64_t threads = v ? ceil_div(ceil_div(n, v), 32) * 32 : 0;
-    block = dim3(static_cast<unsigned>(threads));
-    grid = dim3(static_cast<unsigned>(rows));
-  }
-  switch (v) {
-    case 1: launch_reg<1, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 2: launch_reg<2, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 4: launch_reg<4, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    case 8: launch_reg<8, T, W, FUSED>(grid, block, stream, dev, out, os, in, is, res, rs, w, rows, hidden, eps); break;
-    default: {
-      const int threads = static_cast<int>(std::min<int64_t>(1024, ceil_div(n, 32) * 32));
-      launch_kernel(rms_norm_twopass_kernel<T, W, FUSED>, dim3(static_cast<unsigned>(rows)),
-                    dim3(threads), stream, dev, out, os, in, is, res, rs, w, hidden, eps);
-    }
-  }
+  const RowPlan p = plan_rows(hidden / W, rows);
+  if (!launch_by_packs<RegKernel<T, W, FUSED>::template K>(p, stream, dev, out, os, in, is, res,
+                                                            rs, w, rows, hidden, eps))
+    launch_twopass<T, W, FUSED>(out, os, in, is, res, rs, w, rows, hidden, eps, stream, dev);
+}
+
+template <typename T, bool FUSED>
+void launch_shift(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t rs, const T* w,
+                  int64_t rows, int hidden, float eps, cudaStream_t stream, int dev) {
+  const RowPlan p = plan_rows(hidden / kVecWidth<T>, rows);
+  if (!launch_by_packs<ShiftKernel<T, FUSED>::template K>(p, stream, dev, out, os, in, is, res, rs,
+                                                          w, rows, hidden, eps))
+    launch_twopass<T, 1, FUSED>(out, os, in, is, res, rs, w, rows, hidden, eps, stream, dev);
 }
 
 template <typename T, bool FUSED>
 void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
                     const at::Tensor& weight, int64_t rows, int hidden, double eps) {
   constexpr int VW = kVecWidth<T>;
-  bool aligned = hidden % VW == 0 && is_aligned(weight.data_ptr(), 16) && out.aligned(VW) &&
-                 in.aligned(VW) && (res == nullptr || res->aligned(VW));
+  const bool w_aligned = is_aligned(weight.data_ptr(), 16);
+  const bool aligned = hidden % VW == 0 && w_aligned && out.aligned(VW) && in.aligned(VW) &&
+                       (res == nullptr || res->aligned(VW));
+  // Not aligned, but every row of out/in/residual starts at the same offset from a 16-byte
+  // boundary: shift each row to that boundary and keep 128-bit accesses for the body.
+  const int phase = in.phase(VW, sizeof(T));
+  const bool shiftable = !aligned && hidden >= 2 * VW && w_aligned &&
+                         out.phase(VW, sizeof(T)) == phase && out.stride % VW == in.stride % VW &&
+                         (res == nullptr || (res->phase(VW, sizeof(T)) == phase &&
+                                             res->stride % VW == in.stride % VW));
   auto* o = static_cast<T*>(out.ptr);
   auto* x = static_cast<const T*>(in.ptr);
   auto* r = res ? static_cast<T*>(res->ptr) : nullptr;
@@ -88,6 +135,8 @@ void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
   if (aligned)
     launch_norm<T, VW, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream,
                               dev);
+  else if (shiftable)
+    launch_shift<T, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream, dev);
   else
     launch_norm<T, 1, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream,
                              dev);

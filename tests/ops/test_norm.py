@@ -345,15 +345,44 @@ def test_cuda_long_rows(hidden, dtype, gen):
     assert_close(r, exp_res)
 
 
+def _offset_rows(tokens, hidden, dtype, offset, gen):
+    """[tokens, hidden] starting `offset` elements past a 16-byte aligned allocation."""
+    buf = rows_tensor(1, tokens * hidden + offset, dtype, "cuda", generator=gen)[0]
+    return buf[offset:].view(tokens, hidden)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_misaligned_base_pointer(dtype, gen):
-    # Rows of an aligned size but a base one element off 16 bytes: the scalar path must be used.
-    buf = rows_tensor(1, 7 * 4096 + 1, dtype, "cuda", generator=gen)[0]
-    x = buf[1:].view(7, 4096)
-    w = rows_tensor(1, 4096, dtype, "cuda", generator=gen)[0]
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 771])
+@pytest.mark.parametrize("x_off,other_off", [(1, 0), (3, 3), (0, 2)])
+def test_cuda_misaligned_base_pointer(dtype, hidden, x_off, other_off, gen):
+    # Bases off 16 bytes. Same offset on input and out/residual: the shifted 128-bit path (each
+    # row split at its first 16-byte boundary); different offsets: the scalar path.
+    tokens = 9
+    x = _offset_rows(tokens, hidden, dtype, x_off, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    out = _offset_rows(tokens, hidden, dtype, other_off, gen).fill_(float("nan"))
+    ops.rms_norm(out, x, w, EPS)
+    assert_close(out, rms_norm_ref(x, w, EPS))
+    r = _offset_rows(tokens, hidden, dtype, other_off, gen)
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    run_fused(x, r, w)
+    assert_close(x, exp_out)
+    assert_close(r, exp_res)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [17, 769, 2049, 16383, 16401])
+def test_cuda_shifted_rows_every_phase(dtype, hidden, gen):
+    # Contiguous odd-width rows start at every phase of a 16-byte boundary in turn. 16383 bf16
+    # is the longest row the shifted register kernel holds; 16401 bf16 (and fp32 past 8191) goes
+    # to the scalar two-pass kernel.
+    tokens = 33
+    x = rows_tensor(tokens, hidden, dtype, "cuda", generator=gen)
+    r = rows_tensor(tokens, hidden, dtype, "cuda", generator=gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
     assert_close(run_rms_norm(x, w), rms_norm_ref(x, w, EPS))
-    r = rows_tensor(7, 4096, dtype, "cuda", generator=gen)
     exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
     run_fused(x, r, w)
     assert_close(x, exp_out)

@@ -98,6 +98,136 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
   }
 }
 
+// Pack of elements [S, S + W) of the 2W elements a ++ b (compile-time S: stays in registers).
+template <int S, typename T, int W>
+__device__ __forceinline__ Pack<T, W> concat_shift(const Pack<T, W>& a, const Pack<T, W>& b) {
+  if constexpr (S == 0) {
+    return a;
+  } else {
+    Pack<T, W> o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) o.v[j] = j + S < W ? a.v[j + S] : b.v[j + S - W];
+    return o;
+  }
+}
+
+// The same with a run-time shift s in [0, W): one switch, uniform across the row.
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> concat_shift(const Pack<T, W>& a, const Pack<T, W>& b,
+                                                   int s) {
+  static_assert(W <= 8, "at most 8 elements per pack");
+  switch (s) {
+    case 1: if constexpr (W > 1) return concat_shift<1>(a, b); break;
+    case 2: if constexpr (W > 2) return concat_shift<2>(a, b); break;
+    case 3: if constexpr (W > 3) return concat_shift<3>(a, b); break;
+    case 4: if constexpr (W > 4) return concat_shift<4>(a, b); break;
+    case 5: if constexpr (W > 5) return concat_shift<5>(a, b); break;
+    case 6: if constexpr (W > 6) return concat_shift<6>(a, b); break;
+    case 7: if constexpr (W > 7) return concat_shift<7>(a, b); break;
+    default: break;
+  }
+  return a;
+}
+
+// Rows whose start is not 16-byte aligned (odd hidden sizes, odd row strides), when input, out
+// and residual share the misalignment ("phase") on every row. Each row is split at its first
+// 16-byte boundary: the `head` elements before it and the `tail` after the last whole pack are
+// handled one element per thread, the body in 128-bit packs held in registers as in
+// rms_norm_reg_kernel. The weight (16-byte aligned) is read as two aligned packs per body pack
+// and shifted by `head` in registers.
+template <typename T, int V, bool FUSED>
+__global__ void __launch_bounds__(kRegKernelThreads)
+rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
+                      int64_t res_stride, const T* __restrict__ weight, int64_t rows, int hidden,
+                      float eps) {
+  constexpr int W = kVecWidth<T>;
+  using P = Pack<T, W>;
+  pdl_wait();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= rows) return;  // whole warps only
+  const T* x_row = in + row * in_stride;
+  T* r_row = FUSED ? residual + row * res_stride : nullptr;
+  T* o_row = out + row * out_stride;
+  const int phase = static_cast<int>((reinterpret_cast<uintptr_t>(x_row) / sizeof(T)) % W);
+  const int head = (W - phase) % W;
+  const int m = (hidden - head) / W;         // whole packs in the body
+  const int tail_start = head + m * W;
+  const int edges = head + (hidden - tail_start);
+  const P* w_vec = reinterpret_cast<const P*>(weight);
+
+  // Edge element of this thread (at most 2 * (W - 1) per row).
+  const int t = threadIdx.x;
+  const int e = t < head ? t : tail_start + (t - head);
+  const bool has_edge = t < edges;
+  float ze = 0.f, we = 0.f;
+  if (has_edge) {
+    ze = to_float(x_row[e]);
+    if constexpr (FUSED) ze += to_float(r_row[e]);
+    we = to_float(weight[e]);
+  }
+
+  P x[V], r[V], w[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int i = t + k * blockDim.x;
+    if (i < m) {
+      x[k] = reinterpret_cast<const P*>(x_row + head)[i];
+      if constexpr (FUSED) r[k] = reinterpret_cast<const P*>(r_row + head)[i];
+      const P lo = w_vec[i];
+      P hi = lo;
+      if (head > 0) {
+        if ((i + 2) * W <= hidden) {
+          hi = w_vec[i + 1];
+        } else {  // the last pack of the weight is partial: read only what exists
+#pragma unroll
+          for (int j = 0; j < W; ++j)
+            if (j < head) hi.v[j] = weight[(i + 1) * W + j];
+        }
+      }
+      w[k] = concat_shift<T, W>(lo, hi, head);
+    }
+  }
+
+  float ss = ze * ze;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int i = t + k * blockDim.x;
+    if (i < m) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float z = to_float(x[k].v[j]);
+        if constexpr (FUSED) z += to_float(r[k].v[j]);
+        ss += z * z;
+      }
+    }
+  }
+  const float inv = rsqrtf(row_sum(ss) / static_cast<float>(hidden) + eps);
+  pdl_launch_dependents();
+
+  if (has_edge) {
+    if constexpr (FUSED) r_row[e] = from_float<T>(ze);
+    o_row[e] = from_float<T>(to_float(from_float<T>(ze * inv)) * we);
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int i = t + k * blockDim.x;
+    if (i < m) {
+      P o, sum;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float z = to_float(x[k].v[j]);
+        if constexpr (FUSED) {
+          z += to_float(r[k].v[j]);
+          sum.v[j] = from_float<T>(z);
+        }
+        o.v[j] = from_float<T>(to_float(from_float<T>(z * inv)) * to_float(w[k].v[j]));
+      }
+      if constexpr (FUSED) reinterpret_cast<P*>(r_row + head)[i] = sum;
+      reinterpret_cast<P*>(o_row + head)[i] = o;
+    }
+  }
+}
+
 // Fallback for rows too long to keep in registers: one block per row, a first pass computes the
 // sum of squares, a second pass re-reads (mostly from L2) and writes. Every element is read and
 // written by the same thread, so the in-place fused variant stays race free.
