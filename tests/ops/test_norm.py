@@ -358,7 +358,7 @@ def _offset_rows(tokens, hidden, dtype, offset, gen):
 def test_cuda_misaligned_base_pointer(dtype, hidden, x_off, other_off, gen):
     # Bases off 16 bytes. Same offset on input and out/residual: the shifted 128-bit path (each
     # row split at its first 16-byte boundary); different offsets: the scalar path.
-    tokens = 9
+    tokens = 4097  # the shifted kernel runs from 4096 rows on (kShiftMinRows)
     x = _offset_rows(tokens, hidden, dtype, x_off, gen)
     w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
     out = _offset_rows(tokens, hidden, dtype, other_off, gen).fill_(float("nan"))
@@ -378,7 +378,7 @@ def test_cuda_shifted_rows_every_phase(dtype, hidden, gen):
     # Contiguous odd-width rows start at every phase of a 16-byte boundary in turn. 16383 bf16
     # is the longest row the shifted register kernel holds; 16401 bf16 (and fp32 past 8191) goes
     # to the scalar two-pass kernel.
-    tokens = 33
+    tokens = 4103  # >= kShiftMinRows; below it the same rows take the scalar kernel
     x = rows_tensor(tokens, hidden, dtype, "cuda", generator=gen)
     r = rows_tensor(tokens, hidden, dtype, "cuda", generator=gen)
     w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
