@@ -11,12 +11,41 @@ from compile_ops.norm import fused_add_rms_norm, rms_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "disable",
+    "enable",
+    "enabled",
     "kernels_available",
     "kernels_unavailable_reason",
     "registered_ops",
     "rms_norm",
     "fused_add_rms_norm",
 ]
+
+
+def enable() -> None:
+    """Run compile_ops' fusion passes in the default ``inductor`` backend too."""
+    import lowerings
+
+    lowerings.enable()
+
+
+def disable() -> None:
+    """Stop running the fusion passes in the default ``inductor`` backend."""
+    import lowerings
+
+    lowerings.disable()
+
+
+class enabled:
+    """Context manager: ``with compile_ops.enabled(): torch.compile(model)(x)``."""
+
+    def __enter__(self):
+        enable()
+        return self
+
+    def __exit__(self, *exc):
+        disable()
+        return False
 
 
 def registered_ops() -> list[str]:

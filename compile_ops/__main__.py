@@ -22,12 +22,12 @@ class TinyBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor):
         ops = torch.ops.compile_ops
-        ops.fused_add_rms_norm(x, residual, self.w_in, 1e-6)  # x <- norm(x + res), res <- x + res
-        y = self.proj(x)
-        ops.fused_add_rms_norm(y, residual, self.w_post, 1e-6)
-        out = torch.empty_like(y)
-        ops.rms_norm(out, y, self.w_in, 1e-6)
-        return out, residual
+        for w in (self.w_in, self.w_post):  # add + rms_norm per layer: the backend fuses them
+            h = x + residual
+            out = torch.empty_like(h)
+            ops.rms_norm(out, h, w, 1e-6)
+            x, residual = self.proj(out), h
+        return x, residual
 
 
 def main() -> int:
@@ -53,14 +53,22 @@ def main() -> int:
         t1 = time.perf_counter()
         print(f"eager run on {device} ({dtype}): ok, output {tuple(eager[0].shape)}, "
               f"{(t1 - t0) * 1e3:.1f} ms")
-        print("compiling with torch.compile(fullgraph=True) ...", flush=True)
-        compiled = torch.compile(model, fullgraph=True)
+        print('compiling with torch.compile(backend="compile_ops", fullgraph=True) ...', flush=True)
+        import lowerings
+
+        lowerings.reset_counters()
+        compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
         t0 = time.perf_counter()
         got = compiled(x.clone(), res.clone())
         t1 = time.perf_counter()
     for a, b in zip(got, eager):
         assert_close(a, b)
     print(f"compiled run: matches eager (compile + first call {t1 - t0:.1f} s)")
+    print(f"fusion report: {lowerings.counters() or 'no pattern ran (FX graph cache hit)'}")
+    pm = lowerings.pass_manager()
+    if pm.ops_after:
+        print("  ops before the passes:", ", ".join(pm.ops_before))
+        print("  ops after the passes: ", ", ".join(pm.ops_after))
     return 0
 
 

@@ -50,3 +50,4 @@ def test_demo_command_runs():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "compile_ops::fused_add_rms_norm" in proc.stdout
     assert "compiled run: matches eager" in proc.stdout
+    assert "fusion report:" in proc.stdout

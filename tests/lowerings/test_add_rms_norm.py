@@ -1,0 +1,410 @@
+"""The compile_ops backend and the residual-add + RMSNorm fusion, tested on compiled graphs."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from expecttest import TestCase
+
+import compile_ops
+import lowerings
+from compile_ops.testing import assert_close
+
+ops = torch.ops.compile_ops
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HIDDEN = 32
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile():
+    """Every test compiles from scratch: no Dynamo, AOT or FX graph cache hits (the pass must run),
+    fresh counters."""
+    torch._dynamo.reset()
+    lowerings.reset_counters()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def _w(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(HIDDEN, generator=g).to(dtype), requires_grad=False)
+
+
+class Layers(torch.nn.Module):
+    """vLLM-style residual stream: each layer adds its input to the residual and normalizes."""
+
+    def __init__(self, n=2, eps=1e-5, dtype=torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.ws = torch.nn.ParameterList([_w(i, dtype) for i in range(n)])
+        self.lin = torch.nn.Linear(HIDDEN, HIDDEN, bias=False, dtype=dtype)
+
+    def forward(self, x, residual):
+        for w in self.ws:
+            h = x + residual
+            out = torch.empty_like(h)
+            ops.rms_norm(out, h, w, self.eps)
+            x, residual = self.lin(out), h
+        return x, residual
+
+
+def _inputs(tokens=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, HIDDEN, generator=g).to(dtype),
+            torch.randn(tokens, HIDDEN, generator=g).to(dtype))
+
+
+def run_both(model, inputs, backend="compile_ops", **kw):
+    """(eager outputs, compiled outputs), each on fresh clones of the inputs."""
+    with torch.no_grad():
+        eager = model(*[t.clone() for t in inputs])
+        compiled = torch.compile(model, backend=backend, fullgraph=True, **kw)
+        got = compiled(*[t.clone() for t in inputs])
+    return eager, got
+
+
+def assert_same(eager, got, dtype=None):
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(eager) == len(got)
+    for a, b in zip(got, eager):
+        assert_close(a, b, dtype)
+
+
+def matched():
+    return lowerings.counters().get("add_rms_norm", {}).get("matched", 0)
+
+
+def near_misses():
+    return {k[len("near_miss: "):]: v for k, v in lowerings.counters().get("add_rms_norm", {}).items()
+            if k.startswith("near_miss: ")}
+
+
+def ops_after():
+    return "\n".join(lowerings.pass_manager().ops_after)
+
+
+class CallRecorder:
+    """Records the compile_ops ops a (compiled) function calls at run time, from profiler events
+    (a dispatch mode would stop Dynamo from running compiled code)."""
+
+    def __enter__(self):
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        self.calls = [e.name for e in self._prof.events() if e.name.startswith("compile_ops::")]
+        return False
+
+
+class TestFusion(TestCase):
+    def test_two_layers_fused(self):
+        eager, got = run_both(Layers(2), _inputs())
+        assert_same(eager, got)
+        self.assertEqual(matched(), 2)
+        self.assertEqual(near_misses(), {})
+        self.assertExpectedInline(ops_after(), """\
+aten.mm.default
+aten.mm.default
+aten.permute.default
+aten.permute.default
+auto_functionalized(compile_ops.fused_add_rms_norm.default)
+auto_functionalized(compile_ops.fused_add_rms_norm.default)
+getitem
+getitem
+getitem
+getitem""")
+        self.assertIn("auto_functionalized(compile_ops.rms_norm.default)",
+                      lowerings.pass_manager().ops_before)
+
+    def test_chain_of_four_layers_bf16(self):
+        model = Layers(4, dtype=torch.bfloat16)
+        eager, got = run_both(model, _inputs(7, torch.bfloat16))
+        assert_same(eager, got)
+        self.assertEqual(matched(), 4)
+
+    def test_compiled_code_calls_the_fused_op(self):
+        model = Layers(3)
+        inputs = _inputs()
+        compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
+        with torch.no_grad():
+            compiled(*[t.clone() for t in inputs])
+            with CallRecorder() as rec:
+                compiled(*[t.clone() for t in inputs])
+        self.assertEqual(rec.calls, ["compile_ops::fused_add_rms_norm"] * 3)
+
+    def test_epsilon_taken_from_the_graph(self):
+        # Tiny activations: the result depends strongly on eps, so a rewrite with another eps
+        # would not match eager.
+        model = Layers(1, eps=1e-2)
+        x, r = (t * 1e-3 for t in _inputs())
+        eager, got = run_both(model, (x, r))
+        assert_same(eager, got)
+        self.assertEqual(matched(), 1)
+        with torch.no_grad():
+            other = Layers(1, eps=1e-6)
+            other.load_state_dict(model.state_dict())
+            assert (other(x.clone(), r.clone())[1] - eager[1]).abs().max() == 0  # same sum
+            assert (other(x.clone(), r.clone())[0] - eager[0]).abs().max() > 1e-3
+
+    def test_dynamic_token_count(self):
+        model = Layers(2)
+        compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
+        for tokens in (3, 11, 17):
+            x, r = _inputs(tokens, seed=tokens)
+            xc, rc = x.clone(), r.clone()
+            torch._dynamo.mark_dynamic(xc, 0)
+            torch._dynamo.mark_dynamic(rc, 0)
+            with torch.no_grad():
+                assert_same(model(x, r), compiled(xc, rc))
+        self.assertEqual(matched(), 2)  # one compile, dynamic in tokens
+
+    def test_sum_used_by_other_ops_too(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x + r
+                mean = h.mean()  # another user of the sum
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out + mean, h * 2
+
+        eager, got = run_both(M(), _inputs())
+        assert_same(eager, got)
+        self.assertEqual(matched(), 1)
+
+
+class TestNoFusion(TestCase):
+    """Graphs where fusing would change results or cannot be expressed: left alone."""
+
+    def _check(self, model, inputs, reason):
+        eager, got = run_both(model, inputs)
+        assert_same(eager, got)
+        self.assertEqual(matched(), 0)
+        if reason is None:
+            self.assertEqual(near_misses(), {})
+        else:
+            self.assertTrue(any(reason in k for k in near_misses()), near_misses())
+        self.assertIn("auto_functionalized(compile_ops.rms_norm.default)",
+                      lowerings.pass_manager().ops_after)
+
+    def test_broadcast(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x + r[:1]  # [1, H] broadcast over tokens
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out
+
+        self._check(M(), _inputs(), "broadcast")
+        self.assertExpectedInline(ops_after(), """\
+aten.add.Tensor
+aten.empty.memory_format
+aten.slice.Tensor
+auto_functionalized(compile_ops.rms_norm.default)
+getitem""")
+
+    def test_dtype_promotion(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x + r  # bf16 + fp32 -> fp32
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out
+
+        x, r = _inputs()
+        self._check(M(), (x.to(torch.bfloat16), r), "dtypes differ")
+
+    def test_norm_input_not_an_add(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x * r
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out, h
+
+        self._check(M(), _inputs(), "not aten.add.Tensor")
+
+    def test_add_with_alpha(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = torch.add(x, r, alpha=2.0)
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out
+
+        self._check(M(), _inputs(), "alpha")
+
+    def test_same_operand_twice(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x + x
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out
+
+        self._check(M(), _inputs(), "same tensor")
+
+    def test_input_mutated_between_add_and_norm(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r):
+                h = x + r
+                x.mul_(3.0)  # the caller's x changes between the add and the norm
+                out = torch.empty_like(h)
+                ops.rms_norm(out, h, self.w, 1e-5)
+                return out
+
+        x, r = _inputs()
+        x_eager, x_comp = x.clone(), x.clone()
+        model = M()
+        with torch.no_grad():
+            eager = model(x_eager, r.clone())
+            got = torch.compile(model, backend="compile_ops", fullgraph=True)(x_comp, r.clone())
+        assert_same(eager, got)
+        assert_same(x_eager, x_comp)
+        self.assertEqual(matched(), 0)
+        self.assertIn("x or residual is mutated by the program", near_misses())
+
+    def test_user_provided_out_buffer(self):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = _w(0)
+
+            def forward(self, x, r, out):
+                ops.rms_norm(out, x + r, self.w, 1e-5)  # writes the caller's buffer
+                return out.sum()
+
+        x, r = _inputs()
+        model = M()
+        out_e, out_c = torch.zeros_like(x), torch.zeros_like(x)
+        with torch.no_grad():
+            eager = model(x, r, out_e)
+            got = torch.compile(model, backend="compile_ops", fullgraph=True)(x, r, out_c)
+        assert_same(eager, got)
+        assert_same(out_e, out_c)
+        self.assertEqual(matched(), 0)
+        self.assertIn("the norm's out buffer is not a fresh allocation used only by it",
+                      near_misses())
+
+
+class TestBackend(TestCase):
+    def test_enable_disable_default_inductor(self):
+        model = Layers(2)
+        try:
+            compile_ops.enable()
+            eager, got = run_both(model, _inputs(), backend="inductor")
+            assert_same(eager, got)
+            self.assertEqual(matched(), 2)
+        finally:
+            compile_ops.disable()
+        torch._dynamo.reset()
+        lowerings.reset_counters()
+        run_both(model, _inputs(), backend="inductor")
+        self.assertEqual(matched(), 0)
+        self.assertIsNone(torch._inductor.config.post_grad_custom_pre_pass)
+
+    def test_enabled_context_manager(self):
+        with compile_ops.enabled():
+            run_both(Layers(1), _inputs(), backend="inductor")
+        self.assertEqual(matched(), 1)
+        self.assertIsNone(torch._inductor.config.post_grad_custom_pre_pass)
+
+    def test_mode_and_options(self):
+        eager, got = run_both(Layers(2), _inputs(), mode="reduce-overhead")
+        assert_same(eager, got)
+        self.assertEqual(matched(), 2)
+        torch._dynamo.reset()
+        eager, got = run_both(Layers(1), _inputs(), options={"epilogue_fusion": False})
+        assert_same(eager, got)
+        with self.assertRaisesRegex(Exception, "post_grad_custom_pre_pass"):
+            run_both(Layers(1), _inputs(), options={"post_grad_custom_pre_pass": lambda g: None})
+
+    def test_uuid_tracks_pass_source_and_settings(self):
+        pm = lowerings.pass_manager()
+        u = pm.uuid()
+        self.assertEqual(u, lowerings.PassManager(pm.passes).uuid())
+        self.assertNotEqual(u, lowerings.PassManager([]).uuid())
+
+    def test_fx_graph_cache_hit_is_still_fused(self):
+        from torch._dynamo.utils import counters
+
+        model = Layers(2)
+        inputs = _inputs()
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_ops_fxcache_")
+        try:
+            self._cache_round_trip(model, inputs)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+    def _cache_round_trip(self, model, inputs):
+        from torch._dynamo.utils import counters
+
+        with torch._inductor.config.patch(fx_graph_cache=True):
+            counters.clear()
+            run_both(model, inputs)
+            first_matches = matched()
+            torch._dynamo.reset()
+            lowerings.reset_counters()
+            compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
+            with torch.no_grad():
+                compiled(*[t.clone() for t in inputs])  # compiles (from the cache)
+                with CallRecorder() as rec:
+                    got = compiled(*[t.clone() for t in inputs])
+        self.assertEqual(first_matches, 2)
+        self.assertGreaterEqual(counters["inductor"]["fxgraph_cache_hit"], 1)
+        self.assertEqual(matched(), 0)  # served from the cache: the pass did not run again ...
+        self.assertEqual(rec.calls, ["compile_ops::fused_add_rms_norm"] * 2, rec.calls)  # fused
+        with torch.no_grad():
+            assert_same(model(*[t.clone() for t in inputs]), got)
+
+
+def test_backend_found_through_entry_point():
+    # A fresh interpreter that never imports compile_ops or lowerings itself.
+    code = ("import sys, torch\n"
+            "assert 'compile_ops' in torch._dynamo.list_backends(), torch._dynamo.list_backends()\n"
+            "f = torch.compile(lambda x: x * 2 + 1, backend='compile_ops')\n"
+            "assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))\n"
+            "assert 'lowerings.backend' in sys.modules\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd="/", timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
