@@ -1,0 +1,138 @@
+"""The compile_ops backend on a stack of "add + rms_norm" layers, side by side with Inductor.
+
+Variants (one process, CUDA graphs, the copy bandwidth measured alongside):
+- inductor_ops:    torch.compile(backend="inductor") of the model written with our unfused ops
+                   (Inductor's add kernel + compile_ops.rms_norm per layer)
+- compile_ops:     torch.compile(backend="compile_ops") of the same model (fused per layer)
+- inductor_native: torch.compile of the same stack in plain PyTorch
+
+Bytes counted per layer: read x and residual, write the output and the new residual.
+
+    python bench/bench_backend.py                  # decode 1..256 tokens and prefill 4096
+    python bench/bench_backend.py --cpu-check      # no GPU: compile each variant, check numerics
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import compile_ops  # noqa: E402
+import lowerings  # noqa: E402
+from compile_ops.testing import assert_close  # noqa: E402
+
+ops = torch.ops.compile_ops
+EPS = 1e-6
+
+
+class OpsStack(torch.nn.Module):
+    """vLLM-style: each layer adds to the residual stream and normalizes with the out-style op."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ws = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False)
+                                          for w in weights])
+
+    def forward(self, x, residual):
+        for w in self.ws:
+            h = x + residual
+            out = torch.empty_like(h)
+            ops.rms_norm(out, h, w, EPS)
+            x, residual = out, h
+        return x, residual
+
+
+class NativeStack(OpsStack):
+    """The same computation in plain PyTorch (vLLM's forward_native rounding)."""
+
+    def forward(self, x, residual):
+        for w in self.ws:
+            z = x.float() + residual.float()
+            residual = z.to(x.dtype)
+            inv = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)
+            x = (z * inv).to(x.dtype) * w
+        return x, residual
+
+
+def variants(weights):
+    return {
+        "inductor_ops": torch.compile(OpsStack(weights), backend="inductor", dynamic=False),
+        "compile_ops": torch.compile(OpsStack(weights), backend="compile_ops", dynamic=False),
+        "inductor_native": torch.compile(NativeStack(weights), dynamic=False),
+    }
+
+
+def check(fns, tokens, hidden, dtype, device):
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    r = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    lowerings.reset_counters()
+    # No cache hits here: the pass must run for the match count to mean anything.
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        expected = OpsStack([w for w in fns["inductor_ops"]._orig_mod.ws])(x.clone(), r.clone())
+        for name, fn in fns.items():
+            got = fn(x.clone(), r.clone())
+            for a, b in zip(got, expected):
+                assert_close(a, b, msg=f"{name} {tokens}x{hidden}")
+    return lowerings.counters().get("add_rms_norm", {}).get("matched", 0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--cpu-check", action="store_true",
+                   help="compile every variant on the CPU at a small size and check numerics "
+                        "and fusion counts; no timing")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    harness.setup_compile()
+    torch.manual_seed(0)
+
+    if args.cpu_check:
+        hidden = 64
+        weights = [torch.randn(hidden, dtype=torch.float32) for _ in range(args.layers)]
+        matches = check(variants(weights), 5, hidden, torch.float32, "cpu")
+        assert matches == args.layers, f"compile_ops fused {matches} of {args.layers} layers"
+        print(f"cpu check ok: {args.layers} layers fused, all variants match")
+        return
+
+    if not torch.cuda.is_available() or not compile_ops.kernels_available():
+        sys.exit(f"needs a GPU and the built kernels ({compile_ops.kernels_unavailable_reason()})")
+    copy_bw = harness.copy_bandwidth()
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    weights = [torch.randn(args.hidden, device="cuda", dtype=dtype) for _ in range(args.layers)]
+    fns = variants(weights)
+    matches = check(fns, 7, args.hidden, dtype, "cuda")
+    print(f"compile_ops fused {matches} of {args.layers} layers", flush=True)
+
+    rep = harness.Report(f"{args.layers} x (add + rms_norm), backends", copy_bw, "inductor_ops",
+                         ["dtype", "tokens", "hidden", "layers"])
+    size = torch.finfo(dtype).bits // 8
+    for tokens in args.tokens:
+        nbytes = args.layers * 4 * tokens * args.hidden * size
+        case = {"dtype": args.dtype, "tokens": tokens, "hidden": args.hidden, "layers": args.layers}
+        for name, fn in fns.items():
+            def make(fn=fn):
+                x = torch.randn(tokens, args.hidden, device="cuda", dtype=dtype)
+                r = torch.randn(tokens, args.hidden, device="cuda", dtype=dtype)
+                return lambda: fn(x, r)
+            with torch.no_grad():
+                rep.add(harness.measure(case, name, make, nbytes))
+    dev = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
+    print("wrote", *rep.write(args.out, f"backend_{dev}", plot_x="tokens", plot_group=["dtype"]))
+    for key, v in rep._rows().items():
+        c, i, n = v["compile_ops"], v["inductor_ops"], v["inductor_native"]
+        print(f"tokens {key[1]:>5}: compile_ops x{i.seconds / c.seconds:.2f} vs inductor_ops, "
+              f"x{n.seconds / c.seconds:.2f} vs inductor_native")
+
+
+if __name__ == "__main__":
+    main()

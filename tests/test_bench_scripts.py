@@ -1,0 +1,14 @@
+"""The benchmark scripts stay runnable: their CPU checks run here (timing needs a GPU)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_backend_cpu_check():
+    proc = subprocess.run([sys.executable, "bench/bench_backend.py", "--cpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu check ok: 4 layers fused, all variants match" in proc.stdout
