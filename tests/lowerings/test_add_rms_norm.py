@@ -408,3 +408,43 @@ def test_backend_found_through_entry_point():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd="/", timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_debug_switch_logs_matches_and_near_misses():
+    code = ("import torch, compile_ops\n"
+            "ops = torch.ops.compile_ops\n"
+            "w = torch.ones(8)\n"
+            "def f(x, r):\n"
+            "    h = x + r\n"
+            "    out = torch.empty_like(h)\n"
+            "    ops.rms_norm(out, h, w, 1e-5)\n"
+            "    g = x + r[:1]\n"
+            "    out2 = torch.empty_like(g)\n"
+            "    ops.rms_norm(out2, g, w, 1e-5)\n"
+            "    return out, out2\n"
+            "torch._inductor.config.fx_graph_cache = False\n"
+            "torch._functorch.config.enable_autograd_cache = False\n"
+            "torch.compile(f, backend='compile_ops')(torch.randn(3, 8), torch.randn(3, 8))\n")
+    env = dict(os.environ, COMPILE_OPS_DEBUG_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "[compile_ops] add_rms_norm: matched" in proc.stderr, proc.stderr
+    assert "near miss" in proc.stderr and "broadcast" in proc.stderr, proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_backend_fuses_and_matches_eager(mode):
+    model = Layers(4, dtype=torch.bfloat16).cuda()
+    x, r = (t.cuda() for t in _inputs(33, torch.bfloat16))
+    compiled = torch.compile(model, backend="compile_ops", fullgraph=True, mode=mode)
+    with torch.no_grad():
+        expected = model(x.clone(), r.clone())
+        for _ in range(3):  # CUDA graph trees record on the 2nd call, replay after
+            got = compiled(x.clone(), r.clone())
+        assert_same(expected, got)
+        with CallRecorder() as rec:
+            compiled(x.clone(), r.clone())
+    assert matched() == 4
+    assert rec.calls.count("compile_ops::fused_add_rms_norm") == 4 or mode == "reduce-overhead"
