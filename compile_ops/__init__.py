@@ -6,6 +6,14 @@ extension is built, a CUDA kernel. See README.md for the op table.
 """
 
 from compile_ops._extension import kernels_available, kernels_unavailable_reason
+from compile_ops.activation import (
+    fatrelu_and_mul,
+    gelu_and_mul,
+    gelu_tanh_and_mul,
+    mul_and_silu,
+    silu_and_mul,
+    swigluoai_and_mul,
+)
 from compile_ops.norm import fused_add_rms_norm, rms_norm
 
 __version__ = "0.1.0"
@@ -19,6 +27,12 @@ __all__ = [
     "registered_ops",
     "rms_norm",
     "fused_add_rms_norm",
+    "silu_and_mul",
+    "mul_and_silu",
+    "gelu_and_mul",
+    "gelu_tanh_and_mul",
+    "fatrelu_and_mul",
+    "swigluoai_and_mul",
 ]
 
 

@@ -6,6 +6,8 @@ namespace compile_ops {
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double epsilon);
+void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
+void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -15,4 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm,
         "residual <- input + residual; input <- rms_norm(residual) * weight", py::arg("input"),
         py::arg("residual"), py::arg("weight"), py::arg("epsilon"));
+  m.def("act_and_mul", &compile_ops::act_and_mul,
+        "out <- act(input[..., :d]) * input[..., d:] (kind: compile_ops.activation._KIND)",
+        py::arg("out"), py::arg("input"), py::arg("kind"), py::arg("threshold"));
+  m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul,
+        "out <- gpt-oss clamped SwiGLU of interleaved gate/up", py::arg("out"), py::arg("input"),
+        py::arg("alpha"), py::arg("limit"));
 }
