@@ -15,6 +15,7 @@ from compile_ops.activation import (
     swigluoai_and_mul,
 )
 from compile_ops.norm import fused_add_rms_norm, rms_norm
+from compile_ops.rotary import rotary_embedding
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "gelu_tanh_and_mul",
     "fatrelu_and_mul",
     "swigluoai_and_mul",
+    "rotary_embedding",
 ]
 
 

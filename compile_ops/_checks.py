@@ -81,8 +81,35 @@ def check_no_partial_overlap(op: str, name: str, t: torch.Tensor, other_name: st
         return
     lo_a, hi_a = _extent(t)
     lo_b, hi_b = _extent(other)
-    if lo_a < hi_b and lo_b < hi_a:
+    if lo_a < hi_b and lo_b < hi_a and not _disjoint_columns(t, other):
         fail(op, f"{name} and {other_name} overlap in memory; pass separate tensors")
+
+
+def _row_geometry(t: torch.Tensor):
+    """(row stride, row length) in elements when t is rows over dim 0 with everything after dim 0
+    packed contiguously (e.g. a column slice of a wider 2-D tensor); else None."""
+    if t.dim() < 2:
+        return None
+    expect = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.size(d) != 1 and t.stride(d) != expect:
+            return None
+        expect *= t.size(d)
+    return t.stride(0), expect
+
+
+def _disjoint_columns(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Interleaved views whose extents overlap but whose elements do not: column slices of one
+    row-major buffer with the same row stride (query and key inside a fused qkv tensor)."""
+    ga, gb = _row_geometry(a), _row_geometry(b)
+    if ga is None or gb is None or ga[0] != gb[0] or a.element_size() != b.element_size():
+        return False
+    stride, (la, lb) = ga[0], (ga[1], gb[1])
+    delta = b.data_ptr() - a.data_ptr()
+    if stride <= 0 or delta % a.element_size():
+        return False
+    d = (delta // a.element_size()) % stride
+    return la + lb <= stride and la <= d <= stride - lb
 
 
 def _extent(t: torch.Tensor):

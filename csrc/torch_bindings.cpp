@@ -2,12 +2,17 @@
 // (torch.library.custom_op); these functions are their CUDA kernels.
 #include <torch/extension.h>
 
+#include <optional>
+
 namespace compile_ops {
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double epsilon);
 void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                      const std::optional<at::Tensor>& key, int64_t head_size,
+                      const at::Tensor& cos_sin_cache, bool is_neox);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,4 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul,
         "out <- gpt-oss clamped SwiGLU of interleaved gate/up", py::arg("out"), py::arg("input"),
         py::arg("alpha"), py::arg("limit"));
+  m.def("rotary_embedding", &compile_ops::rotary_embedding,
+        "rotate query (and key) in place by the cos/sin of each token's position",
+        py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("head_size"),
+        py::arg("cos_sin_cache"), py::arg("is_neox"));
 }

@@ -231,6 +231,19 @@ def test_fused_rejects_aliased_input_and_residual():
         ops.fused_add_rms_norm(buf[:4], buf[1:], torch.randn(16), EPS)
 
 
+def test_fused_accepts_disjoint_column_slices_of_one_buffer(gen):
+    # x and residual interleave in memory (extents overlap) but share no element.
+    buf = torch.randn(4, 48, generator=gen)
+    w = torch.randn(16, generator=gen)
+    x, r = buf[:, :16], buf[:, 32:]
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    ops.fused_add_rms_norm(x, r, w, EPS)
+    assert_close(x, exp_out)
+    assert_close(r, exp_res)
+    with pytest.raises(ValueError, match="input and residual overlap in memory"):
+        ops.fused_add_rms_norm(buf[:, :16], buf[:, 8:24], w, EPS)
+
+
 def test_out_partially_overlapping_input_rejected():
     buf = torch.randn(5, 16)
     with pytest.raises(ValueError, match="out and input overlap in memory"):

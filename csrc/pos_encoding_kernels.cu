@@ -1,0 +1,146 @@
+// Launcher for rotary_embedding: checks, device guard, current stream, dispatch over the query
+// dtype, the cache dtype (float32 or the query dtype), the position dtype and the style.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "compile_ops/rotary.cuh"
+#include "launch_utils.h"
+
+namespace compile_ops {
+namespace {
+
+constexpr const char* kOp = "rotary_embedding";
+
+struct Heads {
+  void* ptr = nullptr;
+  int64_t token_stride = 0;
+  int heads = 0;
+};
+
+// Values of a token packed after the positions' dims; tokens collapsible into one stride.
+Heads heads_view(const char* name, const at::Tensor& x, const at::Tensor& positions,
+                 int64_t head_size) {
+  const int64_t lead = positions.dim();
+  TORCH_CHECK(x.dim() > lead && x.sizes().slice(0, lead) == positions.sizes(), kOp, ": ", name,
+              " must start with the positions' shape ", dims(positions.sizes()), ", got ",
+              dims(x.sizes()));
+  int64_t per_token = 1, expect = 1;
+  for (int64_t d = x.dim() - 1; d >= lead; --d) {
+    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expect, kOp, ": ", name,
+                " must hold each token's heads contiguously, got strides ", dims(x.strides()));
+    expect *= x.size(d);
+    per_token *= x.size(d);
+  }
+  TORCH_CHECK(per_token % head_size == 0, kOp, ": ", name, " values per token (",
+              num(per_token), ") not a multiple of head_size ", num(head_size));
+  Heads h;
+  h.ptr = x.data_ptr();
+  h.heads = static_cast<int>(per_token / head_size);
+  h.token_stride = per_token;
+  int64_t next = -1;
+  bool first = true;
+  for (int64_t d = lead - 1; d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    TORCH_CHECK(next < 0 || x.stride(d) == next, kOp, ": ", name,
+                " token dims must collapse into one stride, got strides ", dims(x.strides()));
+    if (first) h.token_stride = x.stride(d);
+    first = false;
+    next = x.stride(d) * x.size(d);
+  }
+  TORCH_CHECK(positions.numel() <= 1 || h.token_stride >= per_token, kOp, ": ", name,
+              " tokens overlap in memory");
+  return h;
+}
+
+template <typename T, typename CacheT, typename PosT>
+void launch(const at::Tensor& positions, const Heads& q, const Heads* k,
+            const at::Tensor& cache, int head_size, bool is_neox) {
+  const int rot_dim = static_cast<int>(cache.size(1));
+  const int half = rot_dim / 2;
+  const int bx = std::min(128, static_cast<int>(ceil_div(half, 32) * 32));
+  const int by = std::max(1, std::min(256 / bx, q.heads + (k ? k->heads : 0)));
+  const dim3 grid(static_cast<unsigned>(positions.numel())), block(bx, by);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = positions.get_device();
+  auto* pos = positions.data_ptr<PosT>();
+  auto* qp = static_cast<T*>(q.ptr);
+  auto* kp = k ? static_cast<T*>(k->ptr) : nullptr;
+  const int64_t ks = k ? k->token_stride : 0;
+  const int nk = k ? k->heads : 0;
+  auto* cp = static_cast<const CacheT*>(cache.data_ptr());
+  if (is_neox)
+    launch_kernel(rotary_embedding_kernel<T, CacheT, PosT, true>, grid, block, stream, dev, pos,
+                  qp, q.token_stride, q.heads, kp, ks, nk, cp, cache.size(0), rot_dim, head_size);
+  else
+    launch_kernel(rotary_embedding_kernel<T, CacheT, PosT, false>, grid, block, stream, dev, pos,
+                  qp, q.token_stride, q.heads, kp, ks, nk, cp, cache.size(0), rot_dim, head_size);
+}
+
+template <typename T, typename CacheT>
+void dispatch_pos(const at::Tensor& positions, const Heads& q, const Heads* k,
+                  const at::Tensor& cache, int head_size, bool is_neox) {
+  if (positions.scalar_type() == at::kLong)
+    launch<T, CacheT, int64_t>(positions, q, k, cache, head_size, is_neox);
+  else
+    launch<T, CacheT, int32_t>(positions, q, k, cache, head_size, is_neox);
+}
+
+template <typename T>
+void dispatch_cache(const at::Tensor& positions, const Heads& q, const Heads* k,
+                    const at::Tensor& cache, int head_size, bool is_neox) {
+  if (cache.scalar_type() == at::kFloat)
+    dispatch_pos<T, float>(positions, q, k, cache, head_size, is_neox);
+  else
+    dispatch_pos<T, T>(positions, q, k, cache, head_size, is_neox);
+}
+
+}  // namespace
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                      const std::optional<at::Tensor>& key, int64_t head_size,
+                      const at::Tensor& cos_sin_cache, bool is_neox) {
+  check_float_type(kOp, "query", query);
+  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt, kOp,
+              ": positions must be int64 or int32");
+  check_same_device(kOp, "positions", positions, query);
+  check_same_device(kOp, "cos_sin_cache", cos_sin_cache, query);
+  check_same_device(kOp, "query", query, query);
+  TORCH_CHECK(positions.is_contiguous(), kOp, ": positions must be contiguous");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat ||
+                  cos_sin_cache.scalar_type() == query.scalar_type(),
+              kOp, ": cos_sin_cache must be float32 or the query dtype");
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous(), kOp,
+              ": cos_sin_cache must be a contiguous [max_position, rot_dim] tensor");
+  TORCH_CHECK(head_size > 0 && head_size <= std::numeric_limits<int>::max(), kOp,
+              ": bad head_size");
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size, kOp,
+              ": rot_dim must be even, > 0 and <= head_size");
+  TORCH_CHECK(positions.numel() <= std::numeric_limits<int>::max(), kOp, ": too many tokens");
+  const Heads q = heads_view("query", query, positions, head_size);
+  Heads k;
+  if (key.has_value()) {
+    check_same_type(kOp, "key", *key, query);
+    check_same_device(kOp, "key", *key, query);
+    k = heads_view("key", *key, positions, head_size);
+  }
+  if (positions.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const Heads* kp = key.has_value() ? &k : nullptr;
+  const int hs = static_cast<int>(head_size);
+  switch (query.scalar_type()) {
+    case at::kFloat: dispatch_cache<float>(positions, q, kp, cos_sin_cache, hs, is_neox); break;
+    case at::kHalf: dispatch_cache<__half>(positions, q, kp, cos_sin_cache, hs, is_neox); break;
+    case at::kBFloat16:
+      dispatch_cache<__nv_bfloat16>(positions, q, kp, cos_sin_cache, hs, is_neox);
+      break;
+    default: TORCH_CHECK(false, kOp, ": unsupported dtype");
+  }
+}
+
+}  // namespace compile_ops
