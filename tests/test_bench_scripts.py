@@ -19,3 +19,10 @@ def test_bench_activation_cpu_check():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu check ok: 6 activations, all variants match" in proc.stdout
+
+
+def test_bench_rotary_cpu_check():
+    proc = subprocess.run([sys.executable, "bench/bench_rotary.py", "--cpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu check ok: rotary_embedding variants match" in proc.stdout
