@@ -108,9 +108,10 @@ class PassManager(CustomGraphPass):
 
 
 def default_passes() -> list[FusionPass]:
+    from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
 
-    return [AddRMSNormPass()]
+    return [AddRMSNormPass(), ActivationLoweringPass()]
 
 
 _MANAGER: PassManager | None = None
