@@ -91,22 +91,13 @@ def main():
     p.add_argument("--ops", nargs="+", default=list(NATIVE), choices=list(NATIVE))
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 7, 128, 512, 4096, 16384])
     p.add_argument("--d", type=int, nargs="+", default=[4096, 14336])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--cpu-check", action="store_true",
-                   help="compile every variant on the CPU at a small size and check numerics")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    harness.add_common_args(p)
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    harness.setup_compile()
-    torch.manual_seed(0)
+    dtype, copy_bw = harness.start(args)
     if args.cpu_check:
         check("cpu", torch.float32)
         print(f"cpu check ok: {len(NATIVE)} activations, all variants match")
         return
-    if not torch.cuda.is_available() or not compile_ops.kernels_available():
-        sys.exit(f"needs a GPU and the built kernels ({compile_ops.kernels_unavailable_reason()})")
-    copy_bw = harness.copy_bandwidth()
-    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     check("cuda", dtype)
     rep = harness.Report("gated activations", copy_bw, "compiled_native", ["op", "tokens", "d"])
     size = torch.finfo(dtype).bits // 8
@@ -135,8 +126,7 @@ def main():
                 for vname, make in [("eager_native", eager), ("compiled_native", compiled),
                                     ("compile_ops", op)]:
                     rep.add(harness.measure(case, vname, make, nbytes))
-    dev = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
-    print("wrote", *rep.write(args.out, f"activation_{dev}", plot_x="tokens",
+    print("wrote", *rep.write(args.out, harness.device_stem("activation"), plot_x="tokens",
                               plot_group=["op", "d"]))
 
 

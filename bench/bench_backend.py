@@ -86,16 +86,9 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--cpu-check", action="store_true",
-                   help="compile every variant on the CPU at a small size and check numerics "
-                        "and fusion counts; no timing")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    harness.add_common_args(p)
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    harness.setup_compile()
-    torch.manual_seed(0)
-
+    dtype, copy_bw = harness.start(args)
     if args.cpu_check:
         hidden = 64
         weights = [torch.randn(hidden, dtype=torch.float32) for _ in range(args.layers)]
@@ -104,10 +97,6 @@ def main():
         print(f"cpu check ok: {args.layers} layers fused, all variants match")
         return
 
-    if not torch.cuda.is_available() or not compile_ops.kernels_available():
-        sys.exit(f"needs a GPU and the built kernels ({compile_ops.kernels_unavailable_reason()})")
-    copy_bw = harness.copy_bandwidth()
-    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     weights = [torch.randn(args.hidden, device="cuda", dtype=dtype) for _ in range(args.layers)]
     fns = variants(weights)
     matches = check(fns, 7, args.hidden, dtype, "cuda")
@@ -126,8 +115,7 @@ def main():
                 return lambda: fn(x, r)
             with torch.no_grad():
                 rep.add(harness.measure(case, name, make, nbytes))
-    dev = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
-    print("wrote", *rep.write(args.out, f"backend_{dev}", plot_x="tokens", plot_group=["dtype"]))
+    print("wrote", *rep.write(args.out, harness.device_stem("backend"), plot_x="tokens", plot_group=["dtype"]))
     for key, v in rep._rows().items():
         c, i, n = v["compile_ops"], v["inductor_ops"], v["inductor_native"]
         print(f"tokens {key[1]:>5}: compile_ops x{i.seconds / c.seconds:.2f} vs inductor_ops, "

@@ -13,7 +13,6 @@ Bytes counted: each input read once, each output written once, plus the weight o
 """
 
 import argparse
-import itertools
 import os
 import sys
 

@@ -70,21 +70,13 @@ def main():
     p.add_argument("--nq", type=int, default=32)
     p.add_argument("--nk", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--cpu-check", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    harness.add_common_args(p)
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    harness.setup_compile()
-    torch.manual_seed(0)
+    dtype, copy_bw = harness.start(args)
     if args.cpu_check:
         check("cpu", torch.float32)
         print("cpu check ok: rotary_embedding variants match (NeoX and GPT-J)")
         return
-    if not torch.cuda.is_available() or not compile_ops.kernels_available():
-        sys.exit(f"needs a GPU and the built kernels ({compile_ops.kernels_unavailable_reason()})")
-    copy_bw = harness.copy_bandwidth()
-    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     check("cuda", dtype)
     hs, size = args.head_size, torch.finfo(dtype).bits // 8
     cache = make_cache(1 << 16, hs, "cuda")
@@ -117,8 +109,7 @@ def main():
             for name, make in [("eager_native", eager), ("compiled_native", compiled),
                                ("compile_ops", ours)]:
                 rep.add(harness.measure(case, name, make, nbytes))
-    dev = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
-    print("wrote", *rep.write(args.out, f"rotary_{dev}", plot_x="tokens", plot_group=["style"]))
+    print("wrote", *rep.write(args.out, harness.device_stem("rotary"), plot_x="tokens", plot_group=["style"]))
 
 
 if __name__ == "__main__":

@@ -287,6 +287,38 @@ class Report:
         return path
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_common_args(p) -> None:
+    """--dtype, --cpu-check and --out, shared by the benchmark scripts."""
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--cpu-check", action="store_true",
+                   help="no GPU needed: compile every variant on the CPU at a small size and "
+                        "check numerics (and fusion counts); no timing")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+
+
+def start(args):
+    """Common start: compile settings, seed; unless --cpu-check, require the GPU and the kernels
+    and measure the copy bandwidth. Returns (dtype, copy bandwidth or None)."""
+    import compile_ops
+
+    setup_compile()
+    torch.manual_seed(0)
+    if args.cpu_check:
+        return DTYPES[args.dtype], None
+    if not torch.cuda.is_available() or not compile_ops.kernels_available():
+        sys.exit(f"needs a GPU and the built kernels ({compile_ops.kernels_unavailable_reason()})")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    return DTYPES[args.dtype], bw
+
+
+def device_stem(prefix: str) -> str:
+    return f"{prefix}_{torch.cuda.get_device_name(0).replace('NVIDIA ', '').split()[0]}"
+
+
 def setup_compile():
     """torch.compile settings for benchmarking many static shapes in one process."""
     import torch._dynamo

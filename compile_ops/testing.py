@@ -43,3 +43,16 @@ def rows_tensor(tokens: int, hidden: int, dtype: torch.dtype, device, *, row_pad
     base = torch.randn(tokens, hidden + row_pad, dtype=torch.float32, generator=generator)
     t = base.to(dtype=dtype, device=device)
     return t[:, :hidden] if row_pad else t
+
+
+def assert_raises_eager_and_fake(call, exc, fragment: str) -> None:
+    """`call()` raises `exc` matching `fragment` eagerly and, through the fake kernel, while
+    tracing under FakeTensorMode (the two share one check, so they must agree)."""
+    import pytest
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(exc, match=fragment):
+        call()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(exc, match=fragment):
+            call()

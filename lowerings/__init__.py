@@ -14,6 +14,9 @@ from lowerings.passes import (  # noqa: F401
 )
 from lowerings.backend import compile_ops_backend  # noqa: F401
 
+__all__ = ["PassManager", "compile_ops_backend", "counters", "disable", "enable", "graph_ops",
+           "pass_manager", "reset_counters"]
+
 _saved = []
 
 

@@ -12,16 +12,6 @@ ACTS = ["silu_and_mul", "mul_and_silu", "gelu_and_mul", "gelu_tanh_and_mul", "fa
 EXTRA = {"fatrelu_and_mul": (0.3,), "swigluoai_and_mul": (1.5, 2.5)}
 
 
-@pytest.fixture(autouse=True)
-def fresh_compile():
-    torch._dynamo.reset()
-    lowerings.reset_counters()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def policy():
     """Set the lowering policy of the process-wide pass manager for one test."""
