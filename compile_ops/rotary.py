@@ -142,7 +142,10 @@ def _check(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
         C.fail(OP, "cos_sin_cache must be contiguous")
 
 
-@torch.library.custom_op("compile_ops::rotary_embedding", mutates_args=("query", "key"))
+@torch.library.custom_op(
+    "compile_ops::rotary_embedding", mutates_args=("query", "key"),
+    schema="(Tensor positions, Tensor(a1!) query, Tensor(a2!)? key, int head_size, "
+           "Tensor cos_sin_cache, bool is_neox) -> ()")
 def _rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: Optional[torch.Tensor],
                       head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
     """Rotary embedding in place on query (and key). See the module docstring."""
