@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from expecttest import TestCase
 
 import lowerings
 from compile_ops.testing import assert_close
@@ -71,6 +72,19 @@ def test_lowered_next_to_a_pointwise_op(act, dtype):
     assert counts().get("matched") == 1
     after = lowerings.pass_manager().ops_after
     assert not any(f"compile_ops.{act}" in o for o in after), after
+
+
+class TestSnapshots(TestCase):
+    def test_silu_and_mul_then_scale_post_pass_ops(self):
+        run(ActThenScale("silu_and_mul"), torch.randn(6, 64))
+        self.assertExpectedInline("\n".join(lowerings.pass_manager().ops_after), """\
+aten.add.Tensor
+aten.mul.Tensor
+aten.mul.Tensor
+aten.mul.Tensor
+aten.sigmoid.default
+aten.slice.Tensor
+aten.slice.Tensor""")
 
 
 def test_kept_without_a_pointwise_neighbour():
