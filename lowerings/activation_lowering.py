@@ -150,5 +150,8 @@ class ActivationLoweringPass(FusionPass):
         else:  # fatrelu_and_mul: where(a > threshold, a, 0)
             th = float(s.get("threshold", 0.0))
             zero = emit(aten.scalar_tensor.default, 0.0, dtype=dtype, device=x.meta["val"].device)
-            f = emit(aten.where.self, emit(aten.gt.Scalar, a, th), a, zero)
+            # compare in float32 as the op does: a bf16/fp16 compare would round the threshold
+            # to the input dtype (0.3 -> 0.30078125 in bf16) and flip values right at it
+            a32 = emit(cvt, a, torch.float32)
+            f = emit(aten.where.self, emit(aten.gt.Scalar, a32, th), a, zero)
         return emit(mul, f, b)

@@ -66,12 +66,39 @@ def run(model, x, dtype=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ACTS)
-def test_lowered_next_to_a_pointwise_op(act, dtype):
-    x = (torch.randn(6, 64) * 3).to(dtype)
+def test_lowered_next_to_a_pointwise_op(act, dtype, gen):
+    x = (torch.randn(6, 64, generator=gen) * 3).to(dtype)
     run(ActThenScale(act), x)
     assert counts().get("matched") == 1
     after = lowerings.pass_manager().ops_after
     assert not any(f"compile_ops.{act}" in o for o in after), after
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fatrelu_threshold_compared_in_float32(dtype):
+    """Inputs just above and below the threshold: the threshold is a float32 value, not one
+    rounded to the input dtype (bf16(0.3) = 0.30078125 > 0.3), in the op and in its lowering."""
+    th = 0.3
+    above = torch.tensor(th, dtype=dtype)  # the input dtype's nearest value to 0.3
+    near = torch.stack([above, torch.nextafter(above, torch.tensor(0., dtype=dtype)),
+                        torch.nextafter(above, torch.tensor(1., dtype=dtype))])
+    a = near.repeat(4)
+    x = torch.cat([a, torch.full_like(a, 2.0)]).reshape(1, -1)
+    expected_gate = torch.where(a.float() > th, a.float(), 0.).to(dtype)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            out = torch.empty(1, x.shape[-1] // 2, dtype=x.dtype)
+            ops.fatrelu_and_mul(out, x, th)
+            return out * 0.5 + 1
+
+    with torch.no_grad():
+        eager = M()(x)
+        got = torch.compile(M(), backend="compile_ops", fullgraph=True)(x)
+    assert counts().get("matched") == 1
+    torch.testing.assert_close(eager, (expected_gate.float() * 2 * 0.5 + 1).to(dtype)[None],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
 
 
 class TestSnapshots(TestCase):
