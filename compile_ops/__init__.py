@@ -14,6 +14,14 @@ from compile_ops.activation import (
     silu_and_mul,
     swigluoai_and_mul,
 )
+from compile_ops.cache import (
+    convert_fp8,
+    cp_gather_cache,
+    gather_and_maybe_dequant_cache,
+    reshape_and_cache,
+    reshape_and_cache_flash,
+    swap_blocks,
+)
 from compile_ops.norm import fused_add_rms_norm, rms_norm
 from compile_ops.rotary import rotary_embedding
 
@@ -35,6 +43,12 @@ __all__ = [
     "fatrelu_and_mul",
     "swigluoai_and_mul",
     "rotary_embedding",
+    "reshape_and_cache",
+    "reshape_and_cache_flash",
+    "swap_blocks",
+    "convert_fp8",
+    "gather_and_maybe_dequant_cache",
+    "cp_gather_cache",
 ]
 
 

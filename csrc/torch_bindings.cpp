@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 
 namespace compile_ops {
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
@@ -13,6 +14,20 @@ void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, d
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
                       const std::optional<at::Tensor>& key, int64_t head_size,
                       const at::Tensor& cos_sin_cache, bool is_neox);
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                       const at::Tensor& k_scale, const at::Tensor& v_scale);
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, int64_t kind,
+                             const at::Tensor& k_scale, const at::Tensor& v_scale);
+void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor& block_table,
+                  const at::Tensor& cu_seq_lens, const std::optional<at::Tensor>& token_to_seq,
+                  int64_t rows, int64_t batch, int64_t kind, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& seq_starts);
+void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind);
+void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
+                 const at::Tensor& block_mapping, const std::string& mode);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,4 +47,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rotate query (and key) in place by the cos/sin of each token's position",
         py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("head_size"),
         py::arg("cos_sin_cache"), py::arg("is_neox"));
+  m.def("reshape_and_cache", &compile_ops::reshape_and_cache,
+        "write key/value at their slots into the x-packed paged cache (kind: 0 auto, 1 e4m3, 2 "
+        "e5m2)",
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("slot_mapping"), py::arg("kind"), py::arg("k_scale"), py::arg("v_scale"));
+  m.def("reshape_and_cache_flash", &compile_ops::reshape_and_cache_flash,
+        "write key/value at their slots into an NHD/HND paged cache", py::arg("key"),
+        py::arg("value"), py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
+        py::arg("kind"), py::arg("k_scale"), py::arg("v_scale"));
+  m.def("gather_cache", &compile_ops::gather_cache,
+        "gather (and dequantize) cached tokens by block table into rows of dst; token_to_seq "
+        "None = cp_gather_cache",
+        py::arg("src_cache"), py::arg("dst"), py::arg("block_table"), py::arg("cu_seq_lens"),
+        py::arg("token_to_seq"), py::arg("rows"), py::arg("batch"), py::arg("kind"),
+        py::arg("scale"), py::arg("seq_starts"));
+  m.def("convert_fp8", &compile_ops::convert_fp8, "FP8 <-> float conversion with a scale",
+        py::arg("output"), py::arg("input"), py::arg("scale"), py::arg("kind"));
+  m.def("swap_blocks", &compile_ops::swap_blocks, "copy blocks by a [pairs, 2] CPU mapping",
+        py::arg("src"), py::arg("dst"), py::arg("block_bytes"), py::arg("block_mapping"),
+        py::arg("mode"));
 }

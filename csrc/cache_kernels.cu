@@ -1,0 +1,568 @@
+// Launchers of the paged KV-cache family: checks (a second line behind compile_ops/cache.py),
+// device guard, current stream, dtype / kv-dtype dispatch, 16-byte accesses where every address
+// is aligned and element accesses otherwise.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "compile_ops/cache.cuh"
+#include "launch_utils.h"
+
+namespace compile_ops {
+namespace {
+
+constexpr int kThreads = 256;
+
+int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int count[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return 132;
+  if (count[device] == 0) {
+    int c = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
+    count[device] = c;
+  }
+  return count[device];
+}
+
+bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
+  for (int64_t v : values)
+    if (v % w != 0) return false;
+  return true;
+}
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_heads(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3, op, ": ", name, " must be [tokens, num_heads, head_size]");
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, op, ": ", name,
+              " must be contiguous in head_size");
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == x.size(2), op, ": ", name,
+              " must hold each token's heads contiguously");
+}
+
+void check_scale(const char* op, const char* name, const at::Tensor& s, const at::Tensor& ref,
+                 int64_t heads) {
+  check_cuda(op, name, s, ref);
+  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32");
+  TORCH_CHECK(s.numel() == 1 || s.numel() == heads, op, ": ", name,
+              " must hold one value or one per head");
+  TORCH_CHECK(s.numel() == 1 || s.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+int kv_kind(const char* op, int64_t kind, const at::Tensor& cache, const at::Tensor& src) {
+  TORCH_CHECK(kind == kKvAuto || kind == kKvE4M3 || kind == kKvE5M2, op,
+              ": bad kv_cache_dtype kind ", num(kind));
+  if (kind == kKvAuto) {
+    TORCH_CHECK(cache.scalar_type() == src.scalar_type(), op,
+                ": with kv_cache_dtype 'auto' the cache must have the dtype of the data");
+  } else {
+    const auto want = kind == kKvE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+    TORCH_CHECK(cache.scalar_type() == at::kByte || cache.scalar_type() == want, op,
+                ": an FP8 cache must be uint8 or the float8 dtype of its kv_cache_dtype");
+  }
+  return static_cast<int>(kind);
+}
+
+// Calls f(T{}, C{}, std::integral_constant<int, KV>{}) for the model dtype, cache storage and kind.
+template <typename F>
+void dispatch_kv(const char* op, at::ScalarType model, int kind, F&& f) {
+  auto with_kind = [&](auto t) {
+    using T = decltype(t);
+    switch (kind) {
+      case kKvAuto: f(T{}, T{}, std::integral_constant<int, kKvAuto>{}); break;
+      case kKvE4M3: f(T{}, uint8_t{}, std::integral_constant<int, kKvE4M3>{}); break;
+      default: f(T{}, uint8_t{}, std::integral_constant<int, kKvE5M2>{}); break;
+    }
+  };
+  switch (model) {
+    case at::kFloat: with_kind(float{}); break;
+    case at::kHalf: with_kind(__half{}); break;
+    case at::kBFloat16: with_kind(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", model);
+  }
+}
+
+const float* scale_ptr(const at::Tensor& s) { return s.data_ptr<float>(); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, int64_t kind,
+                             const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  constexpr const char* op = "reshape_and_cache_flash";
+  check_float_type(op, "key", key);
+  check_same_type(op, "value", value, key);
+  for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_cuda(op, "argument", *p, key);
+  check_cuda(op, "key_cache", key_cache, key);
+  check_cuda(op, "value_cache", value_cache, key);
+  check_heads(op, "key", key);
+  check_heads(op, "value", value);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, op,
+              ": slot_mapping must be a 1-D int64 tensor");
+  const int64_t n = slot_mapping.size(0), heads = key.size(1);
+  TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads, op,
+              ": slot_mapping longer than key/value, or head counts differ");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, op, ": caches must be 4-D");
+  TORCH_CHECK(key_cache.size(2) == heads && key_cache.size(3) == key.size(2) &&
+                  value_cache.size(2) == heads && value_cache.size(3) == value.size(2),
+              op, ": cache [num_blocks, block_size, heads, head_size] does not match key/value");
+  TORCH_CHECK(key_cache.size(0) == value_cache.size(0) && key_cache.size(1) == value_cache.size(1),
+              op, ": key_cache and value_cache must have the same blocks");
+  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1, op,
+              ": caches must be contiguous in head_size");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), op,
+              ": key_cache and value_cache dtypes differ");
+  const int kv = kv_kind(op, kind, key_cache, key);
+  check_scale(op, "k_scale", k_scale, key, heads);
+  check_scale(op, "v_scale", v_scale, key, heads);
+  const int64_t block_size = key_cache.size(1), num_slots = key_cache.size(0) * block_size;
+  TORCH_CHECK(block_size <= std::numeric_limits<int>::max() &&
+                  heads * std::max(key.size(2), value.size(2)) <= (1 << 24),
+              op, ": sizes out of range");
+  if (n == 0 || heads == 0 || num_slots == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = key.get_device();
+
+  dispatch_kv(op, key.scalar_type(), kv, [&](auto t, auto c, auto kvc) {
+    using T = decltype(t);
+    using C = decltype(c);
+    constexpr int KV = decltype(kvc)::value;
+    constexpr int VW = kVecWidth<T>;
+    auto side = [&](const at::Tensor& x, at::Tensor& cache, const at::Tensor& s, int w) {
+      FlashSide f;
+      f.src = x.data_ptr();
+      f.src_stride = x.stride(0);
+      f.cache = cache.data_ptr();
+      f.block_stride = cache.stride(0);
+      f.page_stride = cache.stride(1);
+      f.head_stride = cache.stride(2);
+      f.size = static_cast<int>(x.size(2));
+      f.vecs_per_head = f.size / w;
+      f.scale = scale_ptr(s);
+      f.scale_per_head = s.numel() > 1;
+      return f;
+    };
+    auto aligned = [&](const at::Tensor& x, const at::Tensor& cache) {
+      return x.size(2) % VW == 0 && is_aligned(x.data_ptr(), 16) &&
+             is_aligned(cache.data_ptr(), VW * sizeof(C)) &&
+             all_multiple({x.stride(0), cache.stride(0), cache.stride(1), cache.stride(2)}, VW);
+    };
+    const bool vec = aligned(key, key_cache) && aligned(value, value_cache);
+    // Enough CTAs to fill the GPU at decode sizes; several tokens per CTA for prefill.
+    const int64_t sms = sm_count(dev);
+    const int tpc = static_cast<int>(std::clamp<int64_t>(n / (sms * 8), 1, 4));
+    const dim3 grid(static_cast<unsigned>(ceil_div(n, tpc))), block(kThreads);
+    auto* slots = slot_mapping.data_ptr<int64_t>();
+    if (vec) {
+      launch_kernel(reshape_and_cache_flash_kernel<T, C, KV, VW, 4>, grid, block, stream, dev,
+                    slots, n, tpc, num_slots, static_cast<int>(block_size),
+                    side(key, key_cache, k_scale, VW), side(value, value_cache, v_scale, VW),
+                    static_cast<int>(heads));
+    } else {
+      launch_kernel(reshape_and_cache_flash_kernel<T, C, KV, 1, 4>, grid, block, stream, dev,
+                    slots, n, tpc, num_slots, static_cast<int>(block_size),
+                    side(key, key_cache, k_scale, 1), side(value, value_cache, v_scale, 1),
+                    static_cast<int>(heads));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                       const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  constexpr const char* op = "reshape_and_cache";
+  check_float_type(op, "key", key);
+  check_same_type(op, "value", value, key);
+  for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_cuda(op, "argument", *p, key);
+  check_cuda(op, "key_cache", key_cache, key);
+  check_cuda(op, "value_cache", value_cache, key);
+  check_heads(op, "key", key);
+  check_heads(op, "value", value);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, op,
+              ": slot_mapping must be a 1-D int64 tensor");
+  const int64_t n = slot_mapping.size(0), heads = key.size(1), hs = key.size(2);
+  TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads &&
+                  value.size(2) == hs,
+              op, ": value must match key, and slot_mapping must not be longer than key");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), op,
+              ": key_cache and value_cache dtypes differ");
+  const int kv = kv_kind(op, kind, key_cache, key);
+  const int64_t x = 16 / key_cache.element_size();
+  TORCH_CHECK(key_cache.dim() == 5 && key_cache.size(1) == heads && key_cache.size(2) * x == hs &&
+                  key_cache.size(4) == x && key_cache.stride(4) == 1,
+              op, ": key_cache must be [num_blocks, heads, head_size / x, block_size, x]");
+  TORCH_CHECK(value_cache.dim() == 4 && value_cache.size(0) == key_cache.size(0) &&
+                  value_cache.size(1) == heads && value_cache.size(2) == hs &&
+                  value_cache.size(3) == key_cache.size(3),
+              op, ": value_cache must be [num_blocks, heads, head_size, block_size]");
+  check_scale(op, "k_scale", k_scale, key, heads);
+  check_scale(op, "v_scale", v_scale, key, heads);
+  const int64_t block_size = key_cache.size(3), num_slots = key_cache.size(0) * block_size;
+  TORCH_CHECK(block_size <= std::numeric_limits<int>::max() && heads * hs <= (1 << 24), op,
+              ": sizes out of range");
+  if (n == 0 || heads == 0 || num_slots == 0) return;
+  const c10::cuda::CUDAGuard guard(key.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = key.get_device();
+
+  dispatch_kv(op, key.scalar_type(), kv, [&](auto t, auto c, auto kvc) {
+    using T = decltype(t);
+    using C = decltype(c);
+    constexpr int KV = decltype(kvc)::value;
+    constexpr int VW = kVecWidth<T>;
+    auto side = [&](const at::Tensor& src, at::Tensor& cache, const at::Tensor& s) {
+      PagedSide p;
+      p.src = src.data_ptr();
+      p.src_stride = src.stride(0);
+      p.cache = cache.data_ptr();
+      p.s_block = cache.stride(0);
+      p.s_head = cache.stride(1);
+      p.s_dim = cache.stride(2);
+      p.s_page = cache.stride(3);
+      p.scale = scale_ptr(s);
+      p.scale_per_head = s.numel() > 1;
+      return p;
+    };
+    const bool vec = hs % VW == 0 && is_aligned(key.data_ptr(), 16) &&
+                     is_aligned(value.data_ptr(), 16) &&
+                     all_multiple({key.stride(0), value.stride(0)}, VW) &&
+                     is_aligned(key_cache.data_ptr(), 16) &&
+                     all_multiple({key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                                   key_cache.stride(3)},
+                                  x);
+    const dim3 grid(static_cast<unsigned>(n)), block(kThreads);
+    auto* slots = slot_mapping.data_ptr<int64_t>();
+    const auto ks = side(key, key_cache, k_scale), vs = side(value, value_cache, v_scale);
+    if (vec)
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, true>, grid, block, stream, dev, slots,
+                    num_slots, static_cast<int>(block_size), static_cast<int>(heads),
+                    static_cast<int>(hs), ks, vs);
+    else
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, false>, grid, block, stream, dev, slots,
+                    num_slots, static_cast<int>(block_size), static_cast<int>(heads),
+                    static_cast<int>(hs), ks, vs);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_and_maybe_dequant_cache (token_to_seq given) and cp_gather_cache (token_to_seq null,
+// kind auto: a bit copy)
+void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor& block_table,
+                  const at::Tensor& cu_seq_lens, const std::optional<at::Tensor>& token_to_seq,
+                  int64_t rows, int64_t batch, int64_t kind, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& seq_starts) {
+  const char* op = token_to_seq ? "gather_and_maybe_dequant_cache" : "cp_gather_cache";
+  TORCH_CHECK(src_cache.is_cuda(), op, ": src_cache must be a CUDA tensor");
+  check_cuda(op, "dst", dst, src_cache);
+  check_cuda(op, "block_table", block_table, src_cache);
+  check_cuda(op, "cu_seq_lens", cu_seq_lens, src_cache);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 &&
+                  (block_table.size(1) <= 1 || block_table.stride(1) == 1),
+              op, ": block_table must be a 2-D int32 tensor with contiguous rows");
+  TORCH_CHECK(cu_seq_lens.scalar_type() == at::kInt && cu_seq_lens.dim() == 1 &&
+                  cu_seq_lens.size(0) >= batch + 1 && cu_seq_lens.is_contiguous(),
+              op, ": cu_seq_lens must be a contiguous int32 tensor of batch + 1 offsets");
+  TORCH_CHECK(block_table.size(0) >= batch, op, ": block_table needs a row per sequence");
+  TORCH_CHECK(batch >= 0 && batch <= std::numeric_limits<int>::max() && rows >= 0 &&
+                  rows <= dst.size(0),
+              op, ": bad batch or row count");
+  if (token_to_seq) {
+    check_cuda(op, "token_to_seq", *token_to_seq, src_cache);
+    TORCH_CHECK(token_to_seq->scalar_type() == at::kInt && token_to_seq->dim() == 1 &&
+                    token_to_seq->is_contiguous() && token_to_seq->size(0) >= rows,
+                op, ": token_to_seq must be a contiguous int32 tensor of num_tokens entries");
+  }
+  if (seq_starts) {
+    check_cuda(op, "seq_starts", *seq_starts, src_cache);
+    TORCH_CHECK(seq_starts->scalar_type() == at::kInt && seq_starts->dim() == 1 &&
+                    seq_starts->is_contiguous() && seq_starts->size(0) >= batch,
+                op, ": seq_starts must be a contiguous int32 tensor of batch entries");
+  }
+  TORCH_CHECK(src_cache.dim() >= 3 && dst.dim() >= 2, op, ": bad src_cache or dst rank");
+  int64_t entry = 1, dst_entry = 1;
+  for (int64_t d = 2; d < src_cache.dim(); ++d) entry *= src_cache.size(d);
+  for (int64_t d = 1; d < dst.dim(); ++d) dst_entry *= dst.size(d);
+  TORCH_CHECK(dst_entry == entry, op, ": dst entries must match src_cache entries");
+  // Entries are contiguous runs: checked in Python; re-check the strides used here.
+  int64_t expect = 1;
+  for (int64_t d = src_cache.dim() - 1; d >= 2; --d) {
+    TORCH_CHECK(src_cache.size(d) == 1 || src_cache.stride(d) == expect, op,
+                ": src_cache entries must be contiguous");
+    expect *= src_cache.size(d);
+  }
+  expect = 1;
+  for (int64_t d = dst.dim() - 1; d >= 1; --d) {
+    TORCH_CHECK(dst.size(d) == 1 || dst.stride(d) == expect, op, ": dst entries must be contiguous");
+    expect *= dst.size(d);
+  }
+  int kv = kKvAuto;
+  if (kind != kKvAuto) {
+    TORCH_CHECK(scale.has_value(), op, ": an FP8 gather needs a scale");
+    check_cuda(op, "scale", *scale, src_cache);
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == 1, op,
+                ": scale must be one float32 value");
+    check_float_type(op, "dst", dst);
+    kv = kv_kind(op, kind, src_cache, dst);
+  } else {
+    TORCH_CHECK(src_cache.scalar_type() == dst.scalar_type(), op,
+                ": dst must have src_cache's dtype");
+  }
+  if (rows == 0 || batch == 0 || entry == 0) return;
+  const c10::cuda::CUDAGuard guard(src_cache.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = src_cache.get_device();
+
+  GatherArgs a;
+  a.src = src_cache.data_ptr();
+  a.block_stride = src_cache.stride(0);
+  a.page_stride = src_cache.stride(1);
+  TORCH_CHECK(src_cache.size(1) <= std::numeric_limits<int>::max(), op, ": block size too large");
+  a.block_size = static_cast<int>(src_cache.size(1));
+  a.num_blocks = src_cache.size(0);
+  a.dst = dst.data_ptr();
+  a.dst_stride = dst.stride(0);
+  a.entry = entry;
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.bt_stride = block_table.stride(0);
+  a.bt_cols = block_table.size(1);
+  a.cu_seq_lens = cu_seq_lens.data_ptr<int32_t>();
+  a.token_to_seq = token_to_seq ? token_to_seq->data_ptr<int32_t>() : nullptr;
+  a.seq_starts = seq_starts ? seq_starts->data_ptr<int32_t>() : nullptr;
+  a.rows = rows;
+  a.batch = static_cast<int>(batch);
+  a.scale = kind != kKvAuto ? scale->data_ptr<float>() : nullptr;
+  if (a.block_size == 0 || a.bt_cols == 0) return;
+
+  constexpr int kWarps = kThreads / 32;
+  const int64_t max_ctas = static_cast<int64_t>(sm_count(dev)) * 16;
+  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(rows, kWarps), max_ctas))),
+      block(kThreads);
+  // The widest access that keeps every row of both sides aligned: W elements of the wider type.
+  auto run = [&](auto t, auto c, auto kvc) {
+    using T = decltype(t);
+    using C = decltype(c);
+    constexpr int KV = decltype(kvc)::value;
+    constexpr int W = 16 / static_cast<int>(sizeof(T) > sizeof(C) ? sizeof(T) : sizeof(C));
+    const bool vec = entry % W == 0 && is_aligned(a.src, W * sizeof(C)) &&
+                     is_aligned(a.dst, W * sizeof(T)) &&
+                     all_multiple({a.block_stride, a.page_stride, a.dst_stride}, W);
+    if (vec)
+      launch_kernel(gather_cache_kernel<T, C, KV, W, 4>, grid, block, stream, dev, a);
+    else
+      launch_kernel(gather_cache_kernel<T, C, KV, 1, 4>, grid, block, stream, dev, a);
+  };
+  if (kv == kKvAuto) {
+    switch (src_cache.element_size()) {  // a bit copy: move raw words
+      case 1: run(uint8_t{}, uint8_t{}, std::integral_constant<int, kKvAuto>{}); break;
+      case 2: run(uint16_t{}, uint16_t{}, std::integral_constant<int, kKvAuto>{}); break;
+      case 4: run(uint32_t{}, uint32_t{}, std::integral_constant<int, kKvAuto>{}); break;
+      case 8: run(uint64_t{}, uint64_t{}, std::integral_constant<int, kKvAuto>{}); break;
+      default: TORCH_CHECK(false, op, ": unsupported element size");
+    }
+  } else {
+    dispatch_kv(op, dst.scalar_type(), kv, run);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// convert_fp8: both tensors contiguous (the Python layer makes them so)
+void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind) {
+  constexpr const char* op = "convert_fp8";
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor");
+  check_cuda(op, "output", output, input);
+  TORCH_CHECK(output.is_contiguous() && input.is_contiguous(), op,
+              ": input and output must be contiguous");
+  TORCH_CHECK(output.numel() == input.numel(), op, ": output and input sizes differ");
+  const int64_t n = input.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = input.get_device();
+  const float s = static_cast<float>(scale);
+  auto is_float = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  };
+  auto launch = [&](auto in_t, auto out_t, auto mode_c, auto kv_c) {
+    using In = decltype(in_t);
+    using Out = decltype(out_t);
+    constexpr int MODE = decltype(mode_c)::value;
+    constexpr int KV = decltype(kv_c)::value;
+    constexpr int W = 16 / static_cast<int>(sizeof(In) > sizeof(Out) ? sizeof(In) : sizeof(Out));
+    const auto* ip = static_cast<const In*>(input.data_ptr());
+    auto* optr = static_cast<Out*>(output.data_ptr());
+    const int64_t ctas = std::min(ceil_div(n, kThreads * W), int64_t(sm_count(dev)) * 16);
+    const dim3 grid(static_cast<unsigned>(std::max<int64_t>(ctas, 1))), block(kThreads);
+    if (is_aligned(ip, W * sizeof(In)) && is_aligned(optr, W * sizeof(Out)))
+      launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, W>, grid, block, stream, dev, ip, optr,
+                    n, s);
+    else
+      launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, 1>, grid, block, stream, dev, ip, optr,
+                    n, s);
+  };
+  auto with_float = [&](at::ScalarType t, auto&& f) {
+    switch (t) {
+      case at::kFloat: f(float{}); break;
+      case at::kHalf: f(__half{}); break;
+      case at::kBFloat16: f(__nv_bfloat16{}); break;
+      default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
+    }
+  };
+  using Auto = std::integral_constant<int, kKvAuto>;
+  if (kind == kKvAuto) {
+    TORCH_CHECK(is_float(input.scalar_type()) && is_float(output.scalar_type()), op,
+                ": 'auto' converts between float32, float16 and bfloat16");
+    with_float(input.scalar_type(), [&](auto i) {
+      with_float(output.scalar_type(), [&](auto o) {
+        launch(i, o, std::integral_constant<int, 0>{}, Auto{});
+      });
+    });
+    return;
+  }
+  TORCH_CHECK(kind == kKvE4M3 || kind == kKvE5M2, op, ": bad kv_dtype kind ", num(kind));
+  const bool quant = is_float(input.scalar_type());
+  const at::Tensor& codes = quant ? output : input;
+  const at::Tensor& floats = quant ? input : output;
+  TORCH_CHECK(is_float(floats.scalar_type()), op, ": one side must be float32/float16/bfloat16");
+  kv_kind(op, kind, codes, floats);
+  with_float(floats.scalar_type(), [&](auto f) {
+    using F = decltype(f);
+    if (quant) {
+      if (kind == kKvE4M3)
+        launch(F{}, uint8_t{}, std::integral_constant<int, 1>{},
+               std::integral_constant<int, kKvE4M3>{});
+      else
+        launch(F{}, uint8_t{}, std::integral_constant<int, 1>{},
+               std::integral_constant<int, kKvE5M2>{});
+    } else {
+      if (kind == kKvE4M3)
+        launch(uint8_t{}, F{}, std::integral_constant<int, -1>{},
+               std::integral_constant<int, kKvE4M3>{});
+      else
+        launch(uint8_t{}, F{}, std::integral_constant<int, -1>{},
+               std::integral_constant<int, kKvE5M2>{});
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// swap_blocks: block_mapping is a contiguous CPU int64 [pairs, 2] (ids checked in Python).
+// Runs of consecutive blocks become one cudaMemcpyAsync; many scattered blocks between device
+// memory and device-visible (pinned) host memory go through one copy kernel instead of one DMA
+// call per block. mode: "auto" | "memcpy" | "kernel".
+namespace {
+
+struct Run {
+  int64_t src, dst, count;
+};
+
+// Device-visible address of a CUDA or pinned host pointer; nullptr for pageable host memory.
+void* device_address(void* p, bool on_device) {
+  if (on_device) return p;
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  if (attr.type != cudaMemoryTypeHost || attr.devicePointer == nullptr) return nullptr;
+  return attr.devicePointer;
+}
+
+}  // namespace
+
+void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
+                 const at::Tensor& block_mapping, const std::string& mode) {
+  constexpr const char* op = "swap_blocks";
+  TORCH_CHECK(src.is_cuda() || dst.is_cuda(), op, ": src or dst must be a CUDA tensor");
+  TORCH_CHECK(!(src.is_cuda() && dst.is_cuda()) || src.device() == dst.device(), op,
+              ": src and dst must be on the same GPU");
+  TORCH_CHECK((src.is_cuda() || src.is_cpu()) && (dst.is_cuda() || dst.is_cpu()), op,
+              ": src and dst must be CPU or CUDA tensors");
+  TORCH_CHECK(block_mapping.is_cpu() && block_mapping.scalar_type() == at::kLong &&
+                  block_mapping.dim() == 2 && block_mapping.size(1) == 2 &&
+                  block_mapping.is_contiguous(),
+              op, ": block_mapping must be a contiguous CPU int64 [num_pairs, 2] tensor");
+  TORCH_CHECK(mode == "auto" || mode == "memcpy" || mode == "kernel", op, ": bad mode");
+  const int64_t pairs = block_mapping.size(0);
+  if (pairs == 0 || block_bytes == 0) return;
+  TORCH_CHECK(block_bytes > 0, op, ": block_size_in_bytes must be positive");
+  const int64_t s_step = src.size(0) > 1 ? src.stride(0) * src.element_size() : block_bytes;
+  const int64_t d_step = dst.size(0) > 1 ? dst.stride(0) * dst.element_size() : block_bytes;
+  const int64_t* m = block_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pairs; ++i) {
+    TORCH_CHECK(m[2 * i] >= 0 && m[2 * i] < src.size(0) && m[2 * i + 1] >= 0 &&
+                    m[2 * i + 1] < dst.size(0),
+                op, ": block_mapping row ", num(i), " is out of range");
+  }
+  const at::Device cuda_dev = src.is_cuda() ? src.device() : dst.device();
+  const c10::cuda::CUDAGuard guard(cuda_dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  char* sp = static_cast<char*>(src.data_ptr());
+  char* dp = static_cast<char*>(dst.data_ptr());
+
+  // Consecutive pairs with consecutive ids on both sides and no padding between blocks.
+  std::vector<Run> runs;
+  const bool packed = s_step == block_bytes && d_step == block_bytes;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t s = m[2 * i], d = m[2 * i + 1];
+    if (packed && !runs.empty() && runs.back().src + runs.back().count == s &&
+        runs.back().dst + runs.back().count == d)
+      ++runs.back().count;
+    else
+      runs.push_back({s, d, 1});
+  }
+  const cudaMemcpyKind kind = src.is_cuda() && dst.is_cuda() ? cudaMemcpyDeviceToDevice
+                              : src.is_cuda()               ? cudaMemcpyDeviceToHost
+                                                            : cudaMemcpyHostToDevice;
+  char* s_dev = static_cast<char*>(device_address(sp, src.is_cuda()));
+  char* d_dev = static_cast<char*>(device_address(dp, dst.is_cuda()));
+  const bool kernel_possible = s_dev != nullptr && d_dev != nullptr;
+  TORCH_CHECK(mode != "kernel" || kernel_possible, op,
+              ": COMPILE_OPS_SWAP_MODE=kernel needs pinned (page-locked) host memory");
+  // DMA calls cost a few microseconds each: worth it for few, large runs.
+  const int64_t avg_run_bytes = pairs * block_bytes / static_cast<int64_t>(runs.size());
+  const bool use_kernel =
+      kernel_possible && (mode == "kernel" ||
+                          (mode == "auto" && runs.size() > 8 && avg_run_bytes < (4 << 20)));
+  if (!use_kernel) {
+    for (const Run& r : runs)
+      C10_CUDA_CHECK(cudaMemcpyAsync(dp + r.dst * d_step, sp + r.src * s_step,
+                                     r.count * block_bytes, kind, stream));
+    return;
+  }
+  // The mapping goes to the device through pinned memory (the caching host allocator keeps the
+  // staging buffer alive until the copy has run).
+  const at::Tensor dev_map = block_mapping.pin_memory().to(
+      at::TensorOptions().device(cuda_dev).dtype(at::kLong), /*non_blocking=*/true);
+  const bool v16 = block_bytes % 16 == 0 && s_step % 16 == 0 && d_step % 16 == 0 &&
+                   is_aligned(s_dev, 16) && is_aligned(d_dev, 16);
+  const int64_t units = v16 ? block_bytes / 16 : block_bytes;
+  const int64_t chunks = std::min<int64_t>(ceil_div(units, kThreads * 4), 65535);
+  TORCH_CHECK(pairs <= std::numeric_limits<int>::max(), op, ": too many pairs");
+  const dim3 grid(static_cast<unsigned>(pairs), static_cast<unsigned>(std::max<int64_t>(chunks, 1))),
+      block(kThreads);
+  const int dev = cuda_dev.index();
+  const int64_t* mp = dev_map.data_ptr<int64_t>();
+  if (v16)
+    launch_kernel(swap_blocks_kernel<int4>, grid, block, stream, dev, s_dev, d_dev, mp, s_step,
+                  d_step, block_bytes);
+  else
+    launch_kernel(swap_blocks_kernel<uint8_t>, grid, block, stream, dev, s_dev, d_dev, mp, s_step,
+                  d_step, block_bytes);
+}
+
+}  // namespace compile_ops

@@ -1,0 +1,265 @@
+// Paged KV-cache kernels: writes (paged x-packed and flash NHD/HND layouts), gathers, FP8
+// conversion and block copies. Device code only; launchers in csrc/cache_kernels.cu.
+//
+// Every index read from device memory (slot, sequence id, block-table entry) is range-checked
+// before it forms an address: an out-of-range one skips its token and nothing is touched.
+#pragma once
+
+#include "compile_ops/fp8.cuh"
+#include "compile_ops/vec.cuh"
+
+namespace compile_ops {
+
+// ---------------------------------------------------------------------------------------------
+// reshape_and_cache_flash: cache[block, page, head, :] (any strides, last dim contiguous)
+// ---------------------------------------------------------------------------------------------
+struct FlashSide {
+  const void* src;       // [tokens, heads, size]; heads packed, token stride src_stride
+  int64_t src_stride;    // elements of T
+  void* cache;           // elements of C
+  int64_t block_stride;  // elements of C
+  int64_t page_stride;
+  int64_t head_stride;
+  int size;              // head size
+  int vecs_per_head;     // size / W
+  const float* scale;    // one value, or one per head
+  int scale_per_head;
+};
+
+// Items are (token, side, head, vector) of one CTA's tokens; a thread loads U items before it
+// stores any, so U 16-byte requests per thread are in flight.
+template <typename T, typename C, int KV, int W, int U>
+__global__ void reshape_and_cache_flash_kernel(const int64_t* __restrict__ slot_mapping,
+                                               int64_t num_tokens, int tokens_per_cta,
+                                               int64_t num_slots, int block_size, FlashSide k,
+                                               FlashSide v, int heads) {
+  pdl_wait();
+  const int vk = heads * k.vecs_per_head;
+  const int per_token = vk + heads * v.vecs_per_head;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tokens_per_cta;
+  const int64_t ntok = num_tokens - t0 < tokens_per_cta ? num_tokens - t0 : tokens_per_cta;
+  const int items = static_cast<int>(ntok) * per_token;
+  for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
+    Pack<T, W> in[U];
+    C* dst[U];
+    float sc[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      dst[u] = nullptr;
+      sc[u] = 1.0f;
+      const int i = base + u * blockDim.x;
+      if (i >= items) continue;
+      const int64_t t = t0 + i / per_token;
+      int j = i % per_token;
+      const int64_t slot = slot_mapping[t];
+      if (slot < 0 || slot >= num_slots) continue;
+      const FlashSide& s = j < vk ? k : v;
+      if (j >= vk) j -= vk;
+      const int h = j / s.vecs_per_head;
+      const int c = (j - h * s.vecs_per_head) * W;
+      const int64_t blk = slot / block_size, off = slot - blk * block_size;
+      in[u] = *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(s.src) +
+                                                   t * s.src_stride + h * s.size + c);
+      dst[u] = static_cast<C*>(s.cache) + blk * s.block_stride + off * s.page_stride +
+               h * s.head_stride + c;
+      if constexpr (KV != kKvAuto) sc[u] = s.scale[s.scale_per_head ? h : 0];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (dst[u] == nullptr) continue;
+      Pack<C, W> out;
+#pragma unroll
+      for (int w = 0; w < W; ++w) out.v[w] = cache_encode<KV, C>(in[u].v[w], sc[u]);
+      *reinterpret_cast<Pack<C, W>*>(dst[u]) = out;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// reshape_and_cache: key_cache[block, head, d / X, page, X], value_cache[block, head, d, page]
+// ---------------------------------------------------------------------------------------------
+struct PagedSide {
+  const void* src;     // [tokens, heads, head_size]; heads packed
+  int64_t src_stride;  // elements of T between tokens
+  void* cache;
+  int64_t s_block, s_head, s_dim, s_page;  // key: s_dim is the stride of the d / X dim
+  const float* scale;
+  int scale_per_head;
+};
+
+// VEC: 16-byte loads of the input and one 16-byte store per key chunk (the launcher checked the
+// alignment of every address); otherwise element accesses.
+template <typename T, typename C, int KV, bool VEC>
+__global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mapping,
+                                         int64_t num_slots, int block_size, int heads,
+                                         int head_size, PagedSide k, PagedSide v) {
+  constexpr int X = 16 / static_cast<int>(sizeof(C));  // elements per key-cache chunk
+  constexpr int VW = VEC ? kVecWidth<T> : 1;            // input elements per load
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slot_mapping[t];
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t blk = slot / block_size, off = slot - blk * block_size;
+  const int chunks = head_size / X, vecs = head_size / VW;
+  const int key_items = heads * chunks, items = key_items + heads * vecs;
+  for (int i = threadIdx.x; i < items; i += blockDim.x) {
+    if (i < key_items) {
+      const int h = i / chunks, c = i - h * chunks;
+      const T* src = static_cast<const T*>(k.src) + t * k.src_stride + h * head_size + c * X;
+      C* dst = static_cast<C*>(k.cache) + blk * k.s_block + h * k.s_head + c * k.s_dim +
+               off * k.s_page;
+      const float sc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
+      Pack<T, X> in;
+#pragma unroll
+      for (int p = 0; p < X / VW; ++p)
+        *reinterpret_cast<Pack<T, VW>*>(&in.v[p * VW]) =
+            *reinterpret_cast<const Pack<T, VW>*>(src + p * VW);
+      Pack<C, X> out;
+#pragma unroll
+      for (int w = 0; w < X; ++w) out.v[w] = cache_encode<KV, C>(in.v[w], sc);
+      if constexpr (VEC) {
+        *reinterpret_cast<Pack<C, X>*>(dst) = out;
+      } else {
+#pragma unroll
+        for (int w = 0; w < X; ++w) dst[w] = out.v[w];
+      }
+    } else {
+      const int j = i - key_items;
+      const int h = j / vecs, d = (j - h * vecs) * VW;
+      const auto in = *reinterpret_cast<const Pack<T, VW>*>(
+          static_cast<const T*>(v.src) + t * v.src_stride + h * head_size + d);
+      const float sc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
+      C* dst = static_cast<C*>(v.cache) + blk * v.s_block + h * v.s_head + off * v.s_page;
+#pragma unroll
+      for (int w = 0; w < VW; ++w) dst[(d + w) * v.s_dim] = cache_encode<KV, C>(in.v[w], sc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gathers: dst[row] = decode(src[block_table[seq, pos / bs], pos % bs])
+// ---------------------------------------------------------------------------------------------
+struct GatherArgs {
+  const void* src;  // [num_blocks, block_size, entry]
+  int64_t block_stride, page_stride;
+  int block_size;
+  int64_t num_blocks;
+  void* dst;  // [rows, entry]
+  int64_t dst_stride;
+  int64_t entry;  // elements per row
+  const int32_t* block_table;
+  int64_t bt_stride, bt_cols;
+  const int32_t* cu_seq_lens;   // [batch + 1]
+  const int32_t* token_to_seq;  // null: cp_gather_cache (sequence found by binary search)
+  const int32_t* seq_starts;    // optional
+  int64_t rows;
+  int batch;
+  const float* scale;
+};
+
+// Largest s in [0, batch) with cu[s] <= row (cu is non-decreasing).
+__device__ __forceinline__ int seq_of_row(const int32_t* cu, int batch, int64_t row) {
+  int lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (cu[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// One warp per row; each lane keeps U vectors in flight.
+template <typename T, typename C, int KV, int W, int U>
+__global__ void gather_cache_kernel(GatherArgs a) {
+  pdl_wait();
+  const int lane = threadIdx.x & 31;
+  const int warps_per_cta = blockDim.x >> 5;
+  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * warps_per_cta;
+  int64_t limit = a.rows;
+  if (a.token_to_seq == nullptr) {
+    const int64_t end = a.cu_seq_lens[a.batch];
+    limit = end < limit ? end : limit;
+  }
+  const float sc = KV != kKvAuto ? *a.scale : 1.0f;
+  const int64_t vecs = a.entry / W;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps_per_cta + (threadIdx.x >> 5);
+       row < limit; row += total_warps) {
+    const int seq = a.token_to_seq ? a.token_to_seq[row] : seq_of_row(a.cu_seq_lens, a.batch, row);
+    if (seq < 0 || seq >= a.batch) continue;
+    const int64_t start = a.cu_seq_lens[seq], end = a.cu_seq_lens[seq + 1];
+    if (row < start || row >= end) continue;
+    const int64_t pos = row - start + (a.seq_starts ? a.seq_starts[seq] : 0);
+    if (pos < 0) continue;
+    const int64_t col = pos / a.block_size;
+    if (col >= a.bt_cols) continue;
+    const int64_t blk = a.block_table[seq * a.bt_stride + col];
+    if (blk < 0 || blk >= a.num_blocks) continue;
+    const C* s = static_cast<const C*>(a.src) + blk * a.block_stride +
+                 (pos - col * a.block_size) * a.page_stride;
+    T* d = static_cast<T*>(a.dst) + row * a.dst_stride;
+    for (int64_t i = lane; i < vecs; i += 32 * U) {
+      Pack<C, W> in[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (i + u * 32 < vecs) in[u] = reinterpret_cast<const Pack<C, W>*>(s)[i + u * 32];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (i + u * 32 >= vecs) continue;
+        Pack<T, W> out;
+#pragma unroll
+        for (int w = 0; w < W; ++w) out.v[w] = cache_decode<KV, T>(in[u].v[w], sc);
+        reinterpret_cast<Pack<T, W>*>(d)[i + u * 32] = out;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// convert_fp8: MODE 0 plain cast, 1 quantize (In float -> Out uint8), -1 dequantize
+// ---------------------------------------------------------------------------------------------
+template <int MODE, int KV, typename Out, typename In>
+__device__ __forceinline__ Out convert_one(In x, float scale) {
+  if constexpr (MODE == 0) {
+    return from_float<Out>(to_float(x));
+  } else if constexpr (MODE > 0) {
+    return fp8_encode<KV>(to_float(x), scale);
+  } else {
+    return from_float<Out>(fp8_decode<KV>(x, scale));
+  }
+}
+
+template <typename In, typename Out, int MODE, int KV, int W>
+__global__ void convert_fp8_kernel(const In* __restrict__ in, Out* __restrict__ out, int64_t n,
+                                   float scale) {
+  pdl_wait();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t packs = n / W;
+  for (int64_t i = tid; i < packs; i += stride) {
+    const auto a = reinterpret_cast<const Pack<In, W>*>(in)[i];
+    Pack<Out, W> b;
+#pragma unroll
+    for (int w = 0; w < W; ++w) b.v[w] = convert_one<MODE, KV, Out>(a.v[w], scale);
+    reinterpret_cast<Pack<Out, W>*>(out)[i] = b;
+  }
+  for (int64_t i = packs * W + tid; i < n; i += stride)
+    out[i] = convert_one<MODE, KV, Out>(in[i], scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// swap_blocks: grid.x = pairs, grid.y = chunks of a block; V is the access type (int4 or byte)
+// ---------------------------------------------------------------------------------------------
+template <typename V>
+__global__ void swap_blocks_kernel(const char* src, char* dst,
+                                   const int64_t* __restrict__ mapping, int64_t src_step,
+                                   int64_t dst_step, int64_t bytes) {
+  pdl_wait();
+  const int64_t p = blockIdx.x;
+  const V* s = reinterpret_cast<const V*>(src + mapping[2 * p] * src_step);
+  V* d = reinterpret_cast<V*>(dst + mapping[2 * p + 1] * dst_step);
+  const int64_t n = bytes / static_cast<int64_t>(sizeof(V));
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x)
+    d[i] = s[i];
+}
+
+}  // namespace compile_ops
