@@ -313,6 +313,10 @@ def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
                  kv_cache_dtype, k_scale, v_scale, flash=True)
 
 
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def _validating() -> bool:
     return os.environ.get("COMPILE_OPS_VALIDATE", "") not in ("", "0")
 
@@ -342,7 +346,7 @@ if _C is not None:
                      k_scale, v_scale, flash=False)
         if _validating():
             _validate_slots(op, slot_mapping, key_cache.shape[0] * key_cache.shape[3])
-        _C.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping,
+        _C.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous(),
                              _KV_KIND[kv_cache_dtype], k_scale, v_scale)
 
     @_reshape_and_cache_flash.register_kernel("cuda")
@@ -352,7 +356,7 @@ if _C is not None:
                      k_scale, v_scale, flash=True)
         if _validating():
             _validate_slots(op, slot_mapping, key_cache.shape[0] * key_cache.shape[1])
-        _C.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+        _C.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping.contiguous(),
                                    _KV_KIND[kv_cache_dtype], k_scale, v_scale)
 
 
@@ -715,9 +719,10 @@ if _C is not None:
                        IndexError)
             _gather_positions(op, src_cache, block_table, cu_seq_lens, seq, num_tokens,
                               seq_starts)
-        _C.gather_cache(src_cache, dst, block_table, cu_seq_lens, token_to_seq,
-                        int(num_tokens), int(cu_seq_lens.shape[0]) - 1,
-                        _KV_KIND[kv_cache_dtype], scale, seq_starts)
+        _C.gather_cache(src_cache, dst, block_table, cu_seq_lens.contiguous(),
+                        token_to_seq.contiguous(), int(num_tokens),
+                        int(cu_seq_lens.shape[0]) - 1, _KV_KIND[kv_cache_dtype], scale,
+                        _contiguous(seq_starts))
 
     @_cp_gather_cache.register_kernel("cuda")
     def _(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts=None):
@@ -734,8 +739,8 @@ if _C is not None:
                            f"{dst.shape[0]} rows", IndexError)
             seq = _seq_of_rows(cu, total).clamp(0, batch_size - 1)
             _gather_positions(op, src_cache, block_table, cu, seq, total, seq_starts)
-        _C.gather_cache(src_cache, dst, block_table, cu_seq_lens, None, int(dst.shape[0]),
-                        int(batch_size), 0, None, seq_starts)
+        _C.gather_cache(src_cache, dst, block_table, cu_seq_lens.contiguous(), None,
+                        int(dst.shape[0]), int(batch_size), 0, None, _contiguous(seq_starts))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,8 +110,9 @@ void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
   check_cuda(op, "value_cache", value_cache, key);
   check_heads(op, "key", key);
   check_heads(op, "value", value);
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, op,
-              ": slot_mapping must be a 1-D int64 tensor");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous 1-D int64 tensor");
   const int64_t n = slot_mapping.size(0), heads = key.size(1);
   TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads, op,
               ": slot_mapping longer than key/value, or head counts differ");
@@ -193,8 +194,9 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   check_cuda(op, "value_cache", value_cache, key);
   check_heads(op, "key", key);
   check_heads(op, "value", value);
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1, op,
-              ": slot_mapping must be a 1-D int64 tensor");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous 1-D int64 tensor");
   const int64_t n = slot_mapping.size(0), heads = key.size(1), hs = key.size(2);
   TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads &&
                   value.size(2) == hs,

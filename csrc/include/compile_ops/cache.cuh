@@ -26,6 +26,24 @@ struct FlashSide {
   int scale_per_head;
 };
 
+// Field-wise select, so the two kernel-parameter structs stay in the constant bank (a reference
+// to either would be a dynamic address into parameter space, which spills them to local memory).
+__device__ __forceinline__ FlashSide select_side(bool first, const FlashSide& a,
+                                                 const FlashSide& b) {
+  FlashSide r;
+  r.src = first ? a.src : b.src;
+  r.src_stride = first ? a.src_stride : b.src_stride;
+  r.cache = first ? a.cache : b.cache;
+  r.block_stride = first ? a.block_stride : b.block_stride;
+  r.page_stride = first ? a.page_stride : b.page_stride;
+  r.head_stride = first ? a.head_stride : b.head_stride;
+  r.size = first ? a.size : b.size;
+  r.vecs_per_head = first ? a.vecs_per_head : b.vecs_per_head;
+  r.scale = first ? a.scale : b.scale;
+  r.scale_per_head = first ? a.scale_per_head : b.scale_per_head;
+  return r;
+}
+
 // Items are (token, side, head, vector) of one CTA's tokens; a thread loads U items before it
 // stores any, so U 16-byte requests per thread are in flight.
 template <typename T, typename C, int KV, int W, int U>
@@ -53,7 +71,7 @@ __global__ void reshape_and_cache_flash_kernel(const int64_t* __restrict__ slot_
       int j = i % per_token;
       const int64_t slot = slot_mapping[t];
       if (slot < 0 || slot >= num_slots) continue;
-      const FlashSide& s = j < vk ? k : v;
+      const FlashSide s = select_side(j < vk, k, v);
       if (j >= vk) j -= vk;
       const int h = j / s.vecs_per_head;
       const int c = (j - h * s.vecs_per_head) * W;
