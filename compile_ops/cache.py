@@ -144,7 +144,7 @@ def _check_scale(op: str, name: str, scale, ref: torch.Tensor, heads: Optional[i
     C.check_tensor(op, name, scale)
     if scale.dtype != torch.float32:
         C.fail(op, f"{name} must be a float32 tensor, got {scale.dtype}", TypeError)
-    _check_device(op, name, scale, ref, "the cache")
+    _check_device(op, name, scale, ref, "key" if op.startswith("reshape") else "src_cache")
     allowed = (1,) if heads is None or heads == 1 else (1, heads)
     if scale.numel() not in allowed:
         what = "one value" if len(allowed) == 1 else f"one value or one per head ({heads})"

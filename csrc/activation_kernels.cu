@@ -1,8 +1,5 @@
 // Launchers for the gated activations: checks, device guard, current stream, dtype dispatch,
 // 128-bit packs when every row is 16-byte aligned and a scalar path otherwise.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
 #include <algorithm>
@@ -36,7 +33,7 @@ ActArgs act_args(const char* op, const at::Tensor& out, const at::Tensor& input)
   TORCH_CHECK(out.sizes() == c10::IntArrayRef(want), op, ": out must have shape ", dims(want),
               ", got ", dims(out.sizes()));
   ActArgs a{row_view(op, "out", out, /*writable=*/true), row_view(op, "input", input, false),
-            static_cast<int>(d), input.get_device(), c10::cuda::getCurrentCUDAStream()};
+            static_cast<int>(d), input.get_device(), current_stream()};
   TORCH_CHECK(a.in.rows <= std::numeric_limits<int>::max(), op, ": too many rows");
   return a;
 }
@@ -96,7 +93,7 @@ void launch_swiglu(const ActArgs& a, float alpha, float limit) {
 void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold) {
   const ActArgs a = act_args("act_and_mul", out, input);
   if (a.in.rows == 0 || a.d == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const float th = static_cast<float>(threshold);
   switch (input.scalar_type()) {
     case at::kFloat: dispatch_kind<float>(a, static_cast<int>(kind), th); break;
@@ -109,7 +106,7 @@ void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double 
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit) {
   const ActArgs a = act_args("swigluoai_and_mul", out, input);
   if (a.in.rows == 0 || a.d == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const float al = static_cast<float>(alpha), li = static_cast<float>(limit);
   switch (input.scalar_type()) {
     case at::kFloat: launch_swiglu<float>(a, al, li); break;

@@ -1,12 +1,10 @@
 // Launchers of the paged KV-cache family: checks (a second line behind compile_ops/cache.py),
 // device guard, current stream, dtype / kv-dtype dispatch, 16-byte accesses where every address
 // is aligned and element accesses otherwise.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -20,18 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static int count[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) return 132;
-  if (count[device] == 0) {
-    int c = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
-    count[device] = c;
-  }
-  return count[device];
-}
-
 bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
   for (int64_t v : values)
     if (v % w != 0) return false;
@@ -39,7 +25,7 @@ bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
 }
 
 void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ",
+  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
               ref.device(), ", got ", t.device());
 }
 
@@ -134,8 +120,8 @@ void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
                   heads * std::max(key.size(2), value.size(2)) <= (1 << 24),
               op, ": sizes out of range");
   if (n == 0 || heads == 0 || num_slots == 0) return;
-  const c10::cuda::CUDAGuard guard(key.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(key.device());
+  const auto stream = current_stream();
   const int dev = key.get_device();
 
   dispatch_kv(op, key.scalar_type(), kv, [&](auto t, auto c, auto kvc) {
@@ -218,8 +204,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   TORCH_CHECK(block_size <= std::numeric_limits<int>::max() && heads * hs <= (1 << 24), op,
               ": sizes out of range");
   if (n == 0 || heads == 0 || num_slots == 0) return;
-  const c10::cuda::CUDAGuard guard(key.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(key.device());
+  const auto stream = current_stream();
   const int dev = key.get_device();
 
   dispatch_kv(op, key.scalar_type(), kv, [&](auto t, auto c, auto kvc) {
@@ -269,7 +255,7 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
                   int64_t rows, int64_t batch, int64_t kind, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& seq_starts) {
   const char* op = token_to_seq ? "gather_and_maybe_dequant_cache" : "cp_gather_cache";
-  TORCH_CHECK(src_cache.is_cuda(), op, ": src_cache must be a CUDA tensor");
+  TORCH_CHECK(on_device(src_cache), op, ": src_cache must be a CUDA tensor");
   check_cuda(op, "dst", dst, src_cache);
   check_cuda(op, "block_table", block_table, src_cache);
   check_cuda(op, "cu_seq_lens", cu_seq_lens, src_cache);
@@ -325,8 +311,8 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
                 ": dst must have src_cache's dtype");
   }
   if (rows == 0 || batch == 0 || entry == 0) return;
-  const c10::cuda::CUDAGuard guard(src_cache.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(src_cache.device());
+  const auto stream = current_stream();
   const int dev = src_cache.get_device();
 
   GatherArgs a;
@@ -385,15 +371,15 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
 // convert_fp8: both tensors contiguous (the Python layer makes them so)
 void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind) {
   constexpr const char* op = "convert_fp8";
-  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor");
+  TORCH_CHECK(on_device(input), op, ": input must be a CUDA tensor");
   check_cuda(op, "output", output, input);
   TORCH_CHECK(output.is_contiguous() && input.is_contiguous(), op,
               ": input and output must be contiguous");
   TORCH_CHECK(output.numel() == input.numel(), op, ": output and input sizes differ");
   const int64_t n = input.numel();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(input.device());
+  const auto stream = current_stream();
   const int dev = input.get_device();
   const float s = static_cast<float>(scale);
   auto is_float = [](at::ScalarType t) {
@@ -472,9 +458,16 @@ struct Run {
   int64_t src, dst, count;
 };
 
+#if defined(COMPILE_OPS_EMULATE)
+void* device_address(void* p, bool) { return p; }
+void copy_async(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) {
+  std::memcpy(d, s, n);
+}
+at::Tensor mapping_on_device(const at::Tensor& m, const at::Device&) { return m; }
+#else
 // Device-visible address of a CUDA or pinned host pointer; nullptr for pageable host memory.
-void* device_address(void* p, bool on_device) {
-  if (on_device) return p;
+void* device_address(void* p, bool on_gpu) {
+  if (on_gpu) return p;
   cudaPointerAttributes attr{};
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -484,13 +477,26 @@ void* device_address(void* p, bool on_device) {
   return attr.devicePointer;
 }
 
+void copy_async(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaMemcpyAsync(d, s, n, kind, stream));
+}
+
+// Through pinned memory: the caching host allocator keeps the staging buffer alive until the
+// copy has run.
+at::Tensor mapping_on_device(const at::Tensor& m, const at::Device& dev) {
+  return m.pin_memory().to(at::TensorOptions().device(dev).dtype(at::kLong),
+                           /*non_blocking=*/true);
+}
+#endif
+
 }  // namespace
 
 void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
                  const at::Tensor& block_mapping, const std::string& mode) {
   constexpr const char* op = "swap_blocks";
-  TORCH_CHECK(src.is_cuda() || dst.is_cuda(), op, ": src or dst must be a CUDA tensor");
-  TORCH_CHECK(!(src.is_cuda() && dst.is_cuda()) || src.device() == dst.device(), op,
+  const bool src_gpu = on_device(src), dst_gpu = on_device(dst);
+  TORCH_CHECK(src_gpu || dst_gpu, op, ": src or dst must be a CUDA tensor");
+  TORCH_CHECK(!(src_gpu && dst_gpu) || src.device() == dst.device(), op,
               ": src and dst must be on the same GPU");
   TORCH_CHECK((src.is_cuda() || src.is_cpu()) && (dst.is_cuda() || dst.is_cpu()), op,
               ": src and dst must be CPU or CUDA tensors");
@@ -510,9 +516,9 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
                     m[2 * i + 1] < dst.size(0),
                 op, ": block_mapping row ", num(i), " is out of range");
   }
-  const at::Device cuda_dev = src.is_cuda() ? src.device() : dst.device();
-  const c10::cuda::CUDAGuard guard(cuda_dev);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Device cuda_dev = src_gpu ? src.device() : dst.device();
+  const DeviceGuard guard(cuda_dev);
+  const auto stream = current_stream();
   char* sp = static_cast<char*>(src.data_ptr());
   char* dp = static_cast<char*>(dst.data_ptr());
 
@@ -527,11 +533,11 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
     else
       runs.push_back({s, d, 1});
   }
-  const cudaMemcpyKind kind = src.is_cuda() && dst.is_cuda() ? cudaMemcpyDeviceToDevice
-                              : src.is_cuda()               ? cudaMemcpyDeviceToHost
-                                                            : cudaMemcpyHostToDevice;
-  char* s_dev = static_cast<char*>(device_address(sp, src.is_cuda()));
-  char* d_dev = static_cast<char*>(device_address(dp, dst.is_cuda()));
+  const cudaMemcpyKind kind = src_gpu && dst_gpu ? cudaMemcpyDeviceToDevice
+                              : src_gpu          ? cudaMemcpyDeviceToHost
+                                                 : cudaMemcpyHostToDevice;
+  char* s_dev = static_cast<char*>(device_address(sp, src_gpu));
+  char* d_dev = static_cast<char*>(device_address(dp, dst_gpu));
   const bool kernel_possible = s_dev != nullptr && d_dev != nullptr;
   TORCH_CHECK(mode != "kernel" || kernel_possible, op,
               ": COMPILE_OPS_SWAP_MODE=kernel needs pinned (page-locked) host memory");
@@ -542,14 +548,10 @@ void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
                           (mode == "auto" && runs.size() > 8 && avg_run_bytes < (4 << 20)));
   if (!use_kernel) {
     for (const Run& r : runs)
-      C10_CUDA_CHECK(cudaMemcpyAsync(dp + r.dst * d_step, sp + r.src * s_step,
-                                     r.count * block_bytes, kind, stream));
+      copy_async(dp + r.dst * d_step, sp + r.src * s_step, r.count * block_bytes, kind, stream);
     return;
   }
-  // The mapping goes to the device through pinned memory (the caching host allocator keeps the
-  // staging buffer alive until the copy has run).
-  const at::Tensor dev_map = block_mapping.pin_memory().to(
-      at::TensorOptions().device(cuda_dev).dtype(at::kLong), /*non_blocking=*/true);
+  const at::Tensor dev_map = mapping_on_device(block_mapping, cuda_dev);
   const bool v16 = block_bytes % 16 == 0 && s_step % 16 == 0 && d_step % 16 == 0 &&
                    is_aligned(s_dev, 16) && is_aligned(d_dev, 16);
   const int64_t units = v16 ? block_bytes / 16 : block_bytes;

@@ -2,8 +2,14 @@
 // Python layer (compile_ops/_checks.py) raises first with the same argument names.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <torch/all.h>
+#if defined(COMPILE_OPS_EMULATE)
+#include "compile_ops/emulate.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <cuda_runtime.h>
 
@@ -22,6 +28,49 @@ inline std::string dims(c10::IntArrayRef a) {
   std::string s = "[";
   for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
   return s + "]";
+}
+
+#if defined(COMPILE_OPS_EMULATE)
+// tests/emulated: "device" tensors are CPU tensors and a launch runs every thread in turn.
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+inline int sm_count(int) { return 132; }
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, int,
+                   Args... args) {
+  emu::grid_dim = grid;
+  emu::block_dim = block;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        emu::block_idx = dim3(bx, by, bz);
+        for (unsigned tz = 0; tz < block.z; ++tz)
+          for (unsigned ty = 0; ty < block.y; ++ty)
+            for (unsigned tx = 0; tx < block.x; ++tx) {
+              emu::thread_idx = dim3(tx, ty, tz);
+              kernel(static_cast<Params>(args)...);
+            }
+      }
+}
+#else
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+inline int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int count[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return 132;
+  if (count[device] == 0) {
+    int c = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
+    count[device] = c;
+  }
+  return count[device];
 }
 
 // Programmatic dependent launch (Hopper+): our kernel may be scheduled while the previous kernel
@@ -59,6 +108,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   cfg.numAttrs = pdl_enabled(device) ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
 }
+#endif  // COMPILE_OPS_EMULATE
 
 inline bool is_aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
@@ -80,7 +130,7 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
                               const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
               " (same as input), got ", t.device());
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 // A tensor seen as `rows` rows of size(-1) contiguous elements, one stride between rows.

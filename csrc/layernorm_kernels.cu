@@ -1,8 +1,5 @@
 // Launchers for rms_norm and fused_add_rms_norm: argument checks, device guard, current stream,
 // dtype dispatch and the choice between the register-cached and the two-pass kernel.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
 #include <algorithm>
@@ -135,7 +132,7 @@ void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
   auto* r = res ? static_cast<T*>(res->ptr) : nullptr;
   const int64_t rs = res ? res->stride : 0;
   auto* w = static_cast<const T*>(weight.data_ptr());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const int dev = weight.get_device();
   const float feps = static_cast<float>(eps);
   if (aligned)
@@ -181,7 +178,7 @@ void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
   const int64_t rows = in.rows;
   if (rows == 0 || hidden64 == 0) return;
   TORCH_CHECK(rows <= std::numeric_limits<int>::max(), op, ": too many rows");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   switch (input.scalar_type()) {
     case at::ScalarType::Float:
       dispatch_width<float, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon);

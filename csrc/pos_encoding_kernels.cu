@@ -1,8 +1,5 @@
 // Launcher for rotary_embedding: checks, device guard, current stream, dispatch over the query
 // dtype, the cache dtype (float32 or the query dtype), the position dtype and the style.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
 #include <algorithm>
@@ -65,7 +62,7 @@ void launch(const at::Tensor& positions, const Heads& q, const Heads* k,
   const int bx = std::min(128, static_cast<int>(ceil_div(half, 32) * 32));
   const int by = std::max(1, std::min(256 / bx, q.heads + (k ? k->heads : 0)));
   const dim3 grid(static_cast<unsigned>(positions.numel())), block(bx, by);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const int dev = positions.get_device();
   auto* pos = positions.data_ptr<PosT>();
   auto* qp = static_cast<T*>(q.ptr);
@@ -130,7 +127,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
     k = heads_view("key", *key, positions, head_size);
   }
   if (positions.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   const Heads* kp = key.has_value() ? &k : nullptr;
   const int hs = static_cast<int>(head_size);
   switch (query.scalar_type()) {

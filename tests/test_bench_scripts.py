@@ -26,3 +26,10 @@ def test_bench_rotary_cpu_check():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu check ok: rotary_embedding variants match" in proc.stdout
+
+
+def test_bench_cache_cpu_check():
+    proc = subprocess.run([sys.executable, "bench/bench_cache.py", "--cpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu check ok: kv-cache variants match" in proc.stdout

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#if defined(COMPILE_OPS_EMULATE)
+#include "compile_ops/emulate.h"
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,0 +1,43 @@
+"""Build csrc/'s launchers and kernels with the host compiler (COMPILE_OPS_EMULATE) as a CPU
+extension: each launch runs its CUDA threads one after another, so the kernels' index math,
+bounds checks, vector paths and conversions run on machines without a GPU.
+
+Needs a C++ compiler, the CUDA headers (CUDA_HOME, default /usr/local/cuda; no GPU or CUDA
+runtime library) and torch's headers. Built once per session, cached by torch in its extension
+directory.
+"""
+
+import os
+
+import pytest
+import torch.utils.cpp_extension as cpp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def _cuda_include():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    inc = os.path.join(home, "include")
+    if not os.path.exists(os.path.join(inc, "cuda_fp8.h")):
+        return None
+    return inc
+
+
+@pytest.fixture(scope="session")
+def emu():
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("CUDA headers (cuda_fp8.h) not found under CUDA_HOME or /usr/local/cuda")
+    sources = [os.path.join(HERE, f) for f in
+               ("emu_bindings.cpp", "emu_activation.cpp", "emu_pos_encoding.cpp",
+                "emu_cache.cpp")]
+    return cpp.load(
+        name="compile_ops_emulated",
+        sources=sources,
+        extra_cflags=["-O1", "-DCOMPILE_OPS_EMULATE=1", "-std=c++20"],
+        extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"),
+                             inc],
+        with_cuda=False,
+        verbose=False,
+    )

@@ -1,0 +1,39 @@
+// The emulated launchers as a CPU extension (tests/emulated/conftest.py builds it with the host
+// compiler and COMPILE_OPS_EMULATE). Same launchers and signatures as csrc/torch_bindings.cpp.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+namespace compile_ops {
+void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
+void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                      const std::optional<at::Tensor>& key, int64_t head_size,
+                      const at::Tensor& cos_sin_cache, bool is_neox);
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                       const at::Tensor& k_scale, const at::Tensor& v_scale);
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, int64_t kind,
+                             const at::Tensor& k_scale, const at::Tensor& v_scale);
+void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor& block_table,
+                  const at::Tensor& cu_seq_lens, const std::optional<at::Tensor>& token_to_seq,
+                  int64_t rows, int64_t batch, int64_t kind, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& seq_starts);
+void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind);
+void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
+                 const at::Tensor& block_mapping, const std::string& mode);
+}  // namespace compile_ops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("act_and_mul", &compile_ops::act_and_mul);
+  m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul);
+  m.def("rotary_embedding", &compile_ops::rotary_embedding);
+  m.def("reshape_and_cache", &compile_ops::reshape_and_cache);
+  m.def("reshape_and_cache_flash", &compile_ops::reshape_and_cache_flash);
+  m.def("gather_cache", &compile_ops::gather_cache);
+  m.def("convert_fp8", &compile_ops::convert_fp8);
+  m.def("swap_blocks", &compile_ops::swap_blocks);
+}

@@ -1,0 +1,277 @@
+"""csrc/'s launchers and kernels, host-compiled and emulated thread by thread (conftest.py),
+against the references. Covers the kernels whose threads are independent: the gated
+activations, rotary_embedding and the KV-cache family. The same inputs run through the real
+kernels in the CUDA tests; these run anywhere, so a kernel bug shows up without a GPU.
+
+What emulation cannot show: races, timing, the device's own fp8/math instructions (the host
+uses CUDA's software fp8 conversion and libm), and anything about performance.
+"""
+
+import pytest
+import torch
+
+from compile_ops.activation import _KIND as ACT_KIND
+from compile_ops.activation import act_and_mul_ref
+from compile_ops.cache import _KV_KIND, quantize_fp8_ref
+from compile_ops.rotary import rotary_embedding_ref
+from compile_ops.testing import assert_close
+
+ops = torch.ops.compile_ops
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+       "fp8_e5m2": torch.float8_e5m2}
+
+
+def codes(t):
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def kv_pair(tokens, heads, hk, hv, dtype, gen, layout):
+    """key/value [tokens, heads, size]; 'odd' = slices of a fused row whose stride breaks
+    16-byte alignment (the element-wise path), 'qkv' = aligned slices."""
+    if layout in ("qkv", "odd"):
+        pad = 1 if layout == "odd" else 8
+        row = torch.randn(tokens, heads * (hk + hk + hv) + pad, generator=gen).to(dtype)
+        k = row[:, heads * hk:2 * heads * hk].view(tokens, heads, hk)
+        v = row[:, 2 * heads * hk:2 * heads * hk + heads * hv].view(tokens, heads, hv)
+        return k, v
+    return (torch.randn(tokens, heads, hk, generator=gen).to(dtype),
+            torch.randn(tokens, heads, hv, generator=gen).to(dtype))
+
+
+def flash_caches(nb, bs, heads, hk, hv, dtype, layout):
+    if layout == "HND":
+        return (torch.zeros(nb, heads, bs, hk, dtype=dtype).permute(0, 2, 1, 3),
+                torch.zeros(nb, heads, bs, hv, dtype=dtype).permute(0, 2, 1, 3))
+    if layout == "kv_split":
+        kv = torch.zeros(nb, 2, bs, heads, hk, dtype=dtype)
+        return kv[:, 0], kv[:, 1]
+    return (torch.zeros(nb, bs, heads, hk, dtype=dtype),
+            torch.zeros(nb, bs, heads, hv, dtype=dtype))
+
+
+def cache_dtype(kv, dtype, storage):
+    if kv == "auto":
+        return dtype
+    return torch.uint8 if storage == "uint8" else FP8[kv]
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache writes
+# ---------------------------------------------------------------------------------------------
+SHAPES = [(inputs, hk, hv, layout)
+          for inputs, hk, hv in [("plain", 128, 128), ("odd", 64, 64), ("qkv", 80, 80),
+                                 ("plain", 64, 32)]
+          for layout in ["NHD", "HND", "kv_split"]
+          if layout != "kv_split" or hk == hv]  # one [blocks, 2, ...] tensor: equal sizes
+
+
+@pytest.mark.parametrize("inputs,hk,hv,layout", SHAPES)
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache_flash(emu, dtype, kv, inputs, hk, hv, layout, gen):
+    heads, nb, bs, tokens = 3, 12, 16, 41
+    key, value = kv_pair(tokens + 2, heads, hk, hv, dtype, gen, inputs)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    slots[::4] = -1
+    cdt = cache_dtype(kv, dtype, "float8" if hk == 80 else "uint8")
+    kc, vc = flash_caches(nb, bs, heads, hk, hv, cdt, layout)
+    rk, rv = kc.clone(), vc.clone()
+    ks = torch.tensor([0.5, 2.0, 0.25]) if kv == "fp8_e5m2" else torch.tensor([0.75])
+    vs = torch.tensor([1.5])
+    emu.reshape_and_cache_flash(key, value, kc, vc, slots, _KV_KIND[kv], ks, vs)
+    ops.reshape_and_cache_flash(key, value, rk, rv, slots, kv, ks, vs)
+    assert torch.equal(codes(kc), codes(rk)) and torch.equal(codes(vc), codes(rv))
+
+
+@pytest.mark.parametrize("inputs", ["plain", "odd"])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache(emu, dtype, kv, head_size, inputs, gen):
+    heads, nb, bs, tokens = 2, 6, 16, 29
+    key, value = kv_pair(tokens, heads, head_size, head_size, dtype, gen, inputs)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    slots[1::5] = -1
+    cdt = cache_dtype(kv, dtype, "uint8")
+    x = 16 // torch.empty(0, dtype=cdt).element_size()
+    kc = torch.zeros(nb, heads, head_size // x, bs, x, dtype=cdt)
+    vc = torch.zeros(nb, heads, head_size, bs, dtype=cdt)
+    rk, rv = kc.clone(), vc.clone()
+    s = torch.tensor([0.5])
+    emu.reshape_and_cache(key, value, kc, vc, slots, _KV_KIND[kv], s, s)
+    ops.reshape_and_cache(key, value, rk, rv, slots, kv, s, s)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+
+
+def test_out_of_range_slots_are_skipped(emu, gen):
+    heads, hs, nb, bs = 2, 64, 4, 16
+    key, value = kv_pair(5, heads, hs, hs, torch.bfloat16, gen, "plain")
+    kc, vc = flash_caches(nb, bs, heads, hs, hs, torch.bfloat16, "NHD")
+    slots = torch.tensor([0, nb * bs, 5, 10 ** 12, -7])
+    emu.reshape_and_cache_flash(key, value, kc, vc, slots, 0, torch.ones(1), torch.ones(1))
+    flat = kc.view(-1, heads, hs)
+    assert torch.equal(flat[0], key[0]) and torch.equal(flat[5], key[2])
+    others = torch.ones(flat.shape[0], dtype=torch.bool)
+    others[[0, 5]] = False
+    assert flat[others].abs().sum() == 0
+    x = 8
+    pk = torch.zeros(nb, heads, hs // x, bs, x, dtype=torch.bfloat16)
+    pv = torch.zeros(nb, heads, hs, bs, dtype=torch.bfloat16)
+    emu.reshape_and_cache(key, value, pk, pv, slots, 0, torch.ones(1), torch.ones(1))
+    assert torch.equal(pv[0, :, :, 5], value[2]) and torch.equal(pv[0, :, :, 0], value[0])
+    assert torch.equal(pk[0, :, :, 5, :].reshape(heads, hs), key[2])
+    pv[0, :, :, 5] = 0
+    pv[0, :, :, 0] = 0
+    pk[0, :, :, 5, :] = 0
+    pk[0, :, :, 0, :] = 0
+    assert pv.abs().sum() == 0 and pk.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathers, convert, swap
+# ---------------------------------------------------------------------------------------------
+def batch(lens, bs, nb, gen, starts=None):
+    starts = starts or [0] * len(lens)
+    cols = max((s + n + bs - 1) // bs for s, n in zip(starts, lens)) + 1
+    table = torch.randperm(nb, generator=gen)[: len(lens) * cols].view(len(lens), cols)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    tts = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(torch.int32)
+    return table.to(torch.int32), cu, tts, torch.tensor(starts, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("entry", [(4, 32), (72,), (3, 7)])
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_starts", [False, True])
+def test_gathers(emu, dtype, kv, entry, with_starts, gen):
+    nb, bs = 48, 8
+    lens = [13, 0, 1, 30, 8]
+    starts = [3, 0, 7, 9, 0] if with_starts else None
+    table, cu, tts, st = batch(lens, bs, nb, gen, starts)
+    src = torch.randn(nb, bs, *entry, generator=gen).to(dtype)
+    if kv != "auto":
+        src = quantize_fp8_ref(src, 0.5, FP8[kv]).view(torch.uint8)
+    scale = torch.tensor([0.5])
+    st_arg = st if with_starts else None
+    total = sum(lens)
+    dst = torch.full((total + 3, *entry), 3.0, dtype=dtype)
+    want, got = dst.clone(), dst.clone()
+    ops.gather_and_maybe_dequant_cache(src, want, table, cu, tts, total - 2, kv, scale, st_arg)
+    emu.gather_cache(src, got, table, cu, tts, total - 2, len(lens), _KV_KIND[kv], scale,
+                     st_arg)
+    assert torch.equal(got, want)
+    if kv == "auto":
+        want, got = dst.clone(), dst.clone()
+        ops.cp_gather_cache(src, want, table, cu, len(lens), st_arg)
+        emu.gather_cache(src, got, table, cu, None, got.shape[0], len(lens), 0, None, st_arg)
+        assert torch.equal(got, want)
+
+
+def test_gather_bad_block_ids_are_skipped(emu):
+    nb, bs = 4, 16
+    src = torch.randn(nb, bs, 8)
+    table = torch.tensor([[0, 99], [-5, 1]], dtype=torch.int32)
+    cu = torch.tensor([0, 20, 22], dtype=torch.int32)
+    dst = torch.zeros(22, 8)
+    emu.gather_cache(src, dst, table, cu, None, 22, 2, 0, None, None)
+    assert torch.equal(dst[:16], src[0]) and dst[16:].abs().sum() == 0
+    tts = torch.tensor([0] * 20 + [7, -1], dtype=torch.int32)  # sequence ids outside the batch
+    dst = torch.zeros(22, 8)
+    emu.gather_cache(src, dst, table, cu, tts, 22, 2, 0, torch.ones(1), None)
+    assert torch.equal(dst[:16], src[0]) and dst[16:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_convert_fp8(emu, dtype, kv, offset, gen):
+    n = 1000
+    x = (torch.randn(n + offset, generator=gen) * 100).to(dtype)[offset:]  # offset: unaligned
+    x[3] = 1e6
+    if kv == "auto":
+        out = torch.empty(n, dtype=torch.bfloat16)
+        emu.convert_fp8(out, x, 1.0, 0)
+        assert torch.equal(out, x.to(torch.bfloat16))
+        return
+    got = torch.empty(n + offset, dtype=torch.uint8)[offset:]
+    emu.convert_fp8(got, x, 0.37, _KV_KIND[kv])
+    want = torch.empty(n, dtype=torch.uint8)
+    ops.convert_fp8(want, x, 0.37, kv)
+    assert torch.equal(got, want)
+    back, ref = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    emu.convert_fp8(back, got, 0.37, _KV_KIND[kv])
+    ops.convert_fp8(ref, want, 0.37, kv)
+    assert torch.equal(back, ref)
+
+
+@pytest.mark.parametrize("mode", ["memcpy", "kernel", "auto"])
+@pytest.mark.parametrize("nbytes_div", [1, 2, 3])
+def test_swap_blocks(emu, mode, nbytes_div, gen):
+    src = torch.randn(64, 16, 4, 8, generator=gen).to(torch.bfloat16)
+    dst = torch.zeros_like(src)
+    block = src[0].numel() * 2
+    nbytes = block // nbytes_div - (1 if nbytes_div == 3 else 0)  # 3: odd byte count
+    srcs = torch.randperm(64, generator=gen)[:30]
+    dsts = torch.randperm(64, generator=gen)[:30]
+    mapping = torch.stack([srcs, dsts], dim=1)
+    mapping = torch.cat([mapping[~torch.isin(mapping[:, 1], torch.arange(50, 60))],
+                         torch.stack([torch.arange(10, 20), torch.arange(50, 60)], dim=1)])
+    want = torch.zeros_like(src)
+    ops.swap_blocks(src, want, nbytes, mapping)
+    emu.swap_blocks(src, dst, nbytes, mapping, mode)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and rotary
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row_pad", [0, 64, 11])
+@pytest.mark.parametrize("d", [8, 24, 77])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ACT_KIND) + ["swigluoai_and_mul"])
+def test_activations(emu, name, dtype, d, row_pad, gen):
+    base = torch.randn(9, 2 * d + row_pad, generator=gen) * 3
+    x = base.to(dtype)[:, :2 * d]
+    out = torch.full((9, d), float("nan"), dtype=dtype)
+    if name == "swigluoai_and_mul":
+        emu.swigluoai_and_mul(out, x, 1.5, 2.5)
+        want = act_and_mul_ref(name, x, alpha=1.5, limit=2.5)
+    else:
+        th = 0.3 if name == "fatrelu_and_mul" else 0.0
+        emu.act_and_mul(out, x, ACT_KIND[name], th)
+        want = act_and_mul_ref(name, x, threshold=th)
+    assert_close(out, want)
+
+
+@pytest.mark.parametrize("layout", ["2d", "qkv", "no_key"])
+@pytest.mark.parametrize("head_size,rot_dim", [(64, 64), (128, 64), (80, 32)])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary(emu, dtype, is_neox, head_size, rot_dim, layout, gen):
+    tokens, nq, nk, max_pos = 11, 4, 2, 64
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen, dtype=torch.int32)
+    inv = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
+    cache = torch.cat((f.cos(), f.sin()), -1).float()
+    if layout == "qkv":
+        row = torch.randn(tokens, (nq + 2 * nk) * head_size, generator=gen).to(dtype)
+        q, k = row[:, :nq * head_size], row[:, nq * head_size:(nq + nk) * head_size]
+    else:
+        q = torch.randn(tokens, nq * head_size, generator=gen).to(dtype)
+        k = None if layout == "no_key" else torch.randn(tokens, nk * head_size,
+                                                        generator=gen).to(dtype)
+    want_q, want_k = rotary_embedding_ref(positions, q, k, head_size, cache, is_neox)
+    emu.rotary_embedding(positions, q, k, head_size, cache, is_neox)
+    assert_close(q, want_q)
+    if k is not None:
+        assert_close(k, want_k)
+
+
+def test_rotary_out_of_range_positions_are_skipped(emu, gen):
+    cache = torch.randn(8, 32)
+    q = torch.randn(3, 2 * 64, generator=gen)
+    q0 = q.clone()
+    positions = torch.tensor([1, 8, -1])
+    emu.rotary_embedding(positions, q, None, 64, cache, True)
+    assert torch.equal(q[1:], q0[1:]) and not torch.equal(q[0], q0[0])
