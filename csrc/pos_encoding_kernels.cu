@@ -3,6 +3,7 @@
 #include <torch/all.h>
 
 #include <algorithm>
+#include <tuple>
 #include <optional>
 
 #include "compile_ops/rotary.cuh"
@@ -59,11 +60,36 @@ void launch(const at::Tensor& positions, const Heads& q, const Heads* k,
             const at::Tensor& cache, int head_size, bool is_neox) {
   const int rot_dim = static_cast<int>(cache.size(1));
   const int half = rot_dim / 2;
+  const auto stream = current_stream();
+  const int dev = positions.get_device();
+  constexpr int W = kVecWidth<T>;
+  // 128-bit path: every head start, the NeoX split (half) or GPT-J's pair groups W-aligned.
+  const bool vec = (is_neox ? half % W == 0 : rot_dim % W == 0) && head_size % W == 0 &&
+                   q.token_stride % W == 0 && is_aligned(q.ptr, 16) &&
+                   (!k || (k->token_stride % W == 0 && is_aligned(k->ptr, 16)));
+  if (vec) {
+    const int heads = q.heads + (k ? k->heads : 0);
+    const int64_t items = static_cast<int64_t>((is_neox ? half : rot_dim) / W) * heads;
+    const dim3 grid(static_cast<unsigned>(positions.numel())),
+        block(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, 32) * 32, 32, 256)));
+    auto args = std::make_tuple(positions.data_ptr<PosT>(), static_cast<T*>(q.ptr),
+                                q.token_stride, q.heads,
+                                k ? static_cast<T*>(k->ptr) : static_cast<T*>(nullptr),
+                                k ? k->token_stride : int64_t(0), k ? k->heads : 0,
+                                static_cast<const CacheT*>(cache.data_ptr()), cache.size(0),
+                                rot_dim, head_size);
+    auto go = [&](auto kernel) {
+      std::apply([&](auto... a) { launch_kernel(kernel, grid, block, stream, dev, a...); }, args);
+    };
+    if (is_neox)
+      go(rotary_embedding_vec_kernel<T, CacheT, PosT, true>);
+    else
+      go(rotary_embedding_vec_kernel<T, CacheT, PosT, false>);
+    return;
+  }
   const int bx = std::min(128, static_cast<int>(ceil_div(half, 32) * 32));
   const int by = std::max(1, std::min(256 / bx, q.heads + (k ? k->heads : 0)));
   const dim3 grid(static_cast<unsigned>(positions.numel())), block(bx, by);
-  const auto stream = current_stream();
-  const int dev = positions.get_device();
   auto* pos = positions.data_ptr<PosT>();
   auto* qp = static_cast<T*>(q.ptr);
   auto* kp = k ? static_cast<T*>(k->ptr) : nullptr;

@@ -244,7 +244,7 @@ def test_activations(emu, name, dtype, d, row_pad, gen):
     assert_close(out, want)
 
 
-@pytest.mark.parametrize("layout", ["2d", "qkv", "no_key"])
+@pytest.mark.parametrize("layout", ["2d", "qkv", "no_key", "odd"])
 @pytest.mark.parametrize("head_size,rot_dim", [(64, 64), (128, 64), (80, 32)])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,8 +254,9 @@ def test_rotary(emu, dtype, is_neox, head_size, rot_dim, layout, gen):
     inv = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
     f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
     cache = torch.cat((f.cos(), f.sin()), -1).float()
-    if layout == "qkv":
-        row = torch.randn(tokens, (nq + 2 * nk) * head_size, generator=gen).to(dtype)
+    if layout in ("qkv", "odd"):  # odd: a token stride that is not 16-byte aligned (scalar path)
+        pad = 1 if layout == "odd" else 0
+        row = torch.randn(tokens, (nq + 2 * nk) * head_size + pad, generator=gen).to(dtype)
         q, k = row[:, :nq * head_size], row[:, nq * head_size:(nq + nk) * head_size]
     else:
         q = torch.randn(tokens, nq * head_size, generator=gen).to(dtype)
@@ -268,9 +269,10 @@ def test_rotary(emu, dtype, is_neox, head_size, rot_dim, layout, gen):
         assert_close(k, want_k)
 
 
-def test_rotary_out_of_range_positions_are_skipped(emu, gen):
+@pytest.mark.parametrize("pad", [0, 1])  # the 128-bit and the element-wise kernel
+def test_rotary_out_of_range_positions_are_skipped(emu, pad, gen):
     cache = torch.randn(8, 32)
-    q = torch.randn(3, 2 * 64, generator=gen)
+    q = torch.randn(3, 2 * 64 + pad, generator=gen)[:, :128]
     q0 = q.clone()
     positions = torch.tensor([1, 8, -1])
     emu.rotary_embedding(positions, q, None, 64, cache, True)

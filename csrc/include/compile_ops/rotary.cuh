@@ -36,4 +36,55 @@ __global__ void rotary_embedding_kernel(const PosT* __restrict__ positions, T* q
   }
 }
 
+// 128-bit variant: each item is one W-element vector of one head. NeoX: W x's at [i, i + W) and
+// their W y's at [half + i, half + i + W); GPT-J: W interleaved elements = W / 2 pairs. The
+// launcher picks it when every head start and the rotary split are W-aligned. cos/sin come from
+// L1 (the same row serves every head of the token).
+template <typename T, typename CacheT, typename PosT, bool NEOX>
+__global__ void rotary_embedding_vec_kernel(const PosT* __restrict__ positions, T* query,
+                                            int64_t q_stride, int nq, T* key, int64_t k_stride,
+                                            int nk, const CacheT* __restrict__ cache,
+                                            int64_t max_pos, int rot_dim, int head_size) {
+  constexpr int W = kVecWidth<T>;
+  using P = Pack<T, W>;
+  pdl_wait();
+  const int64_t token = blockIdx.x;
+  const int64_t pos = static_cast<int64_t>(positions[token]);
+  if (pos < 0 || pos >= max_pos) return;
+  const int half = rot_dim / 2;
+  const CacheT* cs = cache + pos * rot_dim;
+  const int per_head = (NEOX ? half : rot_dim) / W;
+  const int items = per_head * (nq + nk);
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int h = it / per_head, j = it - h * per_head;
+    T* head = h < nq ? query + token * q_stride + static_cast<int64_t>(h) * head_size
+                     : key + token * k_stride + static_cast<int64_t>(h - nq) * head_size;
+    if constexpr (NEOX) {
+      const int i0 = j * W;
+      P x = *reinterpret_cast<const P*>(head + i0);
+      P y = *reinterpret_cast<const P*>(head + half + i0);
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const float c = to_float(cs[i0 + w]), s = to_float(cs[half + i0 + w]);
+        const float a = to_float(x.v[w]), b = to_float(y.v[w]);
+        x.v[w] = from_float<T>(a * c - b * s);
+        y.v[w] = from_float<T>(b * c + a * s);
+      }
+      *reinterpret_cast<P*>(head + i0) = x;
+      *reinterpret_cast<P*>(head + half + i0) = y;
+    } else {
+      const int e0 = j * W;
+      P v = *reinterpret_cast<const P*>(head + e0);
+#pragma unroll
+      for (int p = 0; p < W / 2; ++p) {
+        const float c = to_float(cs[e0 / 2 + p]), s = to_float(cs[half + e0 / 2 + p]);
+        const float a = to_float(v.v[2 * p]), b = to_float(v.v[2 * p + 1]);
+        v.v[2 * p] = from_float<T>(a * c - b * s);
+        v.v[2 * p + 1] = from_float<T>(b * c + a * s);
+      }
+      *reinterpret_cast<P*>(head + e0) = v;
+    }
+  }
+}
+
 }  // namespace compile_ops
