@@ -23,6 +23,7 @@ from compile_ops.cache import (
     swap_blocks,
 )
 from compile_ops.norm import fused_add_rms_norm, rms_norm
+from compile_ops.rope_cache import fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "convert_fp8",
     "gather_and_maybe_dequant_cache",
     "cp_gather_cache",
+    "fused_rope_and_cache_flash",
 ]
 
 

@@ -28,6 +28,13 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
 void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind);
 void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
                  const at::Tensor& block_mapping, const std::string& mode);
+bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, int64_t head_size,
+                                const at::Tensor& cos_sin_cache, bool is_neox,
+                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                const at::Tensor& slot_mapping, int64_t kind,
+                                const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                bool write_key);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -67,4 +74,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swap_blocks", &compile_ops::swap_blocks, "copy blocks by a [pairs, 2] CPU mapping",
         py::arg("src"), py::arg("dst"), py::arg("block_bytes"), py::arg("block_mapping"),
         py::arg("mode"));
+  m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash,
+        "RoPE on query/key + rotated key and value into the flash cache in one kernel; returns "
+        "false (doing nothing) for layouts it does not take",
+        py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("head_size"), py::arg("cos_sin_cache"), py::arg("is_neox"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("slot_mapping"), py::arg("kind"), py::arg("k_scale"),
+        py::arg("v_scale"), py::arg("write_key"));
 }

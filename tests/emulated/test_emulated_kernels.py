@@ -277,3 +277,81 @@ def test_rotary_out_of_range_positions_are_skipped(emu, pad, gen):
     positions = torch.tensor([1, 8, -1])
     emu.rotary_embedding(positions, q, None, 64, cache, True)
     assert torch.equal(q[1:], q0[1:]) and not torch.equal(q[0], q0[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused RoPE + cache write
+# ---------------------------------------------------------------------------------------------
+def rope_cache_case(tokens, nq, nk, hs, rot, dtype, kv, layout, gen, pad=0, n_slots=None):
+    nb, bs = 12, 16
+    row = torch.randn(tokens, (nq + 2 * nk) * hs + pad, generator=gen).to(dtype)
+    q, k = row[:, :nq * hs], row[:, nq * hs:(nq + nk) * hs]
+    v = row[:, (nq + nk) * hs:(nq + 2 * nk) * hs].view(tokens, nk, hs)
+    positions = torch.randint(-2, 70, (tokens,), generator=gen)  # a few out of [0, 64)
+    positions[0] = 5
+    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    f = torch.arange(64, dtype=torch.float64)[:, None] * inv[None]
+    cos_sin = torch.cat((f.cos(), f.sin()), -1).float()
+    cdt = dtype if kv == "auto" else torch.uint8
+    kc, vc = flash_caches(nb, bs, nk, hs, hs, cdt, layout)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens if n_slots is None else n_slots]
+    slots[1::4] = -1
+    return row, q, k, v, positions, cos_sin, kc, vc, slots
+
+
+@pytest.mark.parametrize("write_key", [True, False])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("hs,rot", [(64, 64), (128, 64), (32, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rope_and_cache_flash(emu, dtype, hs, rot, is_neox, kv, layout, write_key, gen):
+    row, q, k, v, pos, cs, kc, vc, slots = rope_cache_case(9, 4, 2, hs, rot, dtype, kv, layout,
+                                                           gen, n_slots=7)
+    rrow, rkc, rvc = row.clone(), kc.clone(), vc.clone()
+    rq, rk = rrow[:, :4 * hs], rrow[:, 4 * hs:6 * hs]
+    rv = rrow[:, 6 * hs:8 * hs].view(9, 2, hs)
+    s = torch.tensor([0.5, 2.0])
+    # the reference raises on out-of-range positions: it gets the in-range ones, and the
+    # kernel's "leave the token unrotated" is checked on those tokens below
+    bad = (pos < 0) | (pos >= 64)
+    ref_pos = torch.where(bad, torch.zeros_like(pos), pos)
+    q0, k0 = q.clone(), k.clone()
+    assert emu.fused_rope_and_cache_flash(pos, q, k, v, hs, cs, is_neox, kc, vc, slots,
+                                          _KV_KIND[kv], s, s, write_key)
+    ops.fused_rope_and_cache_flash(ref_pos, rq, rk, rv, hs, cs, is_neox, rkc, rvc, slots, kv, s,
+                                   s, write_key)
+    good = ~bad
+    assert torch.equal(q[good], rq[good]) and torch.equal(k[good], rk[good])
+    assert torch.equal(q[bad], q0[bad]) and torch.equal(k[bad], k0[bad])  # left unrotated
+    blk, off = slots // 16, slots % 16
+    for t in range(slots.numel()):
+        if slots[t] < 0 or bad[t]:
+            continue
+        assert torch.equal(codes(kc[blk[t], off[t]]), codes(rkc[blk[t], off[t]]))
+        assert torch.equal(codes(vc[blk[t], off[t]]), codes(rvc[blk[t], off[t]]))
+    unused = torch.ones(kc.shape[0] * kc.shape[1], dtype=torch.bool)
+    unused[slots[slots >= 0]] = False
+    assert codes(kc).reshape(-1, *kc.shape[2:])[unused].float().abs().sum() == 0
+
+
+def test_fused_rope_and_cache_flash_leaves_bad_positions_unrotated(emu, gen):
+    row, q, k, v, pos, cs, kc, vc, slots = rope_cache_case(4, 2, 1, 32, 32, torch.bfloat16,
+                                                           "auto", "NHD", gen)
+    pos = torch.tensor([3, 64, -1, 10])
+    slots = torch.tensor([0, 1, 2, 3])
+    q0, k0 = q.clone(), k.clone()
+    assert emu.fused_rope_and_cache_flash(pos, q, k, v, 32, cs, True, kc, vc, slots, 0,
+                                          torch.ones(1), torch.ones(1), True)
+    assert torch.equal(q[1:3], q0[1:3]) and torch.equal(k[1:3], k0[1:3])
+    assert torch.equal(kc[0, 1].reshape(-1), k0[1]) and torch.equal(kc[0, 2].reshape(-1), k0[2])
+    assert not torch.equal(q[0], q0[0])
+
+
+def test_fused_rope_and_cache_flash_declines_unaligned_rows(emu, gen):
+    row, q, k, v, pos, cs, kc, vc, slots = rope_cache_case(4, 2, 1, 32, 32, torch.bfloat16,
+                                                           "auto", "NHD", gen, pad=1)
+    q0 = q.clone()
+    assert not emu.fused_rope_and_cache_flash(pos.clamp(0, 63), q, k, v, 32, cs, True, kc, vc,
+                                              slots, 0, torch.ones(1), torch.ones(1), True)
+    assert torch.equal(q, q0) and kc.abs().sum() == 0  # declined: nothing touched

@@ -25,6 +25,13 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
 void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind);
 void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
                  const at::Tensor& block_mapping, const std::string& mode);
+bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, int64_t head_size,
+                                const at::Tensor& cos_sin_cache, bool is_neox,
+                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                const at::Tensor& slot_mapping, int64_t kind,
+                                const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                bool write_key);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -36,4 +43,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_cache", &compile_ops::gather_cache);
   m.def("convert_fp8", &compile_ops::convert_fp8);
   m.def("swap_blocks", &compile_ops::swap_blocks);
+  m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash);
 }
