@@ -110,8 +110,9 @@ class PassManager(CustomGraphPass):
 def default_passes() -> list[FusionPass]:
     from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
+    from lowerings.rope_cache import RopeCachePass
 
-    return [AddRMSNormPass(), ActivationLoweringPass()]
+    return [AddRMSNormPass(), RopeCachePass(), ActivationLoweringPass()]
 
 
 _MANAGER: PassManager | None = None
