@@ -277,7 +277,8 @@ class RopeCachePass(FusionPass):
         for node in reversed(chain):
             args = tuple(node.args[1:])
             new = graph.call_function(node.target, (cur,) + args, dict(node.kwargs))
-            cur_val = node.target(cur_val, *args, **node.kwargs)
+            vals = torch.fx.node.map_arg((args, dict(node.kwargs)), lambda n: n.meta["val"])
+            cur_val = node.target(cur_val, *vals[0], **vals[1])
             new.meta["val"] = cur_val
             cur = new
         return cur

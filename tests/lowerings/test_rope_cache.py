@@ -30,10 +30,14 @@ class Attn(torch.nn.Module):
 
     def forward(self, x, positions, cache, kc, vc, slots, scale):
         qkv = x @ self.w
-        q, k, v = qkv.split([NQ * HD, NK * HD, NK * HD], dim=-1)
+        if self.variant == "heads3d":  # [tokens, heads, head_size] views of the projection
+            qkv3 = qkv.view(-1, NQ + 2 * NK, HD)
+            q, k, v = qkv3[:, :NQ], qkv3[:, NQ:NQ + NK], qkv3[:, NQ + NK:]
+        else:
+            q, k, v = qkv.split([NQ * HD, NK * HD, NK * HD], dim=-1)
         ops.rotary_embedding(positions, q, k, HD, cache, self.is_neox)
         key = k.view(-1, NK, HD)
-        value = v.view(-1, NK, HD)
+        value = v.reshape(-1, NK, HD)
         extra = None
         if self.variant == "copy":
             key = key.clone()
@@ -119,6 +123,13 @@ def test_fuses_and_matches_eager(is_neox, kv, layout):
     line = next(ln for ln in code.splitlines() if "fused_rope_and_cache_flash.default(" in ln)
     assert f"'{kv}'" in line, line  # the graph's kv_cache_dtype, carried over
     assert line.rstrip().endswith("False)"), line  # write_key=False: only the cache reads k
+
+
+def test_three_d_head_views_fuse():
+    eager, ea, got, ca, code = run(Attn(variant="heads3d"), inputs())
+    assert counts().get("matched") == 1, counts()
+    assert_matches(eager, ea, got, ca)
+    assert "clone" not in code
 
 
 def test_key_read_elsewhere_keeps_write_key():
