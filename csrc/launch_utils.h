@@ -4,6 +4,11 @@
 
 #include <torch/all.h>
 #if defined(COMPILE_OPS_EMULATE)
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
 #include "compile_ops/emulate.h"
 #else
 #include <c10/cuda/CUDAException.h>
@@ -44,16 +49,45 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
                    Args... args) {
   emu::grid_dim = grid;
   emu::block_dim = block;
+  const unsigned n = block.x * block.y * block.z;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         emu::block_idx = dim3(bx, by, bz);
-        for (unsigned tz = 0; tz < block.z; ++tz)
-          for (unsigned ty = 0; ty < block.y; ++ty)
-            for (unsigned tx = 0; tx < block.x; ++tx) {
-              emu::thread_idx = dim3(tx, ty, tz);
+        if (!emu::cooperative) {
+          for (unsigned tz = 0; tz < block.z; ++tz)
+            for (unsigned ty = 0; ty < block.y; ++ty)
+              for (unsigned tx = 0; tx < block.x; ++tx) {
+                emu::thread_idx = dim3(tx, ty, tz);
+                kernel(static_cast<Params>(args)...);
+              }
+          continue;
+        }
+        // Linear thread id t = tx + ty * bx + tz * bx * by; warps are runs of 32 ids.
+        std::barrier<> cta(n);
+        std::vector<std::unique_ptr<emu::Warp>> warps;
+        for (unsigned w0 = 0; w0 < n; w0 += 32)
+          warps.push_back(std::make_unique<emu::Warp>(std::min(32u, n - w0)));
+        std::vector<std::thread> threads;
+        std::exception_ptr error;
+        std::mutex error_mutex;
+        for (unsigned t = 0; t < n; ++t) {
+          threads.emplace_back([&, t] {
+            emu::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            emu::cta_bar = &cta;
+            emu::warp = warps[t / 32].get();
+            try {
               kernel(static_cast<Params>(args)...);
+            } catch (...) {
+              const std::lock_guard<std::mutex> lock(error_mutex);
+              error = std::current_exception();
             }
+            emu::warp->bar.arrive_and_drop();
+            cta.arrive_and_drop();
+          });
+        }
+        for (auto& th : threads) th.join();
+        if (error) std::rethrow_exception(error);
       }
 }
 #else

@@ -355,3 +355,63 @@ def test_fused_rope_and_cache_flash_declines_unaligned_rows(emu, gen):
     assert not emu.fused_rope_and_cache_flash(pos.clamp(0, 63), q, k, v, 32, cs, True, kc, vc,
                                               slots, 0, torch.ones(1), torch.ones(1), True)
     assert torch.equal(q, q0) and kc.abs().sum() == 0  # declined: nothing touched
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm family (block reductions: the cooperative schedule)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def coop(emu):
+    emu.set_cooperative(True)
+    yield emu
+    emu.set_cooperative(False)
+
+
+def test_sequential_schedule_refuses_barriers(emu):
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="set_cooperative"):
+        emu.rms_norm(torch.empty_like(x), x, torch.ones(64), 1e-6)
+
+
+@pytest.mark.parametrize("row_pad", [0, 64, 3])
+@pytest.mark.parametrize("hidden", [8, 40, 769, 1024, 9000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_family(coop, fused, dtype, hidden, row_pad, gen):
+    """Register-cached, warp-per-row, element-wise and (9000 fp32 = past the register budget)
+    two-pass kernels; aligned, strided-aligned and strided-misaligned rows."""
+    from compile_ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+
+    rows = 5
+    x = (torch.randn(rows, hidden + row_pad, generator=gen)).to(dtype)[:, :hidden]
+    w = torch.randn(hidden, generator=gen).to(dtype)
+    if fused:
+        res = torch.randn(rows, hidden + row_pad, generator=gen).to(dtype)[:, :hidden]
+        want_out, want_res = fused_add_rms_norm_ref(x, res, w, 1e-5)
+        coop.fused_add_rms_norm(x, res, w, 1e-5)
+        assert_close(x, want_out)
+        assert_close(res, want_res)
+    else:
+        out = torch.full_like(x, float("nan"))
+        coop.rms_norm(out, x, w, 1e-5)
+        assert_close(out, rms_norm_ref(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_shifted_rows(coop, fused, gen):
+    """4096 rows whose starts share one misalignment: the shifted 128-bit kernel."""
+    from compile_ops.norm import fused_add_rms_norm_ref, rms_norm_ref
+
+    rows, hidden = 4096, 24
+    x = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
+    w = torch.randn(hidden, generator=gen).to(torch.bfloat16)
+    if fused:
+        res = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
+        want_out, want_res = fused_add_rms_norm_ref(x, res, w, 1e-6)
+        coop.fused_add_rms_norm(x, res, w, 1e-6)
+        assert_close(x, want_out)
+        assert_close(res, want_res)
+    else:
+        out = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
+        coop.rms_norm(out, x, w, 1e-6)
+        assert_close(out, rms_norm_ref(x, w, 1e-6))

@@ -17,11 +17,71 @@
 #include <torch/all.h>
 #include <vector_types.h>
 
+#include <cstdint>
+#include <string>
+
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+// Two schedules. Sequential (the default): the threads of a launch run one after another on the
+// calling thread; kernels whose threads never talk to each other. Cooperative (set_cooperative):
+// each CTA runs its threads as OS threads at once, __syncthreads is a barrier of the CTA, warp
+// shuffles exchange through a barrier of the warp, __shared__ variables are one static instance
+// (CTAs run one after another). A thread that returns drops out of both barriers, as an exited
+// CUDA thread does. Slow (OS threads), so tests use small grids.
 namespace compile_ops::emu {
-inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
+inline thread_local dim3 thread_idx;
+inline dim3 block_idx, block_dim, grid_dim;
+inline bool cooperative = false;
+
+struct Warp {
+  explicit Warp(std::ptrdiff_t n) : bar(n) {}
+  std::barrier<> bar;
+  std::array<uint64_t, 32> slot{};
+};
+inline thread_local std::barrier<>* cta_bar = nullptr;
+inline thread_local Warp* warp = nullptr;
+
+[[noreturn]] inline void needs_cooperative(const char* what) {
+  throw std::runtime_error(std::string(what) +
+                           " in a kernel emulated sequentially: call set_cooperative(True)");
+}
 }  // namespace compile_ops::emu
 
 #define threadIdx (::compile_ops::emu::thread_idx)
 #define blockIdx (::compile_ops::emu::block_idx)
 #define blockDim (::compile_ops::emu::block_dim)
 #define gridDim (::compile_ops::emu::grid_dim)
+
+#undef __shared__
+#define __shared__ static
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+inline void __syncthreads() {
+  if (!::compile_ops::emu::cta_bar) ::compile_ops::emu::needs_cooperative("__syncthreads");
+  ::compile_ops::emu::cta_bar->arrive_and_wait();
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  auto* w = ::compile_ops::emu::warp;
+  if (!w) ::compile_ops::emu::needs_cooperative("__shfl_xor_sync");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w->slot[lane] = bits;
+  w->bar.arrive_and_wait();
+  const int src = (lane ^ lane_mask) < width ? (lane ^ lane_mask) : lane;
+  T r;
+  std::memcpy(&r, &w->slot[src], sizeof(T));
+  w->bar.arrive_and_wait();
+  return r;
+}
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

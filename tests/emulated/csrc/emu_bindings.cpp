@@ -2,10 +2,15 @@
 // compiler and COMPILE_OPS_EMULATE). Same launchers and signatures as csrc/torch_bindings.cpp.
 #include <torch/extension.h>
 
+#include "compile_ops/emulate.h"
+
 #include <optional>
 #include <string>
 
 namespace compile_ops {
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                        double epsilon);
 void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
@@ -35,6 +40,10 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_cooperative", [](bool on) { compile_ops::emu::cooperative = on; },
+        "run each CTA's threads at once (barriers, shuffles, shared memory) instead of in turn");
+  m.def("rms_norm", &compile_ops::rms_norm);
+  m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm);
   m.def("act_and_mul", &compile_ops::act_and_mul);
   m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul);
   m.def("rotary_embedding", &compile_ops::rotary_embedding);
