@@ -55,18 +55,18 @@ ops = torch.ops.compile_ops
 DECODE, PREFILL = [1, 2, 4, 8, 16, 32, 64, 128, 256], [1024, 4096, 16384]
 GPTJ_TOKENS = 4096
 TARGET_TOKENS, TARGET_PCT = 4096, 85.0
-VARIANTS = ("fused", "fused_write_key", "unfused", "compiled_native", "compile_ops_backend")
 
 
 # ---------------------------------------------------------------------------------------------
-# The variants: each takes (positions, qkv, slots, setup) and returns the rotated query
+# The variants: the same arguments (qkv = [tokens, (nq + 2 nk) d]); each returns the rotated q
 # ---------------------------------------------------------------------------------------------
 def split_qkv(qkv, nq, nk, d):
     return qkv.split([nq * d, nk * d, nk * d], dim=-1)
 
 
 def ops_model(positions, qkv, cos_sin, kc, vc, slots, ks, vs, nq, nk, d, is_neox, kv):
-    """vLLM's attention front with our two ops: RoPE in place, rotated key + value into the cache."""
+    """vLLM's attention front with our two ops: RoPE in place, then the rotated key and the
+    value into the cache."""
     q, k, v = split_qkv(qkv, nq, nk, d)
     ops.rotary_embedding(positions, q, k, d, cos_sin, is_neox)
     ops.reshape_and_cache_flash(k.view(-1, nk, d), v.view(-1, nk, d), kc, vc, slots, kv, ks, vs)
@@ -217,18 +217,20 @@ class RopeCacheReport(harness.Report):
             case = " ".join(f"{k}={c}" for k, c in zip(self.case_keys, key))
             flag = ""
             if f.case["tokens"] == TARGET_TOKENS:
-                flag = f" ({'meets' if pct >= TARGET_PCT else 'BELOW'} the {TARGET_PCT:.0f}% target)"
+                met = "meets" if pct >= TARGET_PCT else "BELOW"
+                flag = f" ({met} the {TARGET_PCT:.0f}% target)"
             lines.append(f"{case}: fused x{x:.2f} vs unfused, {pct:.1f}% of copy{flag}")
         lines.append(f"fused faster than unfused at every size: {'yes' if faster else 'NO'}")
         return lines
 
     def markdown(self) -> str:
-        fusion = next((r.extra for r in self.results if r.variant == "compile_ops_backend"), {})
         notes = [f"- {s}" for s in self.summary()]
-        if fusion:
-            notes.append(f"- compile_ops_backend: rope_cache fusion matched "
-                         f"{fusion['rope_cache_matched']} time(s) in the check, fused call with "
-                         f"write_key={fusion['write_key']}")
+        fusion = {r.case["style"]: r.extra for r in self.results
+                  if r.variant == "compile_ops_backend"}
+        for style, e in fusion.items():
+            notes.append(f"- compile_ops_backend ({style}): rope_cache fusion matched "
+                         f"{e['rope_cache_matched']} time(s) in the check, fused call with "
+                         f"write_key={e['write_key']}")
         return super().markdown() + "\n## Fused vs unfused\n\n" + "\n".join(notes) + "\n"
 
 
@@ -258,8 +260,6 @@ def bench_kv(args, kv, dtype, copy_bw, fusion):
     for variants in rep._rows().values():  # the speedup column, in the JSON too
         for r in variants.values():
             r.extra["x_unfused"] = variants["unfused"].seconds / r.seconds
-    del kc, vc
-    torch.cuda.empty_cache()
     return rep
 
 

@@ -33,3 +33,10 @@ def test_bench_cache_cpu_check():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu check ok: kv-cache variants match" in proc.stdout
+
+
+def test_bench_rope_cache_cpu_check():
+    proc = subprocess.run([sys.executable, "bench/bench_rope_cache.py", "--cpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu check ok: rope + cache variants match" in proc.stdout

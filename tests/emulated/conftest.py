@@ -35,7 +35,12 @@ def emu():
     return cpp.load(
         name="compile_ops_emulated",
         sources=sources,
-        extra_cflags=["-O1", "-DCOMPILE_OPS_EMULATE=1", "-std=c++20"],
+        # UBSan's alignment check aborts on a misaligned 16-byte Pack access, which a GPU
+        # would fault on and a CPU would silently do (the run dies with exit code 1; pytest -s
+        # shows the sanitizer's message with the file and line).
+        extra_cflags=["-O1", "-DCOMPILE_OPS_EMULATE=1", "-std=c++20", "-fsanitize=alignment",
+                      "-fno-sanitize-recover=alignment"],
+        extra_ldflags=["-fsanitize=alignment"],
         extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"),
                              inc],
         with_cuda=False,
