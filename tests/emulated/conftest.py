@@ -32,15 +32,17 @@ def emu():
     sources = [os.path.join(HERE, f) for f in
                ("emu_bindings.cpp", "emu_activation.cpp", "emu_pos_encoding.cpp",
                 "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp")]
+    asan = os.environ.get("COMPILE_OPS_EMU_ASAN", "") not in ("", "0")
+    san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     return cpp.load(
-        name="compile_ops_emulated",
+        name="compile_ops_emulated_asan" if asan else "compile_ops_emulated",
         sources=sources,
         # UBSan's alignment check aborts on a misaligned 16-byte Pack access, which a GPU
         # would fault on and a CPU would silently do (the run dies with exit code 1; pytest -s
         # shows the sanitizer's message with the file and line).
         extra_cflags=["-O1", "-DCOMPILE_OPS_EMULATE=1", "-std=c++20", "-fsanitize=alignment",
-                      "-fno-sanitize-recover=alignment"],
-        extra_ldflags=["-fsanitize=alignment"],
+                      "-fno-sanitize-recover=alignment"] + san,
+        extra_ldflags=["-fsanitize=alignment"] + san,
         extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"),
                              inc],
         with_cuda=False,
