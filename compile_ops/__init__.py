@@ -14,6 +14,7 @@ from compile_ops.activation import (
     silu_and_mul,
     swigluoai_and_mul,
 )
+from compile_ops.attention import merge_attn_states
 from compile_ops.cache import (
     convert_fp8,
     cp_gather_cache,
@@ -51,6 +52,7 @@ __all__ = [
     "gather_and_maybe_dequant_cache",
     "cp_gather_cache",
     "fused_rope_and_cache_flash",
+    "merge_attn_states",
 ]
 
 

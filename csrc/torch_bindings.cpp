@@ -35,6 +35,9 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
                                 const at::Tensor& slot_mapping, int64_t kind,
                                 const at::Tensor& k_scale, const at::Tensor& v_scale,
                                 bool write_key);
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,4 +84,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("head_size"), py::arg("cos_sin_cache"), py::arg("is_neox"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("kind"), py::arg("k_scale"),
         py::arg("v_scale"), py::arg("write_key"));
+  m.def("merge_attn_states", &compile_ops::merge_attn_states,
+        "merge two partial attention results by their log-sum-exps", py::arg("output"),
+        py::arg("prefix_output"), py::arg("prefix_lse"), py::arg("suffix_output"),
+        py::arg("suffix_lse"), py::arg("output_lse"));
 }

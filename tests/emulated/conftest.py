@@ -31,7 +31,7 @@ def emu():
         pytest.skip("CUDA headers (cuda_fp8.h) not found under CUDA_HOME or /usr/local/cuda")
     sources = [os.path.join(HERE, f) for f in
                ("emu_bindings.cpp", "emu_activation.cpp", "emu_pos_encoding.cpp",
-                "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp")]
+                "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp", "emu_attention.cpp")]
     asan = os.environ.get("COMPILE_OPS_EMU_ASAN", "") not in ("", "0")
     san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     return cpp.load(

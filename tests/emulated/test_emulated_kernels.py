@@ -415,3 +415,32 @@ def test_rms_norm_shifted_rows(coop, fused, gen):
         out = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
         coop.rms_norm(out, x, w, 1e-6)
         assert_close(out, rms_norm_ref(x, w, 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_attn_states
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("head", [16, 40, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attn_states(emu, dtype, head, strided, gen):
+    from compile_ops.attention import merge_attn_states_ref
+
+    tokens, heads, inf = 6, 3, float("inf")
+    p = torch.randn(tokens, heads, head, generator=gen).to(dtype)
+    s = torch.randn(tokens, heads, head, generator=gen).to(dtype)
+    pl, sl = torch.randn(heads, tokens, generator=gen) * 3, torch.randn(heads, tokens, generator=gen)
+    pl[0, 0], pl[1, 1], sl[0, 2] = inf, -inf, inf
+    pl[2, 3], sl[2, 3] = -inf, inf  # both empty
+    if strided:
+        out = torch.full((tokens, heads, head + 5), 9.0, dtype=dtype)[:, :, 1:head + 1]
+        lse = torch.full((tokens, heads), 9.0).t()
+    else:
+        out, lse = torch.full_like(p, 9.0), torch.full_like(pl, 9.0)
+    emu.merge_attn_states(out, p, pl, s, sl, lse)
+    want_out, want_lse = merge_attn_states_ref(p, pl, s, sl)
+    assert_close(out, want_out)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[3, 2], p[3, 2])

@@ -37,6 +37,9 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
                                 const at::Tensor& slot_mapping, int64_t kind,
                                 const at::Tensor& k_scale, const at::Tensor& v_scale,
                                 bool write_key);
+void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -53,4 +56,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convert_fp8", &compile_ops::convert_fp8);
   m.def("swap_blocks", &compile_ops::swap_blocks);
   m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash);
+  m.def("merge_attn_states", &compile_ops::merge_attn_states);
 }
