@@ -1,4 +1,7 @@
-"""Attention family. So far: ``merge_attn_states`` (vLLM's schema and semantics)::
+"""Attention family: ``merge_attn_states`` below, and ``paged_attention_v1`` / ``_v2`` (vLLM's
+schemas; reference implementations so far, see the end of this file).
+
+``merge_attn_states`` (vLLM's schema and semantics)::
 
     torch.ops.compile_ops.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
                                             suffix_lse, output_lse=None) -> None
@@ -188,3 +191,251 @@ def merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse):
     torch.ops.compile_ops.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
                                             suffix_lse, output_lse)
     return output, output_lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention (decode): schemas, checks, references and fakes. The CUDA kernels are the
+# next step; until then the reference body runs on every device (correct, not fast).
+# ---------------------------------------------------------------------------------------------
+HEAD_SIZES = (64, 80, 96, 112, 120, 128, 192, 256)
+BLOCK_SIZES = (8, 16, 32)
+PARTITION_SIZE = 512
+
+
+def _paged_check(op, out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                 seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                 v_scale, blocksparse_vert_stride, blocksparse_local_blocks):
+    from compile_ops import cache as _cache
+
+    fmt = _cache.fp8_format(op, kv_cache_dtype)
+    C.check_tensor(op, "query", query)
+    C.check_float_dtype(op, "query", query)
+    if query.dim() != 3:
+        C.fail(op, f"query must be [num_seqs, num_heads, head_size], got {tuple(query.shape)}")
+    seqs, heads, head = query.shape
+    if head not in HEAD_SIZES:
+        C.fail(op, f"head_size {head} is not supported; supported: {list(HEAD_SIZES)}")
+    if query.stride(2) != 1:
+        C.fail(op, f"query must be contiguous in head_size, got strides {query.stride()}")
+    C.check_like(op, "out", out, query, "query")
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 \
+            or heads % num_kv_heads:
+        C.fail(op, f"num_kv_heads must divide num_heads {heads}, got {num_kv_heads!r}")
+    if block_size not in BLOCK_SIZES:
+        C.fail(op, f"block_size {block_size} is not supported; supported: {list(BLOCK_SIZES)}")
+    if blocksparse_vert_stride > 1 or blocksparse_local_blocks != 0:
+        C.fail(op, "blocksparse attention (blocksparse_vert_stride > 1 or "
+                   "blocksparse_local_blocks != 0) is not supported")
+    if not (isinstance(scale, (float, int)) and not isinstance(scale, bool)):
+        C.fail(op, f"scale must be a float, got {type(scale).__name__}", TypeError)
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        C.check_tensor(op, name, cache)
+        _cache._check_device(op, name, cache, query, "query")
+        _cache._check_cache_storage(op, name, cache, fmt, query.dtype, "query")
+    x = 16 // key_cache.element_size()
+    nb = key_cache.shape[0] if key_cache.dim() == 5 else -1
+    if key_cache.dim() != 5 or tuple(key_cache.shape[1:]) != (num_kv_heads, head // x,
+                                                              block_size, x):
+        C.fail(op, f"key_cache must be [num_blocks, {num_kv_heads}, {head // x}, {block_size}, "
+                   f"{x}], got {tuple(key_cache.shape)}")
+    if tuple(value_cache.shape) != (nb, num_kv_heads, head, block_size):
+        C.fail(op, f"value_cache must be [{nb}, {num_kv_heads}, {head}, {block_size}], got "
+                   f"{tuple(value_cache.shape)}")
+    _cache._check_index(op, "block_tables", block_tables, (torch.int32,), dim=2)
+    _cache._check_index(op, "seq_lens", seq_lens, (torch.int32,))
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        _cache._check_device(op, name, t, query, "query")
+    if block_tables.shape[0] != seqs or seq_lens.shape[0] != seqs:
+        C.fail(op, f"block_tables and seq_lens need one row per sequence ({seqs}), got "
+                   f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    if alibi_slopes is not None:
+        C.check_tensor(op, "alibi_slopes", alibi_slopes)
+        if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (heads,):
+            C.fail(op, f"alibi_slopes must be float32 [{heads}], got {alibi_slopes.dtype} "
+                       f"{tuple(alibi_slopes.shape)}")
+        _cache._check_device(op, "alibi_slopes", alibi_slopes, query, "query")
+    _cache._check_scale(op, "k_scale", k_scale, key_cache, None, "key_cache")
+    _cache._check_scale(op, "v_scale", v_scale, key_cache, None, "key_cache")
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
+        C.fail(op, f"max_seq_len must be an int >= 0, got {max_seq_len!r}")
+    return fmt
+
+
+def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                        seq_lens, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+                        partition_size=None):
+    """Softmax attention of each sequence's query over its cached tokens (float32 math).
+
+    Returns the output [seqs, heads, head] (query dtype) and, with ``partition_size``, the
+    per-partition (max_logits, exp_sums, partial outputs) of paged_attention_v2.
+    Raises IndexError for a block id outside the cache or a sequence longer than its table.
+    """
+    from compile_ops import cache as _cache
+
+    op = "paged_attention"
+    seqs, heads, head = query.shape
+    nb, _, _, bs, x = key_cache.shape
+    lens = seq_lens.long()
+    L = int(lens.max()) if seqs else 0
+    pos = torch.arange(L, device=query.device)
+    valid = pos[None, :] < lens[:, None]  # [seqs, L]
+    cols = pos // bs
+    if L and int(cols[-1]) >= block_tables.shape[1] and bool(valid[:, -1].any()):
+        C.fail(op, f"a sequence of {L} tokens needs {int(cols[-1]) + 1} block-table columns, "
+                   f"block_tables has {block_tables.shape[1]}", IndexError)
+    cols = cols.clamp(max=max(block_tables.shape[1] - 1, 0))
+    blk = block_tables.long()[:, cols] if L else torch.zeros(seqs, 0, dtype=torch.long)
+    blk = torch.where(valid, blk, 0)
+    if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= nb):
+        bad = int(blk[(blk < 0) | (blk >= nb)][0])
+        C.fail(op, f"block_tables holds block {bad}, outside the cache's {nb} blocks",
+               IndexError)
+    off = (pos % bs)[None, :].expand(seqs, L)
+    keys = key_cache[blk, :, :, off, :].reshape(seqs, L, num_kv_heads, head)
+    vals = value_cache[blk, :, :, off]  # [seqs, L, kv_heads, head]
+    fmt = _cache.fp8_format(op, kv_cache_dtype)
+    if fmt is not None:
+        keys = _cache.dequantize_fp8_ref(keys, k_scale.reshape(()).float(), fmt, torch.float32)
+        vals = _cache.dequantize_fp8_ref(vals, v_scale.reshape(()).float(), fmt, torch.float32)
+    group = heads // num_kv_heads
+    q = query.float().view(seqs, num_kv_heads, group, head)
+    logits = torch.einsum("sngd,slnd->sngl", q, keys.float()) * float(scale)
+    if alibi_slopes is not None:
+        rel = (pos[None, :] - lens[:, None] + 1).float()  # [seqs, L]
+        logits = logits + alibi_slopes.float().view(1, num_kv_heads, group, 1) * \
+            rel[:, None, None, :]
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+
+    def attend(lg, v):
+        m = lg.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), 0.0, m)
+        e = torch.exp(lg - m)
+        s = e.sum(-1, keepdim=True)
+        o = torch.einsum("sngl,slnd->sngd", e, v.float()) / torch.where(s == 0, 1.0, s)
+        return o, m.squeeze(-1), s.squeeze(-1)
+
+    out, _, _ = attend(logits, vals)
+    out = out.reshape(seqs, heads, head).to(query.dtype)
+    if partition_size is None:
+        return out
+    parts = []
+    for p0 in range(0, L, partition_size):
+        o, m, s = attend(logits[..., p0:p0 + partition_size], vals[:, p0:p0 + partition_size])
+        parts.append((o.reshape(seqs, heads, head), m.reshape(seqs, heads),
+                      s.reshape(seqs, heads)))
+    return out, parts
+
+
+def _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                    seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                    v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                    blocksparse_block_size, blocksparse_head_sliding_step):
+    return _paged_check("paged_attention_v1", out, query, key_cache, value_cache, num_kv_heads,
+                        scale, block_tables, seq_lens, block_size, max_seq_len, alibi_slopes,
+                        kv_cache_dtype, k_scale, v_scale, blocksparse_vert_stride,
+                        blocksparse_local_blocks)
+
+
+@torch.library.custom_op("compile_ops::paged_attention_v1", mutates_args=("out",))
+def _paged_attention_v1(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                        value_cache: torch.Tensor, num_kv_heads: int, scale: float,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                        max_seq_len: int, alibi_slopes: Optional[torch.Tensor],
+                        kv_cache_dtype: str, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                        tp_rank: int = 0, blocksparse_local_blocks: int = 0,
+                        blocksparse_vert_stride: int = 0, blocksparse_block_size: int = 64,
+                        blocksparse_head_sliding_step: int = 0) -> None:
+    """Decode attention over the paged (x-packed key) cache; see paged_attention_ref."""
+    _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                    seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                    v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                    blocksparse_block_size, blocksparse_head_sliding_step)
+    out.copy_(paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
+                                  block_tables, seq_lens, alibi_slopes, kv_cache_dtype, k_scale,
+                                  v_scale))
+
+
+@_paged_attention_v1.register_fake
+def _(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+      block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank=0,
+      blocksparse_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=64,
+      blocksparse_head_sliding_step=0):
+    _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                    seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                    v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                    blocksparse_block_size, blocksparse_head_sliding_step)
+
+
+def _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                    num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
+                    alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
+                    blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                    blocksparse_head_sliding_step):
+    op = "paged_attention_v2"
+    fmt = _paged_check(op, out, query, key_cache, value_cache, num_kv_heads, scale,
+                       block_tables, seq_lens, block_size, max_seq_len, alibi_slopes,
+                       kv_cache_dtype, k_scale, v_scale, blocksparse_vert_stride,
+                       blocksparse_local_blocks)
+    seqs, heads, head = query.shape
+    parts = max(1, -(-max_seq_len // PARTITION_SIZE))
+    for name, t in (("exp_sums", exp_sums), ("max_logits", max_logits)):
+        C.check_tensor(op, name, t)
+        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[:2]) != (seqs, heads) \
+                or t.shape[2] < parts:
+            C.fail(op, f"{name} must be float32 [{seqs}, {heads}, >= {parts}] (partitions of "
+                       f"{PARTITION_SIZE} tokens of max_seq_len), got {t.dtype} "
+                       f"{tuple(t.shape)}")
+    C.check_tensor(op, "tmp_out", tmp_out)
+    if tmp_out.dtype != query.dtype or tmp_out.dim() != 4 or \
+            tuple(tmp_out.shape[:2]) != (seqs, heads) or tmp_out.shape[2] < parts or \
+            tmp_out.shape[3] != head:
+        C.fail(op, f"tmp_out must be {query.dtype} [{seqs}, {heads}, >= {parts}, {head}], got "
+                   f"{tmp_out.dtype} {tuple(tmp_out.shape)}")
+    for name, t in (("exp_sums", exp_sums), ("max_logits", max_logits), ("tmp_out", tmp_out)):
+        if t.device != query.device:
+            C.fail(op, f"{name} must be on device {query.device} (same as query), got "
+                       f"{t.device}")
+    return fmt
+
+
+@torch.library.custom_op("compile_ops::paged_attention_v2",
+                         mutates_args=("out", "exp_sums", "max_logits", "tmp_out"))
+def _paged_attention_v2(out: torch.Tensor, exp_sums: torch.Tensor, max_logits: torch.Tensor,
+                        tmp_out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                        value_cache: torch.Tensor, num_kv_heads: int, scale: float,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                        max_seq_len: int, alibi_slopes: Optional[torch.Tensor],
+                        kv_cache_dtype: str, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                        tp_rank: int = 0, blocksparse_local_blocks: int = 0,
+                        blocksparse_vert_stride: int = 0, blocksparse_block_size: int = 64,
+                        blocksparse_head_sliding_step: int = 0) -> None:
+    """paged_attention_v1's result, computed per partition of 512 tokens then reduced; the
+    partition maxima, exp sums and partial outputs land in max_logits, exp_sums, tmp_out (for
+    the partitions a sequence has; the rest are left as they are)."""
+    _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                    num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
+                    alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
+                    blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                    blocksparse_head_sliding_step)
+    res, parts = paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
+                                     block_tables, seq_lens, alibi_slopes, kv_cache_dtype,
+                                     k_scale, v_scale, partition_size=PARTITION_SIZE)
+    out.copy_(res)
+    lens = seq_lens.long()
+    for p, (o, m, s) in enumerate(parts):
+        has = (lens > p * PARTITION_SIZE)[:, None].expand_as(m)
+        max_logits[:, :, p] = torch.where(has, m, max_logits[:, :, p])
+        exp_sums[:, :, p] = torch.where(has, s, exp_sums[:, :, p])
+        tmp_out[:, :, p] = torch.where(has[..., None], o.to(tmp_out.dtype), tmp_out[:, :, p])
+
+
+@_paged_attention_v2.register_fake
+def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_heads, scale,
+      block_tables, seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+      v_scale, tp_rank=0, blocksparse_local_blocks=0, blocksparse_vert_stride=0,
+      blocksparse_block_size=64, blocksparse_head_sliding_step=0):
+    _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                    num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
+                    alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
+                    blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                    blocksparse_head_sliding_step)

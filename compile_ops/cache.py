@@ -140,11 +140,14 @@ def _check_cache_storage(op: str, name: str, cache: torch.Tensor, fmt, src_dtype
                    f"got {cache.dtype}", TypeError)
 
 
-def _check_scale(op: str, name: str, scale, ref: torch.Tensor, heads: Optional[int]):
+def _check_scale(op: str, name: str, scale, ref: torch.Tensor, heads: Optional[int],
+                 ref_name: Optional[str] = None):
     C.check_tensor(op, name, scale)
     if scale.dtype != torch.float32:
         C.fail(op, f"{name} must be a float32 tensor, got {scale.dtype}", TypeError)
-    _check_device(op, name, scale, ref, "key" if op.startswith("reshape") else "src_cache")
+    if ref_name is None:
+        ref_name = "key" if op.startswith("reshape") else "src_cache"
+    _check_device(op, name, scale, ref, ref_name)
     allowed = (1,) if heads is None or heads == 1 else (1, heads)
     if scale.numel() not in allowed:
         what = "one value" if len(allowed) == 1 else f"one value or one per head ({heads})"
