@@ -137,8 +137,8 @@ def _triton_kernel():
                      out_t, out_h, pre_t, pre_h, suf_t, suf_h,
                      pl_h, pl_t, sl_h, sl_t, ol_h, ol_t,
                      HEAD: tl.constexpr, BLOCK: tl.constexpr, HAS_LSE: tl.constexpr):
-        t = tl.program_id(0)
-        h = tl.program_id(1)
+        t = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens * token stride > 2**31
+        h = tl.program_id(1).to(tl.int64)
         pl = tl.load(p_lse + h * pl_h + t * pl_t)
         sl = tl.load(s_lse + h * sl_h + t * sl_t)
         neg_inf = float("-inf")
