@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import compile_ops  # noqa: E402
-from compile_ops.testing import assert_close  # noqa: E402
+from compile_ops.testing import assert_close, rope_cos_sin_cache  # noqa: E402
 
 ops = torch.ops.compile_ops
 
@@ -45,9 +45,7 @@ compiled_rope = torch.compile(native_rope, dynamic=False)
 
 
 def make_cache(max_pos, rot_dim, device):
-    inv = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, device=device).float() / rot_dim)
-    f = torch.arange(max_pos, device=device).float()[:, None] * inv[None, :]
-    return torch.cat((f.cos(), f.sin()), dim=-1)
+    return rope_cos_sin_cache(max_pos, rot_dim, device=device)
 
 
 def check(device, dtype, tokens=6, nq=4, nk=2, head_size=32):

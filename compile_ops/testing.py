@@ -56,3 +56,12 @@ def assert_raises_eager_and_fake(call, exc, fragment: str) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(exc, match=fragment):
             call()
+
+
+def rope_cos_sin_cache(max_pos: int, rot_dim: int, dtype: torch.dtype = torch.float32,
+                       device="cpu", base: float = 10000.0) -> torch.Tensor:
+    """[max_pos, rot_dim] RoPE table: cos of the rot_dim / 2 frequencies, then their sin
+    (vLLM's cos_sin_cache layout), computed in float64."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=dtype, device=device)

@@ -211,4 +211,46 @@ inline RowView row_view(const char* op, const char* name, const at::Tensor& t, b
   return v;
 }
 
+struct Heads {
+  void* ptr = nullptr;
+  int64_t token_stride = 0;
+  int heads = 0;
+};
+
+// query/key of the RoPE ops: shape positions.shape + (heads * head_size,) or + (heads, head_size),
+// each token's values packed, the token dims collapsible into one stride.
+inline Heads heads_view(const char* kOp, const char* name, const at::Tensor& x,
+                        const at::Tensor& positions, int64_t head_size) {
+  const int64_t lead = positions.dim();
+  TORCH_CHECK(x.dim() > lead && x.sizes().slice(0, lead) == positions.sizes(), kOp, ": ", name,
+              " must start with the positions' shape ", dims(positions.sizes()), ", got ",
+              dims(x.sizes()));
+  int64_t per_token = 1, expect = 1;
+  for (int64_t d = x.dim() - 1; d >= lead; --d) {
+    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expect, kOp, ": ", name,
+                " must hold each token's heads contiguously, got strides ", dims(x.strides()));
+    expect *= x.size(d);
+    per_token *= x.size(d);
+  }
+  TORCH_CHECK(per_token % head_size == 0, kOp, ": ", name, " values per token (",
+              num(per_token), ") not a multiple of head_size ", num(head_size));
+  Heads h;
+  h.ptr = x.data_ptr();
+  h.heads = static_cast<int>(per_token / head_size);
+  h.token_stride = per_token;
+  int64_t next = -1;
+  bool first = true;
+  for (int64_t d = lead - 1; d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    TORCH_CHECK(next < 0 || x.stride(d) == next, kOp, ": ", name,
+                " token dims must collapse into one stride, got strides ", dims(x.strides()));
+    if (first) h.token_stride = x.stride(d);
+    first = false;
+    next = x.stride(d) * x.size(d);
+  }
+  TORCH_CHECK(positions.numel() <= 1 || h.token_stride >= per_token, kOp, ": ", name,
+              " tokens overlap in memory");
+  return h;
+}
+
 }  // namespace compile_ops

@@ -14,46 +14,6 @@ namespace {
 
 constexpr const char* kOp = "rotary_embedding";
 
-struct Heads {
-  void* ptr = nullptr;
-  int64_t token_stride = 0;
-  int heads = 0;
-};
-
-// Values of a token packed after the positions' dims; tokens collapsible into one stride.
-Heads heads_view(const char* name, const at::Tensor& x, const at::Tensor& positions,
-                 int64_t head_size) {
-  const int64_t lead = positions.dim();
-  TORCH_CHECK(x.dim() > lead && x.sizes().slice(0, lead) == positions.sizes(), kOp, ": ", name,
-              " must start with the positions' shape ", dims(positions.sizes()), ", got ",
-              dims(x.sizes()));
-  int64_t per_token = 1, expect = 1;
-  for (int64_t d = x.dim() - 1; d >= lead; --d) {
-    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expect, kOp, ": ", name,
-                " must hold each token's heads contiguously, got strides ", dims(x.strides()));
-    expect *= x.size(d);
-    per_token *= x.size(d);
-  }
-  TORCH_CHECK(per_token % head_size == 0, kOp, ": ", name, " values per token (",
-              num(per_token), ") not a multiple of head_size ", num(head_size));
-  Heads h;
-  h.ptr = x.data_ptr();
-  h.heads = static_cast<int>(per_token / head_size);
-  h.token_stride = per_token;
-  int64_t next = -1;
-  bool first = true;
-  for (int64_t d = lead - 1; d >= 0; --d) {
-    if (x.size(d) == 1) continue;
-    TORCH_CHECK(next < 0 || x.stride(d) == next, kOp, ": ", name,
-                " token dims must collapse into one stride, got strides ", dims(x.strides()));
-    if (first) h.token_stride = x.stride(d);
-    first = false;
-    next = x.stride(d) * x.size(d);
-  }
-  TORCH_CHECK(positions.numel() <= 1 || h.token_stride >= per_token, kOp, ": ", name,
-              " tokens overlap in memory");
-  return h;
-}
 
 template <typename T, typename CacheT, typename PosT>
 void launch(const at::Tensor& positions, const Heads& q, const Heads* k,
@@ -145,12 +105,12 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size, kOp,
               ": rot_dim must be even, > 0 and <= head_size");
   TORCH_CHECK(positions.numel() <= std::numeric_limits<int>::max(), kOp, ": too many tokens");
-  const Heads q = heads_view("query", query, positions, head_size);
+  const Heads q = heads_view(kOp, "query", query, positions, head_size);
   Heads k;
   if (key.has_value()) {
     check_same_type(kOp, "key", *key, query);
     check_same_device(kOp, "key", *key, query);
-    k = heads_view("key", *key, positions, head_size);
+    k = heads_view(kOp, "key", *key, positions, head_size);
   }
   if (positions.numel() == 0) return;
   const DeviceGuard guard(query.device());

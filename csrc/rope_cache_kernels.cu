@@ -14,28 +14,6 @@ namespace {
 
 constexpr const char* kOp = "fused_rope_and_cache_flash";
 
-// Token stride of x = positions.shape + (per-token values...), each token's values packed.
-int64_t token_stride(const char* name, const at::Tensor& x, int64_t lead, int64_t per_token) {
-  TORCH_CHECK(x.dim() > lead, kOp, ": ", name, " must have the positions' leading dims");
-  int64_t expect = 1;
-  for (int64_t d = x.dim() - 1; d >= lead; --d) {
-    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expect, kOp, ": ", name,
-                " must hold each token's heads contiguously");
-    expect *= x.size(d);
-  }
-  int64_t stride = per_token, next = -1;
-  bool first = true;
-  for (int64_t d = lead - 1; d >= 0; --d) {
-    if (x.size(d) == 1) continue;
-    TORCH_CHECK(next < 0 || x.stride(d) == next, kOp, ": ", name,
-                " token dims must collapse into one stride");
-    if (first) stride = x.stride(d);
-    first = false;
-    next = x.stride(d) * x.size(d);
-  }
-  return stride;
-}
-
 }  // namespace
 
 bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
@@ -55,7 +33,7 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
   check_same_device(kOp, "query", query, query);
   TORCH_CHECK(kind >= 0 && kind <= 2, kOp, ": bad kv_cache_dtype kind");
   if (positions.scalar_type() != at::kLong || !positions.is_contiguous()) return false;
-  const int64_t tokens = positions.numel(), lead = positions.dim();
+  const int64_t tokens = positions.numel();
   TORCH_CHECK(head_size > 0 && head_size <= (1 << 16), kOp, ": bad head_size");
   TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous() &&
                   (cos_sin_cache.scalar_type() == at::kFloat ||
@@ -64,11 +42,9 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
   const int64_t rot_dim = cos_sin_cache.size(1);
   TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_size, kOp, ": bad rot_dim");
   if (tokens == 0) return true;
-  TORCH_CHECK(query.numel() % (tokens * head_size) == 0 && key.numel() % (tokens * head_size) == 0,
-              kOp, ": query/key sizes are not tokens x heads x head_size");
-  const int64_t nq = query.numel() / (tokens * head_size), nk = key.numel() / (tokens * head_size);
-  const int64_t q_stride = token_stride("query", query, lead, nq * head_size);
-  const int64_t k_stride = token_stride("key", key, lead, nk * head_size);
+  const Heads qh = heads_view(kOp, "query", query, positions, head_size);
+  const Heads kh = heads_view(kOp, "key", key, positions, head_size);
+  const int64_t nq = qh.heads, nk = kh.heads, q_stride = qh.token_stride, k_stride = kh.token_stride;
   TORCH_CHECK(value.dim() == 3 && value.size(0) == tokens && value.size(1) == nk &&
                   (value.size(2) <= 1 || value.stride(2) == 1) &&
                   (nk <= 1 || value.stride(1) == value.size(2)),

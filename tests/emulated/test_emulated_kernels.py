@@ -14,7 +14,7 @@ from compile_ops.activation import _KIND as ACT_KIND
 from compile_ops.activation import act_and_mul_ref
 from compile_ops.cache import _KV_KIND, quantize_fp8_ref
 from compile_ops.rotary import rotary_embedding_ref
-from compile_ops.testing import assert_close
+from compile_ops.testing import assert_close, rope_cos_sin_cache
 
 ops = torch.ops.compile_ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -251,9 +251,7 @@ def test_activations(emu, name, dtype, d, row_pad, gen):
 def test_rotary(emu, dtype, is_neox, head_size, rot_dim, layout, gen):
     tokens, nq, nk, max_pos = 11, 4, 2, 64
     positions = torch.randint(0, max_pos, (tokens,), generator=gen, dtype=torch.int32)
-    inv = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
-    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
-    cache = torch.cat((f.cos(), f.sin()), -1).float()
+    cache = rope_cos_sin_cache(max_pos, rot_dim)
     if layout in ("qkv", "odd"):  # odd: a token stride that is not 16-byte aligned (scalar path)
         pad = 1 if layout == "odd" else 0
         row = torch.randn(tokens, (nq + 2 * nk) * head_size + pad, generator=gen).to(dtype)
@@ -289,9 +287,7 @@ def rope_cache_case(tokens, nq, nk, hs, rot, dtype, kv, layout, gen, pad=0, n_sl
     v = row[:, (nq + nk) * hs:(nq + 2 * nk) * hs].view(tokens, nk, hs)
     positions = torch.randint(-2, 70, (tokens,), generator=gen)  # a few out of [0, 64)
     positions[0] = 5
-    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    f = torch.arange(64, dtype=torch.float64)[:, None] * inv[None]
-    cos_sin = torch.cat((f.cos(), f.sin()), -1).float()
+    cos_sin = rope_cos_sin_cache(64, rot)
     cdt = dtype if kv == "auto" else torch.uint8
     kc, vc = flash_caches(nb, bs, nk, hs, hs, cdt, layout)
     slots = torch.randperm(nb * bs, generator=gen)[:tokens if n_slots is None else n_slots]

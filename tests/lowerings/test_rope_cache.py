@@ -6,15 +6,14 @@ import torch
 from expecttest import TestCase
 
 import lowerings
+from compile_ops.testing import rope_cos_sin_cache
 
 ops = torch.ops.compile_ops
 NQ, NK, HD, NB, BS = 4, 2, 16, 8, 4
 
 
 def cos_sin(rot=HD, max_pos=64):
-    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
-    return torch.cat((f.cos(), f.sin()), -1).float()
+    return rope_cos_sin_cache(max_pos, rot)
 
 
 class Attn(torch.nn.Module):

@@ -3,16 +3,14 @@
 import pytest
 import torch
 
-from compile_ops.testing import assert_raises_eager_and_fake
+from compile_ops.testing import assert_raises_eager_and_fake, rope_cos_sin_cache
 
 ops = torch.ops.compile_ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_cache(max_pos, rot_dim, dtype=torch.float32, device="cpu"):
-    inv = 1.0 / 10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
-    f = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat((f.cos(), f.sin()), dim=-1).to(dtype=dtype, device=device)
+    return rope_cos_sin_cache(max_pos, rot_dim, dtype, device)
 
 
 def case(tokens, nq, nk, hs, rot, dtype, device, *, kv="auto", layout="NHD", gen=None,

@@ -8,16 +8,14 @@ import torch
 
 import compile_ops
 from compile_ops.rotary import rotary_embedding_ref
-from compile_ops.testing import assert_close, assert_raises_eager_and_fake
+from compile_ops.testing import assert_close, assert_raises_eager_and_fake, rope_cos_sin_cache
 
 ops = torch.ops.compile_ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_cache(max_pos, rot_dim, dtype=torch.float32, device="cpu", base=10000.0):
-    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
-    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=dtype, device=device)
+    return rope_cos_sin_cache(max_pos, rot_dim, dtype, device, base)
 
 
 def complex_oracle(positions, x, head_size, cache, is_neox):
