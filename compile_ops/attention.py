@@ -194,8 +194,8 @@ def merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse):
 
 
 # ---------------------------------------------------------------------------------------------
-# Paged attention (decode): schemas, checks, references and fakes. The CUDA kernels are the
-# next step; until then the reference body runs on every device (correct, not fast).
+# Paged attention (decode): schemas, checks, references, fakes, and the CUDA kernels
+# (csrc/include/compile_ops/paged_attention.cuh: a partition kernel, then a reduce kernel).
 # ---------------------------------------------------------------------------------------------
 HEAD_SIZES = (64, 80, 96, 112, 120, 128, 192, 256)
 BLOCK_SIZES = (8, 16, 32)
@@ -233,6 +233,9 @@ def _paged_check(op, out, query, key_cache, value_cache, num_kv_heads, scale, bl
         _cache._check_device(op, name, cache, query, "query")
         _cache._check_cache_storage(op, name, cache, fmt, query.dtype, "query")
     x = 16 // key_cache.element_size()
+    if head % x:
+        C.fail(op, f"head_size {head} must be a multiple of x = {x} (16 bytes of "
+                   f"{key_cache.dtype}) for this cache")
     nb = key_cache.shape[0] if key_cache.dim() == 5 else -1
     if key_cache.dim() != 5 or tuple(key_cache.shape[1:]) != (num_kv_heads, head // x,
                                                               block_size, x):
@@ -439,3 +442,43 @@ def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_
                     alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
                     blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
                     blocksparse_head_sliding_step)
+
+
+if _C is not None:
+
+    @_paged_attention_v1.register_kernel("cuda")
+    def _(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+          block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank=0,
+          blocksparse_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=64,
+          blocksparse_head_sliding_step=0):
+        from compile_ops.cache import _KV_KIND
+
+        _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                        seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
+                        k_scale, v_scale, tp_rank, blocksparse_local_blocks,
+                        blocksparse_vert_stride, blocksparse_block_size,
+                        blocksparse_head_sliding_step)
+        seqs, heads, head = query.shape
+        parts = max(1, -(-max_seq_len // PARTITION_SIZE))
+        exp_sums = torch.empty(seqs, heads, parts, dtype=torch.float32, device=query.device)
+        max_logits = torch.empty_like(exp_sums)
+        tmp_out = torch.empty(seqs, heads, parts, head, dtype=query.dtype, device=query.device)
+        _C.paged_attention(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                           num_kv_heads, float(scale), block_tables, seq_lens.contiguous(),
+                           alibi_slopes, _KV_KIND[kv_cache_dtype], k_scale, v_scale)
+
+    @_paged_attention_v2.register_kernel("cuda")
+    def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_heads, scale,
+          block_tables, seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+          v_scale, tp_rank=0, blocksparse_local_blocks=0, blocksparse_vert_stride=0,
+          blocksparse_block_size=64, blocksparse_head_sliding_step=0):
+        from compile_ops.cache import _KV_KIND
+
+        _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                        num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
+                        alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
+                        blocksparse_local_blocks, blocksparse_vert_stride,
+                        blocksparse_block_size, blocksparse_head_sliding_step)
+        _C.paged_attention(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                           num_kv_heads, float(scale), block_tables, seq_lens.contiguous(),
+                           alibi_slopes, _KV_KIND[kv_cache_dtype], k_scale, v_scale)

@@ -46,19 +46,6 @@ void check_scale(const char* op, const char* name, const at::Tensor& s, const at
   TORCH_CHECK(s.numel() == 1 || s.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-int kv_kind(const char* op, int64_t kind, const at::Tensor& cache, const at::Tensor& src) {
-  TORCH_CHECK(kind == kKvAuto || kind == kKvE4M3 || kind == kKvE5M2, op,
-              ": bad kv_cache_dtype kind ", num(kind));
-  if (kind == kKvAuto) {
-    TORCH_CHECK(cache.scalar_type() == src.scalar_type(), op,
-                ": with kv_cache_dtype 'auto' the cache must have the dtype of the data");
-  } else {
-    const auto want = kind == kKvE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
-    TORCH_CHECK(cache.scalar_type() == at::kByte || cache.scalar_type() == want, op,
-                ": an FP8 cache must be uint8 or the float8 dtype of its kv_cache_dtype");
-  }
-  return static_cast<int>(kind);
-}
 
 // Calls f(T{}, C{}, std::integral_constant<int, KV>{}) for the model dtype, cache storage and kind.
 template <typename F>

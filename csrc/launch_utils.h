@@ -18,6 +18,8 @@
 
 #include <cuda_runtime.h>
 
+#include "compile_ops/fp8.cuh"
+
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -251,6 +253,22 @@ inline Heads heads_view(const char* kOp, const char* name, const at::Tensor& x,
   TORCH_CHECK(positions.numel() <= 1 || h.token_stride >= per_token, kOp, ": ", name,
               " tokens overlap in memory");
   return h;
+}
+
+// The cache storage a kv_cache_dtype kind needs (0 auto: the data's dtype; 1/2: uint8 or the
+// float8 dtype of the format); returns the kind.
+inline int kv_kind(const char* op, int64_t kind, const at::Tensor& cache, const at::Tensor& src) {
+  TORCH_CHECK(kind == kKvAuto || kind == kKvE4M3 || kind == kKvE5M2, op,
+              ": bad kv_cache_dtype kind ", num(kind));
+  if (kind == kKvAuto) {
+    TORCH_CHECK(cache.scalar_type() == src.scalar_type(), op,
+                ": with kv_cache_dtype 'auto' the cache must have the dtype of the data");
+  } else {
+    const auto want = kind == kKvE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+    TORCH_CHECK(cache.scalar_type() == at::kByte || cache.scalar_type() == want, op,
+                ": an FP8 cache must be uint8 or the float8 dtype of its kv_cache_dtype");
+  }
+  return static_cast<int>(kind);
 }
 
 }  // namespace compile_ops

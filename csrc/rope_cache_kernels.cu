@@ -60,14 +60,7 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
                   slot_mapping.is_contiguous() && slot_mapping.size(0) <= tokens,
               kOp, ": slot_mapping must be a contiguous int64 tensor of at most tokens slots");
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), kOp, ": cache dtypes differ");
-  if (kind == 0) {
-    TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), kOp,
-                ": an 'auto' cache must have the query dtype");
-  } else {
-    const auto want = kind == 1 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
-    TORCH_CHECK(key_cache.scalar_type() == at::kByte || key_cache.scalar_type() == want, kOp,
-                ": an FP8 cache must be uint8 or the float8 dtype of its kv_cache_dtype");
-  }
+  kv_kind(kOp, kind, key_cache, query);
   const at::Tensor* scales[] = {&k_scale, &v_scale};
   for (const at::Tensor* s : scales)
     TORCH_CHECK(s->scalar_type() == at::kFloat && (s->numel() == 1 || s->numel() == nk) &&

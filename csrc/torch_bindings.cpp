@@ -38,6 +38,12 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                        const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
+void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logits,
+                     at::Tensor& tmp_out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                     const std::optional<at::Tensor>& alibi_slopes, int64_t kind,
+                     const at::Tensor& k_scale, const at::Tensor& v_scale);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -88,4 +94,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge two partial attention results by their log-sum-exps", py::arg("output"),
         py::arg("prefix_output"), py::arg("prefix_lse"), py::arg("suffix_output"),
         py::arg("suffix_lse"), py::arg("output_lse"));
+  m.def("paged_attention", &compile_ops::paged_attention,
+        "decode attention over the paged cache: partition kernel, then the reduce into out",
+        py::arg("out"), py::arg("exp_sums"), py::arg("max_logits"), py::arg("tmp_out"),
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("num_kv_heads"),
+        py::arg("scale"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("alibi_slopes"),
+        py::arg("kind"), py::arg("k_scale"), py::arg("v_scale"));
 }

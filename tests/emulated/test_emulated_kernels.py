@@ -440,3 +440,50 @@ def test_merge_attn_states(emu, dtype, head, strided, gen):
     fin = ~torch.isinf(want_lse)
     torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
     assert torch.equal(out[3, 2], p[3, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention (cooperative: block reductions)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("heads,kv_heads,head,bs", [(4, 2, 64, 16), (2, 2, 80, 8),
+                                                     (12, 1, 128, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention(coop, dtype, heads, kv_heads, head, bs, kv, gen):
+    from compile_ops.attention import paged_attention_ref
+    from tests.ops.test_paged_attention import setup
+
+    lens = [1, 530, 37]  # 530: two partitions
+    c = setup(lens, heads, kv_heads, head, bs, dtype, kv, gen=gen, alibi=heads == 12)
+    parts = 2
+    out = torch.full_like(c["query"], float("nan"))
+    es = torch.full((3, heads, parts), float("nan"))
+    ml = torch.full((3, heads, parts), float("nan"))
+    tmp = torch.full((3, heads, parts, head), float("nan"), dtype=dtype)
+    coop.paged_attention(out, es, ml, tmp, c["query"], c["key_cache"], c["value_cache"],
+                         kv_heads, c["scale"], c["block_tables"], c["seq_lens"],
+                         c["alibi_slopes"], _KV_KIND[kv], c["k_scale"], c["v_scale"])
+    want = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], kv_heads,
+                               c["scale"], c["block_tables"], c["seq_lens"], c["alibi_slopes"],
+                               kv, c["k_scale"], c["v_scale"])
+    assert_close(out, want)
+    assert torch.isnan(ml[0, :, 1]).all() and not torch.isnan(ml[1]).any()  # unused partition
+
+
+def test_paged_attention_bad_block_ids_are_left_out(coop, gen):
+    from compile_ops.attention import paged_attention_ref
+    from tests.ops.test_paged_attention import setup
+
+    c = setup([20], 2, 2, 64, 16, torch.float32, gen=gen)
+    good = c["block_tables"].clone()
+    c["block_tables"][0, 1] = 10 ** 6  # tokens 16..19 point outside the cache
+    out = torch.empty_like(c["query"])
+    es, ml = torch.empty(1, 2, 1), torch.empty(1, 2, 1)
+    tmp = torch.empty(1, 2, 1, 64)
+    coop.paged_attention(out, es, ml, tmp, c["query"], c["key_cache"], c["value_cache"], 2,
+                         c["scale"], c["block_tables"], c["seq_lens"], None, 0, c["k_scale"],
+                         c["v_scale"])
+    want = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 2, c["scale"],
+                               good, torch.tensor([16], dtype=torch.int32), None, "auto",
+                               c["k_scale"], c["v_scale"])
+    assert_close(out, want)  # attention over the 16 tokens with valid blocks

@@ -175,3 +175,44 @@ def test_reference_function_equals_the_op(gen):
                               c["block_tables"], c["seq_lens"], None, "auto", c["k_scale"],
                               c["v_scale"])
     assert torch.equal(ref, v1(c))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (the kernels: partition + reduce)
+# ---------------------------------------------------------------------------------------------
+def to_cuda(c):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("head", [64, 80, 96, 112, 128, 192, 256])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (8, 8), (16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_v1_v2(dtype, heads, kv_heads, bs, head, kv, gen):
+    c = setup([1, 300, 1100], heads, kv_heads, head, bs, dtype, kv, gen=gen,
+              alibi=kv_heads == 1)
+    want = v1(c)  # the CPU reference
+    g = to_cuda(c)
+    assert_close(v1(g), want)
+    out, es, ml, tmp = (t.cuda() for t in v2_buffers(c))
+    ops.paged_attention_v2(out, es, ml, tmp, g["query"], g["key_cache"], g["value_cache"],
+                           kv_heads, g["scale"], g["block_tables"], g["seq_lens"], bs, 1100,
+                           g["alibi_slopes"], kv, g["k_scale"], g["v_scale"])
+    assert_close(out, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("context", [1, 4096, 32768])
+def test_cuda_long_contexts_and_batch(context, gen):
+    lens = [context] + [max(1, context // 3)] * 3
+    c = setup(lens, 32, 8, 128, 16, torch.bfloat16, gen=gen)
+    assert_close(v1(to_cuda(c)), v1(c))
+
+
+@pytest.mark.cuda
+def test_cuda_batch_128(gen):
+    c = setup([int(n) for n in torch.randint(1, 600, (128,), generator=gen)], 8, 2, 128, 16,
+              torch.bfloat16, "fp8", gen=gen)
+    assert_close(v1(to_cuda(c)), v1(c))

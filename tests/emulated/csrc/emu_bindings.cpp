@@ -40,6 +40,12 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                        const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
+void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logits,
+                     at::Tensor& tmp_out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                     const std::optional<at::Tensor>& alibi_slopes, int64_t kind,
+                     const at::Tensor& k_scale, const at::Tensor& v_scale);
 }  // namespace compile_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -57,4 +63,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swap_blocks", &compile_ops::swap_blocks);
   m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash);
   m.def("merge_attn_states", &compile_ops::merge_attn_states);
+  m.def("paged_attention", &compile_ops::paged_attention);
 }
