@@ -46,4 +46,5 @@ def test_bench_attention_cpu_check():
     proc = subprocess.run([sys.executable, "bench/bench_attention.py", "--cpu-check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "cpu check ok: merge_attn_states variants match" in proc.stdout
+    assert "cpu check ok: attention variants match (merge_attn_states, paged_attention)" \
+        in proc.stdout
