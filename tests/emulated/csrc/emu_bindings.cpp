@@ -7,46 +7,7 @@
 #include <optional>
 #include <string>
 
-namespace compile_ops {
-void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
-                        double epsilon);
-void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
-void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
-void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
-                      const std::optional<at::Tensor>& key, int64_t head_size,
-                      const at::Tensor& cos_sin_cache, bool is_neox);
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                       at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
-                       const at::Tensor& k_scale, const at::Tensor& v_scale);
-void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
-                             at::Tensor& key_cache, at::Tensor& value_cache,
-                             const at::Tensor& slot_mapping, int64_t kind,
-                             const at::Tensor& k_scale, const at::Tensor& v_scale);
-void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor& block_table,
-                  const at::Tensor& cu_seq_lens, const std::optional<at::Tensor>& token_to_seq,
-                  int64_t rows, int64_t batch, int64_t kind, const std::optional<at::Tensor>& scale,
-                  const std::optional<at::Tensor>& seq_starts);
-void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind);
-void swap_blocks(const at::Tensor& src, at::Tensor& dst, int64_t block_bytes,
-                 const at::Tensor& block_mapping, const std::string& mode);
-bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
-                                const at::Tensor& value, int64_t head_size,
-                                const at::Tensor& cos_sin_cache, bool is_neox,
-                                at::Tensor& key_cache, at::Tensor& value_cache,
-                                const at::Tensor& slot_mapping, int64_t kind,
-                                const at::Tensor& k_scale, const at::Tensor& v_scale,
-                                bool write_key);
-void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
-                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                       const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
-void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logits,
-                     at::Tensor& tmp_out, const at::Tensor& query, const at::Tensor& key_cache,
-                     const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
-                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     const std::optional<at::Tensor>& alibi_slopes, int64_t kind,
-                     const at::Tensor& k_scale, const at::Tensor& v_scale);
-}  // namespace compile_ops
+#include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cooperative", [](bool on) { compile_ops::emu::cooperative = on; },
