@@ -205,7 +205,16 @@ void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logi
     using T = decltype(t);
     using C = decltype(c);
     constexpr int KV = decltype(kvc)::value;
-    launch_kernel(paged_attention_kernel<T, C, KV>, grid, dim3(kAttnThreads), stream, dev, a);
+    constexpr int64_t VT = 16 / sizeof(C);
+    const bool vec = value_cache.stride(3) == 1 && a.block_size % VT == 0 &&
+                     is_aligned(a.value_cache, 16) && a.vc_block % VT == 0 &&
+                     a.vc_head % VT == 0 && a.vc_dim % VT == 0;
+    if (vec)
+      launch_kernel(paged_attention_kernel<T, C, KV, true>, grid, dim3(kAttnThreads), stream, dev,
+                    a);
+    else
+      launch_kernel(paged_attention_kernel<T, C, KV, false>, grid, dim3(kAttnThreads), stream,
+                    dev, a);
     launch_kernel(paged_attention_reduce_kernel<T>, rgrid, dim3(128), stream, dev, a);
   };
   auto with_kind = [&](auto t) {

@@ -487,3 +487,24 @@ def test_paged_attention_bad_block_ids_are_left_out(coop, gen):
                                good, torch.tensor([16], dtype=torch.int32), None, "auto",
                                c["k_scale"], c["v_scale"])
     assert_close(out, want)  # attention over the 16 tokens with valid blocks
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_paged_attention_strided_value_cache(coop, kv, gen):
+    """A value cache whose rows are not 16-byte aligned (page-dim padding): element-wise loads."""
+    from compile_ops.attention import paged_attention_ref
+    from tests.ops.test_paged_attention import setup
+
+    c = setup([45, 3], 4, 2, 64, 16, torch.bfloat16, kv, gen=gen)
+    vc = c["value_cache"]
+    padded = torch.zeros(*vc.shape[:3], vc.shape[3] + 1, dtype=vc.dtype)[..., :vc.shape[3]]
+    padded.copy_(vc)
+    out = torch.empty_like(c["query"])
+    es, ml = torch.empty(2, 4, 1), torch.empty(2, 4, 1)
+    tmp = torch.empty(2, 4, 1, 64, dtype=torch.bfloat16)
+    coop.paged_attention(out, es, ml, tmp, c["query"], c["key_cache"], padded, 2, c["scale"],
+                         c["block_tables"], c["seq_lens"], None, _KV_KIND[kv], c["k_scale"],
+                         c["v_scale"])
+    want = paged_attention_ref(c["query"], c["key_cache"], vc, 2, c["scale"], c["block_tables"],
+                               c["seq_lens"], None, kv, c["k_scale"], c["v_scale"])
+    assert_close(out, want)

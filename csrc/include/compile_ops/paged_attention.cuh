@@ -80,7 +80,7 @@ __device__ __forceinline__ float cta_reduce(float v, float* red) {
 }
 
 // grid: (kv_heads * ceil(group / kMaxGroup), seqs, parts)
-template <typename T, typename C, int KV>
+template <typename T, typename C, int KV, bool VEC>
 __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(PagedAttnArgs a) {
   constexpr int X = 16 / static_cast<int>(sizeof(C));  // key elements per chunk
   __shared__ float q_s[kMaxGroup][kMaxHead];
@@ -171,21 +171,36 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_kernel(PagedAttn
   }
   __syncthreads();
 
-  // Phase 3: partial output per dimension: sum_t w[g][t] * v[t][d] / sum_t w[g][t].
+  // Phase 3: partial output per dimension: sum_t w[g][t] * v[t][d] / sum_t w[g][t]. A
+  // partition starts on a block boundary (block_size divides kPartition), and a value row holds
+  // a block's pages contiguously: VT pages per load when VEC (the launcher checked alignment).
+  constexpr int VT = VEC ? 16 / static_cast<int>(sizeof(C)) : 1;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc[kMaxGroup];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
-    for (int ti = 0; ti < n; ++ti) {
-      const int64_t blk = cache_block(a, seq, t0 + ti);
+    for (int b0 = 0; b0 < n; b0 += a.block_size) {
+      const int64_t blk = cache_block(a, seq, t0 + b0);
       if (blk < 0) continue;
-      const int64_t off = (t0 + ti) % a.block_size;
-      const C c = static_cast<const C*>(a.value_cache)[blk * a.vc_block + kvh * a.vc_head +
-                                                        d * a.vc_dim + off * a.vc_page];
-      const float v = cache_value<KV>(c, vs);
+      const C* row = static_cast<const C*>(a.value_cache) + blk * a.vc_block + kvh * a.vc_head +
+                     d * a.vc_dim;
+      for (int j = 0; j < a.block_size && b0 + j < n; j += VT) {
+        Pack<C, VT> pk;
+        if constexpr (VEC) {
+          pk = *reinterpret_cast<const Pack<C, VT>*>(row + j);  // pages past n: read, not used
+        } else {
+          pk.v[0] = row[j * a.vc_page];
+        }
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        if (g < ng) acc[g] += logits[g][ti] * v;
+        for (int e = 0; e < VT; ++e) {
+          const int ti = b0 + j + e;
+          if (ti >= n) break;
+          const float v = cache_value<KV>(pk.v[e], vs);
+#pragma unroll
+          for (int g = 0; g < kMaxGroup; ++g)
+            if (g < ng) acc[g] += logits[g][ti] * v;
+        }
+      }
     }
     for (int g = 0; g < ng; ++g) {
       const int64_t h = h0 + g;
