@@ -66,16 +66,12 @@ void dispatch_kv(const char* op, at::ScalarType model, int kind, F&& f) {
   }
 }
 
-const float* scale_ptr(const at::Tensor& s) { return s.data_ptr<float>(); }
-
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
-void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
-                             at::Tensor& key_cache, at::Tensor& value_cache,
-                             const at::Tensor& slot_mapping, int64_t kind,
-                             const at::Tensor& k_scale, const at::Tensor& v_scale) {
-  constexpr const char* op = "reshape_and_cache_flash";
+// What both cache-write launchers check first: dtypes, devices, [tokens, heads, size] rows, the
+// slot mapping.
+void check_write_args(const char* op, const at::Tensor& key, const at::Tensor& value,
+                      const at::Tensor& key_cache, const at::Tensor& value_cache,
+                      const at::Tensor& slot_mapping, const at::Tensor& k_scale,
+                      const at::Tensor& v_scale) {
   check_float_type(op, "key", key);
   check_same_type(op, "value", value, key);
   for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_cuda(op, "argument", *p, key);
@@ -86,6 +82,19 @@ void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.is_contiguous(),
               op, ": slot_mapping must be a contiguous 1-D int64 tensor");
+}
+
+const float* scale_ptr(const at::Tensor& s) { return s.data_ptr<float>(); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, int64_t kind,
+                             const at::Tensor& k_scale, const at::Tensor& v_scale) {
+  constexpr const char* op = "reshape_and_cache_flash";
+  check_write_args(op, key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale);
   const int64_t n = slot_mapping.size(0), heads = key.size(1);
   TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads, op,
               ": slot_mapping longer than key/value, or head counts differ");
@@ -160,16 +169,7 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                        at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
                        const at::Tensor& k_scale, const at::Tensor& v_scale) {
   constexpr const char* op = "reshape_and_cache";
-  check_float_type(op, "key", key);
-  check_same_type(op, "value", value, key);
-  for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_cuda(op, "argument", *p, key);
-  check_cuda(op, "key_cache", key_cache, key);
-  check_cuda(op, "value_cache", value_cache, key);
-  check_heads(op, "key", key);
-  check_heads(op, "value", value);
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.is_contiguous(),
-              op, ": slot_mapping must be a contiguous 1-D int64 tensor");
+  check_write_args(op, key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale);
   const int64_t n = slot_mapping.size(0), heads = key.size(1), hs = key.size(2);
   TORCH_CHECK(n <= key.size(0) && n <= value.size(0) && value.size(1) == heads &&
                   value.size(2) == hs,
