@@ -85,3 +85,8 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
 }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// Round-to-nearest float32 arithmetic, one rounding per operation (the host compiler is not asked
+// to contract these: no FMA target flags in tests/emulated).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "compile_ops/fp8.cuh"
+#include "compile_ops/rotary.cuh"
 #include "compile_ops/vec.cuh"
 
 namespace compile_ops {
@@ -68,8 +69,10 @@ __global__ void fused_rope_and_cache_flash_kernel(RopeCacheArgs a) {
       for (int w = 0; w < W; ++w) {
         const float c = to_float(cs[i0 + w]), s = to_float(cs[half + i0 + w]);
         const float u = to_float(x.v[w]), v = to_float(y.v[w]);
-        x.v[w] = from_float<T>(u * c - v * s);
-        y.v[w] = from_float<T>(v * c + u * s);
+        float rx, ry;
+        rotate_pair(u, v, c, s, rx, ry);
+        x.v[w] = from_float<T>(rx);
+        y.v[w] = from_float<T>(ry);
       }
     } else {
       const int p0 = j * W / 2;
@@ -77,8 +80,10 @@ __global__ void fused_rope_and_cache_flash_kernel(RopeCacheArgs a) {
       for (int p = 0; p < W / 2; ++p) {
         const float c = to_float(cs[p0 + p]), s = to_float(cs[half + p0 + p]);
         const float u = to_float(x.v[2 * p]), v = to_float(x.v[2 * p + 1]);
-        x.v[2 * p] = from_float<T>(u * c - v * s);
-        x.v[2 * p + 1] = from_float<T>(v * c + u * s);
+        float rx, ry;
+        rotate_pair(u, v, c, s, rx, ry);
+        x.v[2 * p] = from_float<T>(rx);
+        x.v[2 * p + 1] = from_float<T>(ry);
       }
     }
   };

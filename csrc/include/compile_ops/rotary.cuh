@@ -6,6 +6,18 @@
 
 namespace compile_ops {
 
+// One rotated pair: (x c - y s, y c + x s), each product and the sum rounded to float32 on its
+// own, as the PyTorch reference computes it. Written with the _rn intrinsics because nvcc would
+// otherwise contract a product and the sum into one FMA: one float32 ulp away from the reference,
+// enough to flip the rounding of a bf16/fp16 output now and then (seen on an H100: 294 CUDA tests
+// of the fused RoPE + cache op failed bit-exactness against the CPU). Memory-bound kernels: the
+// two extra instructions per pair cost nothing measurable.
+__device__ __forceinline__ void rotate_pair(float x, float y, float c, float s, float& rx,
+                                            float& ry) {
+  rx = __fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s));
+  ry = __fadd_rn(__fmul_rn(y, c), __fmul_rn(x, s));
+}
+
 // One token per blockIdx.x. threadIdx.x walks the rotary pairs (cos/sin loaded once per pair),
 // threadIdx.y walks the query heads then the key heads. A position outside [0, max_pos) leaves
 // the token untouched: nothing outside the cache is read.
@@ -30,8 +42,10 @@ __global__ void rotary_embedding_kernel(const PosT* __restrict__ positions, T* q
                        : key + token * k_stride + static_cast<int64_t>(h - nq) * head_size;
       const float x = to_float(head[xi]);
       const float y = to_float(head[yi]);
-      head[xi] = from_float<T>(x * c - y * s);
-      head[yi] = from_float<T>(y * c + x * s);
+      float rx, ry;
+      rotate_pair(x, y, c, s, rx, ry);
+      head[xi] = from_float<T>(rx);
+      head[yi] = from_float<T>(ry);
     }
   }
 }
@@ -67,8 +81,10 @@ __global__ void rotary_embedding_vec_kernel(const PosT* __restrict__ positions, 
       for (int w = 0; w < W; ++w) {
         const float c = to_float(cs[i0 + w]), s = to_float(cs[half + i0 + w]);
         const float a = to_float(x.v[w]), b = to_float(y.v[w]);
-        x.v[w] = from_float<T>(a * c - b * s);
-        y.v[w] = from_float<T>(b * c + a * s);
+        float rx, ry;
+        rotate_pair(a, b, c, s, rx, ry);
+        x.v[w] = from_float<T>(rx);
+        y.v[w] = from_float<T>(ry);
       }
       *reinterpret_cast<P*>(head + i0) = x;
       *reinterpret_cast<P*>(head + half + i0) = y;
@@ -79,8 +95,10 @@ __global__ void rotary_embedding_vec_kernel(const PosT* __restrict__ positions, 
       for (int p = 0; p < W / 2; ++p) {
         const float c = to_float(cs[e0 / 2 + p]), s = to_float(cs[half + e0 / 2 + p]);
         const float a = to_float(v.v[2 * p]), b = to_float(v.v[2 * p + 1]);
-        v.v[2 * p] = from_float<T>(a * c - b * s);
-        v.v[2 * p + 1] = from_float<T>(b * c + a * s);
+        float rx, ry;
+        rotate_pair(a, b, c, s, rx, ry);
+        v.v[2 * p] = from_float<T>(rx);
+        v.v[2 * p + 1] = from_float<T>(ry);
       }
       *reinterpret_cast<P*>(head + e0) = v;
     }
