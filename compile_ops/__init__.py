@@ -23,6 +23,13 @@ from compile_ops.cache import (
     reshape_and_cache_flash,
     swap_blocks,
 )
+from compile_ops.mla import (
+    concat_and_cache_mla,
+    concat_and_cache_mla_rope_fused,
+    cp_gather_and_upconvert_fp8_kv_cache,
+    cp_gather_indexer_k_quant_cache,
+    indexer_k_quant_and_cache,
+)
 from compile_ops.norm import fused_add_rms_norm, rms_norm
 from compile_ops.rope_cache import fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
@@ -53,6 +60,11 @@ __all__ = [
     "cp_gather_cache",
     "fused_rope_and_cache_flash",
     "merge_attn_states",
+    "concat_and_cache_mla",
+    "concat_and_cache_mla_rope_fused",
+    "cp_gather_and_upconvert_fp8_kv_cache",
+    "indexer_k_quant_and_cache",
+    "cp_gather_indexer_k_quant_cache",
 ]
 
 
