@@ -46,4 +46,21 @@ void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logi
                      const at::Tensor& block_tables, const at::Tensor& seq_lens,
                      const std::optional<at::Tensor>& alibi_slopes, int64_t kind,
                      const at::Tensor& k_scale, const at::Tensor& v_scale);
+void concat_and_cache_mla(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
+                          const at::Tensor& slot_mapping, int64_t kind, const at::Tensor& scale);
+void concat_and_cache_mla_rope_fused(const at::Tensor& positions, at::Tensor& q_pe,
+                                     at::Tensor& k_pe, const at::Tensor& kv_c,
+                                     const at::Tensor& cos_sin_cache, bool is_neox,
+                                     const at::Tensor& slot_mapping, at::Tensor& kv_cache,
+                                     int64_t kind, const at::Tensor& scale);
+void cp_gather_and_upconvert_fp8_kv_cache(const at::Tensor& src_cache, at::Tensor& dst,
+                                          const at::Tensor& block_table,
+                                          const at::Tensor& workspace_starts, int64_t batch_size,
+                                          const std::optional<at::Tensor>& seq_starts);
+void indexer_k_quant_and_cache(const at::Tensor& k, at::Tensor& kv_cache,
+                               const at::Tensor& slot_mapping, int64_t quant_block_size,
+                               bool ue8m0);
+void cp_gather_indexer_k_quant_cache(const at::Tensor& kv_cache, at::Tensor& dst_k,
+                                     at::Tensor& dst_scale, const at::Tensor& block_table,
+                                     const at::Tensor& cu_seq_lens, int64_t quant_block_size);
 }  // namespace compile_ops

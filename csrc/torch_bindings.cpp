@@ -61,4 +61,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("num_kv_heads"),
         py::arg("scale"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("alibi_slopes"),
         py::arg("kind"), py::arg("k_scale"), py::arg("v_scale"));
+  m.def("concat_and_cache_mla", &compile_ops::concat_and_cache_mla,
+        "MLA cache entries [kv_c | k_pe] (auto / fp8 / fp8_ds_mla) at the slots", py::arg("kv_c"),
+        py::arg("k_pe"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kind"),
+        py::arg("scale"));
+  m.def("concat_and_cache_mla_rope_fused", &compile_ops::concat_and_cache_mla_rope_fused,
+        "RoPE on q_pe and k_pe in place, then the MLA cache write, in one kernel",
+        py::arg("positions"), py::arg("q_pe"), py::arg("k_pe"), py::arg("kv_c"),
+        py::arg("cos_sin_cache"), py::arg("is_neox"), py::arg("slot_mapping"),
+        py::arg("kv_cache"), py::arg("kind"), py::arg("scale"));
+  m.def("cp_gather_and_upconvert_fp8_kv_cache", &compile_ops::cp_gather_and_upconvert_fp8_kv_cache,
+        "gather fp8_ds_mla entries into a bf16 workspace", py::arg("src_cache"), py::arg("dst"),
+        py::arg("block_table"), py::arg("workspace_starts"), py::arg("batch_size"),
+        py::arg("seq_starts"));
+  m.def("indexer_k_quant_and_cache", &compile_ops::indexer_k_quant_and_cache,
+        "per-group e4m3 quantization of the indexer key into the block-major cache",
+        py::arg("k"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("quant_block_size"),
+        py::arg("ue8m0"));
+  m.def("cp_gather_indexer_k_quant_cache", &compile_ops::cp_gather_indexer_k_quant_cache,
+        "gather the indexer cache's codes and scales", py::arg("kv_cache"), py::arg("dst_k"),
+        py::arg("dst_scale"), py::arg("block_table"), py::arg("cu_seq_lens"),
+        py::arg("quant_block_size"));
 }

@@ -31,7 +31,8 @@ def emu():
         pytest.skip("CUDA headers (cuda_fp8.h) not found under CUDA_HOME or /usr/local/cuda")
     sources = [os.path.join(HERE, f) for f in
                ("emu_bindings.cpp", "emu_activation.cpp", "emu_pos_encoding.cpp",
-                "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp", "emu_attention.cpp")]
+                "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp", "emu_attention.cpp",
+                "emu_mla.cpp")]
     asan = os.environ.get("COMPILE_OPS_EMU_ASAN", "") not in ("", "0")
     san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     return cpp.load(
@@ -48,3 +49,11 @@ def emu():
         with_cuda=False,
         verbose=False,
     )
+
+
+@pytest.fixture
+def coop(emu):
+    """The emulated extension in the cooperative schedule (barriers, shuffles, shared memory)."""
+    emu.set_cooperative(True)
+    yield emu
+    emu.set_cooperative(False)

@@ -356,13 +356,6 @@ def test_fused_rope_and_cache_flash_declines_unaligned_rows(emu, gen):
 # ---------------------------------------------------------------------------------------------
 # RMSNorm family (block reductions: the cooperative schedule)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def coop(emu):
-    emu.set_cooperative(True)
-    yield emu
-    emu.set_cooperative(False)
-
-
 def test_sequential_schedule_refuses_barriers(emu):
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="set_cooperative"):

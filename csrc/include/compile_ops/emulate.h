@@ -90,3 +90,13 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline unsigned int __float_as_uint(float v) {
+  unsigned int u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
