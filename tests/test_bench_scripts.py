@@ -17,6 +17,7 @@ SCRIPTS = [
     ("bench/bench_rope_cache.py", "cpu check ok: rope + cache variants match"),
     ("bench/bench_attention.py",
      "cpu check ok: attention variants match (merge_attn_states, paged_attention)"),
+    ("bench/bench_mla.py", "cpu check ok: mla variants match"),
 ]
 
 
