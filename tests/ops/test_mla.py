@@ -1212,3 +1212,35 @@ def test_cuda_compiled_graph(gen):
     assert torch.equal(got, want)
     assert torch.equal(storage_bytes(c2), storage_bytes(c1))
     assert torch.equal(storage_bytes(ic2), storage_bytes(ic1))
+
+
+# vLLM's argument names and order (csrc/libtorch_stable/torch_bindings.cpp, _custom_ops.py), so
+# vLLM-style callers port by changing the namespace.
+VLLM_ARGS = {
+    "concat_and_cache_mla": ["kv_c", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype",
+                             "scale"],
+    "concat_and_cache_mla_rope_fused": ["positions", "q_pe", "k_pe", "kv_c", "cos_sin_cache",
+                                        "is_neox", "slot_mapping", "kv_cache", "kv_cache_dtype",
+                                        "kv_cache_scale"],
+    "cp_gather_and_upconvert_fp8_kv_cache": ["src_cache", "dst", "block_table",
+                                             "workspace_starts", "batch_size", "seq_starts"],
+    "indexer_k_quant_and_cache": ["k", "kv_cache", "slot_mapping", "quant_block_size",
+                                  "kv_cache_dtype"],
+    "cp_gather_indexer_k_quant_cache": ["kv_cache", "dst_k", "dst_scale", "block_table",
+                                        "cu_seq_lens"],
+}
+MUTATED = {"concat_and_cache_mla": {"kv_cache"},
+           "concat_and_cache_mla_rope_fused": {"q_pe", "k_pe", "kv_cache"},
+           "cp_gather_and_upconvert_fp8_kv_cache": {"dst"},
+           "indexer_k_quant_and_cache": {"kv_cache"},
+           "cp_gather_indexer_k_quant_cache": {"dst_k", "dst_scale"}}
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_ARGS))
+def test_schema_follows_vllm(name):
+    schema = getattr(torch.ops.compile_ops, name).default._schema
+    assert [a.name for a in schema.arguments] == VLLM_ARGS[name]
+    written = {a.name for a in schema.arguments if a.alias_info is not None
+               and a.alias_info.is_write}
+    assert written == MUTATED[name]
+    assert len(schema.returns) == 0
