@@ -1,0 +1,275 @@
+"""The paged-KV Llama-style model (compile_ops/models/llama.py): the cache bookkeeping, eager vs
+the plain-PyTorch reference, the model compiled with the compile_ops backend vs eager with the
+fusion counters, the main-job command end to end, the same on CUDA in bfloat16, and a Hugging Face
+Llama under the backend."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowerings
+from compile_ops.models.llama import (
+    Llama,
+    LlamaConfig,
+    LlamaReference,
+    PagedKVCache,
+    compare_generations,
+    compile_steps,
+    generate,
+    logits_tolerance,
+)
+from compile_ops.testing import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Odd batch and prompt length; blocks of 8 tokens: the prompts span two blocks and the decode
+# steps cross into a third (11 + 6 = 17 tokens).
+B, T, N = 3, 11, 6
+
+
+def make(dtype=torch.float32, device="cpu", **model_kw):
+    cfg = LlamaConfig.tiny(dtype=dtype)
+    model = Llama(cfg, seed=0, device=device, **model_kw)
+    prompt = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(1))
+    return cfg, model, prompt.to(device)
+
+
+@pytest.fixture
+def fresh_compile():
+    """Compile from scratch: no FX graph / AOT cache hits (the passes must run for the counters
+    to mean anything), fresh counters."""
+    torch._dynamo.reset()
+    lowerings.reset_counters()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache manager
+# ---------------------------------------------------------------------------------------------
+def test_cache_layout_blocks_and_slots():
+    cfg = LlamaConfig.tiny()
+    cache = PagedKVCache(cfg, num_blocks=12, seed=3)
+    kc, vc = cache.kv_caches[0]
+    assert len(cache.kv_caches) == cfg.layers
+    assert kc.shape == (12, cfg.kv_heads, cfg.head_dim // 4, cfg.block_size, 4)  # x = 16 / 4
+    assert vc.shape == (12, cfg.kv_heads, cfg.head_dim, cfg.block_size)
+
+    seqs = cache.add_sequences(B)
+    positions, slots = cache.prefill(seqs, T)
+    assert positions.dtype == slots.dtype == torch.int64
+    assert positions.tolist() == list(range(T)) * B
+    assert len(set(slots.tolist())) == B * T and 0 <= min(slots.tolist())
+    assert max(slots.tolist()) < 12 * cfg.block_size
+    for i, s in enumerate(seqs):
+        table = cache.block_table[s]
+        assert len(table) == 2  # 11 tokens in blocks of 8
+        want = [table[p // 8] * 8 + p % 8 for p in range(T)]
+        assert slots[i * T:(i + 1) * T].tolist() == want
+    all_blocks = sum((cache.block_table[s] for s in seqs), [])
+    assert sorted(all_blocks) != list(range(len(all_blocks)))  # scattered, not in order
+
+    for step in range(N - 1):
+        pos, slot, tables, lens = cache.decode(seqs)
+        assert pos.tolist() == [T + step] * B and pos.dtype == torch.int64
+        assert lens.tolist() == [T + step + 1] * B and lens.dtype == torch.int32
+        assert tables.dtype == torch.int32 and tables.shape == (B, cfg.max_blocks)
+        for i, s in enumerate(seqs):
+            assert slot[i] == cache.slot(s, T + step)
+            assert tables[i, :len(cache.block_table[s])].tolist() == cache.block_table[s]
+    assert [len(cache.block_table[s]) for s in seqs] == [2] * B  # 16 tokens: still two blocks
+    cache.decode(seqs)  # token 17: a third block each
+    assert [len(cache.block_table[s]) for s in seqs] == [3] * B
+    with pytest.raises(RuntimeError, match="out of KV-cache blocks"):
+        cache.prefill(cache.add_sequences(1), 3 * 8 + 1)
+    cache.free(seqs)
+    assert len(cache._free) == 12 - 3  # the last sequence's three blocks are still taken
+    with pytest.raises(ValueError, match="max_seq_len"):
+        cache.prefill(cache.add_sequences(1), cfg.max_seq_len + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager vs the plain-PyTorch reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn_version", ["v1", "v2"])
+@pytest.mark.parametrize("fused_add_norm", [False, True], ids=["add+rms_norm", "fused_add"])
+def test_eager_matches_reference(attn_version, fused_add_norm):
+    cfg, model, prompt = make(attn_version=attn_version, fused_add_norm=fused_add_norm)
+    ref = generate(LlamaReference(model), prompt, N)
+    got = generate(model, prompt, N)
+    assert got.tokens.shape == (B, N) and got.logits.shape == (N, B, cfg.vocab)
+    assert torch.equal(got.tokens, ref.tokens)
+    torch.testing.assert_close(got.logits, ref.logits,
+                               **logits_tolerance(torch.float32, cfg.layers))
+    cmp = compare_generations(ref, got, cfg.dtype, cfg.layers)
+    assert cmp.ok and cmp.tokens_equal, cmp.message
+    assert len(set(ref.tokens.flatten().tolist())) > 3  # not a degenerate model
+
+
+def test_paged_cache_holds_the_reference_keys_and_values():
+    """After prefill + decode, every token's rotated key and value sits at its slot of the paged
+    layout (key x-packed), equal to the reference's dense cache."""
+    cfg, model, prompt = make()
+    ref_model = LlamaReference(model)
+    dense = ref_model.new_cache(B)
+    generate(ref_model, prompt, N, kv_cache=dense)
+    paged = PagedKVCache(cfg)
+    gen = generate(model, prompt, N, kv_cache=paged)
+    length = T + N - 1  # the last generated token is not written
+    for (kc, vc), (dk, dv) in zip(paged.kv_caches, dense):
+        for i, s in enumerate(gen.session.seqs):
+            assert paged.seq_len[s] == length
+            slots = torch.tensor([paged.slot(s, p) for p in range(length)])
+            blk, off = slots // cfg.block_size, slots % cfg.block_size
+            keys = kc[blk, :, :, off, :].reshape(length, cfg.kv_heads, cfg.head_dim)
+            values = vc[blk, :, :, off]
+            assert_close(keys, dk[i, :, :length].transpose(0, 1))
+            assert_close(values, dv[i, :, :length].transpose(0, 1))
+
+
+def test_comparison_flags_wrong_logits_and_accepts_only_near_ties():
+    cfg, model, prompt = make()
+    ref = generate(LlamaReference(model), prompt, 3)
+    bad = generate(model, prompt, 3)
+    bad.logits[1, 0, 5] += 1.0
+    cmp = compare_generations(ref, bad, cfg.dtype, cfg.layers)
+    assert not cmp.ok and "step 1, sequence 0, token 5" in cmp.message
+    flipped = generate(model, prompt, 3)
+    flipped.tokens[2, 1] = (flipped.tokens[2, 1] + 1) % cfg.vocab  # no tie: a real mismatch
+    cmp = compare_generations(ref, flipped, cfg.dtype, cfg.layers)
+    assert not cmp.ok and "is no tie" in cmp.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled with the compile_ops backend
+# ---------------------------------------------------------------------------------------------
+def test_compile_ops_backend_matches_eager_and_fuses(fresh_compile):
+    cfg, model, prompt = make()
+    eager = generate(model, prompt, N)
+    prefill_fn, decode_fn = compile_steps(model, "compile_ops", fullgraph=True)
+    got = generate(model, prompt, 2, prefill_fn=prefill_fn, decode_fn=decode_fn)  # compiles
+    pm = lowerings.pass_manager()
+    decode_after = list(pm.ops_after)  # the last graph compiled: the decode step
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph per step kind
+        got = generate(model, prompt, N, prefill_fn=prefill_fn, decode_fn=decode_fn)
+    assert torch.equal(got.tokens, eager.tokens)
+    assert_close(got.logits, eager.logits)
+
+    c = lowerings.counters()
+    layers = cfg.layers
+    # per graph: layer 0's post-attention norm, 2 per later layer, the final norm = 2 * layers;
+    # the first layer's input norm reads the embedding (no add): a near miss. Two graphs.
+    assert c["add_rms_norm"] == {
+        "matched": 2 * 2 * layers,
+        "near_miss: norm input is aten.embedding.default, not aten.add.Tensor": 2}, c
+    # rotary_embedding + the paged reshape_and_cache: the rope_cache pass only fuses the flash
+    # layout's cache write, so it matches nothing here (and records no near miss either)
+    assert "matched" not in c.get("rope_cache", {}), c
+    # GEMM -> silu_and_mul -> GEMM: the activation kernel is kept
+    assert c["lower_activation"] == {
+        "near_miss: kept the CUDA kernel: no pointwise neighbour to fuse with": 2 * layers}, c
+
+    def count(ops, name):
+        return sum(1 for o in ops if o == f"auto_functionalized(compile_ops.{name}.default)")
+
+    assert count(decode_after, "fused_add_rms_norm") == 2 * layers
+    assert count(decode_after, "rms_norm") == 1
+    assert count(decode_after, "paged_attention_v2") == layers
+    assert count(decode_after, "rotary_embedding") == count(decode_after, "reshape_and_cache") \
+        == layers
+    assert "aten.add.Tensor" not in decode_after
+
+
+def test_inductor_backend_matches_eager_without_fusing(fresh_compile):
+    cfg, model, prompt = make(attn_version="v1")
+    eager = generate(model, prompt, 3)
+    prefill_fn, decode_fn = compile_steps(model, "inductor")
+    got = generate(model, prompt, 3, prefill_fn=prefill_fn, decode_fn=decode_fn)
+    assert torch.equal(got.tokens, eager.tokens)
+    assert_close(got.logits, eager.logits)
+    assert lowerings.counters() == {}  # the passes belong to the compile_ops backend only
+
+
+# ---------------------------------------------------------------------------------------------
+# The main-job command
+# ---------------------------------------------------------------------------------------------
+def test_main_command_runs_on_cpu():
+    proc = subprocess.run(
+        [sys.executable, "-m", "compile_ops.models.llama", "--config", "tiny", "--batch", "3",
+         "--prompt-len", "7", "--new-tokens", "4", "--device", "cpu", "--timing-steps", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "batch 3, prompt 7, 4 new tokens (max_seq_len 16), cpu (reference kernels)" in out
+    for line in ("eager: vs reference (plain PyTorch, dense KV): tokens equal",
+                 "inductor: vs eager: tokens equal", "compile_ops: vs eager: tokens equal",
+                 "inductor: compiling the prefill step ...",
+                 "compile_ops: compiling the decode step ...",
+                 "compile_ops: timing the decode step ...",
+                 "fusion report (backend=compile_ops",
+                 "  prefill graph:", "  decode graph:",
+                 "compile_ops ops in the generated code:",
+                 "decode step, median of 2 (cpu, float32, batch 3):",
+                 "tokens agree: reference, eager, inductor, compile_ops (3 x 4 tokens)"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert out.count("add_rms_norm: matched 4 (expected 4") == 2, out
+    assert out.count("rope_cache: matched 0 (expected: the pass fuses rotary_embedding + "
+                     "reshape_and_cache_flash only") == 2, out
+    assert "compile_ops ops after the passes:  fused_add_rms_norm x4, paged_attention_v2 x2" in out
+    assert "compile_ops decode:  fused_add_rms_norm x4, paged_attention_v2 x2" in out
+    assert "inductor decode:     paged_attention_v2 x2, reshape_and_cache x2, rms_norm x5" in out
+    for name in ("eager", "inductor", "compile_ops"):
+        assert any(ln.split()[:1] == [name] and ln.rstrip().endswith(" ms")
+                   for ln in out.splitlines()), out
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (bfloat16): the kernels, CUDA graphs for the decode step
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn_version", ["v1", "v2"])
+def test_cuda_bf16_matches_reference_and_compiles(attn_version, fresh_compile):
+    cfg, model, prompt = make(torch.bfloat16, "cuda", attn_version=attn_version)
+    ref = generate(LlamaReference(model), prompt, N)
+    eager = generate(model, prompt, N)
+    cmp = compare_generations(ref, eager, cfg.dtype, cfg.layers)
+    assert cmp.ok, cmp.message
+    cache = PagedKVCache(cfg, "cuda")
+    cache.mark_static()  # the CUDA graphs of the decode step write into the caches
+    prefill_fn, decode_fn = compile_steps(model, "compile_ops", cuda_graphs=True)
+    for _ in range(2):  # compile + record, then replay
+        got = generate(model, prompt, N, prefill_fn=prefill_fn, decode_fn=decode_fn,
+                       kv_cache=cache)
+        cmp = compare_generations(eager, got, cfg.dtype, cfg.layers)
+        assert cmp.ok, cmp.message
+    assert lowerings.counters()["add_rms_norm"]["matched"] == 2 * 2 * cfg.layers
+
+
+# ---------------------------------------------------------------------------------------------
+# A Hugging Face Llama under the compile_ops backend
+# ---------------------------------------------------------------------------------------------
+def test_hugging_face_llama_under_the_backend(fresh_compile):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed: the Hugging Face Llama check "
+                               "needs it (pip install transformers)")
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        initializer_range=0.2)  # larger than the default 0.02: logits of O(1), not ~0
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()  # random weights, nothing downloaded
+    ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="compile_ops")
+        got = compiled(input_ids=ids, use_cache=False).logits
+    assert got.shape == (B, T, 256)
+    torch.testing.assert_close(got, eager, **logits_tolerance(torch.float32, 2))
+    assert torch.equal(got.argmax(-1), eager.argmax(-1))
+    # Hugging Face's Llama calls no compile_ops op: the passes find nothing to rewrite
+    assert all("matched" not in v for v in lowerings.counters().values())
