@@ -366,6 +366,21 @@ def _check_upconvert(src_cache, dst, block_table, workspace_starts, batch_size, 
                        f"{t.shape[0]}")
 
 
+def _table_blocks(op, block_table, req, pos, bs, nb, hint=""):
+    """(block ids, offsets) of positions ``pos`` of requests ``req`` through the block table;
+    IndexError for a column or block id outside the table / cache (nothing is read then)."""
+    col = pos // bs
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_table.shape[1]):
+        bad = int(col[(col < 0) | (col >= block_table.shape[1])][0])
+        C.fail(op, f"a row needs block-table column {bad}, block_table has "
+                   f"{block_table.shape[1]}{hint}", IndexError)
+    blk = block_table.long()[req, col]
+    if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= nb):
+        bad = int(blk[(blk < 0) | (blk >= nb)][0])
+        C.fail(op, f"block_table holds block {bad}, outside the cache's {nb} blocks", IndexError)
+    return blk, pos % bs
+
+
 def _upconvert_rows(src_cache, block_table, workspace_starts, batch_size, seq_starts, rows):
     """(rows, block ids, offsets) of the dst rows that belong to a request; raises IndexError
     for a block-table column or block id outside the table / cache."""
@@ -378,18 +393,9 @@ def _upconvert_rows(src_cache, block_table, workspace_starts, batch_size, seq_st
     off = r - ws[req]
     if seq_starts is not None:
         off = off + seq_starts[:batch_size].long()[req]
-    bs = src_cache.shape[1]
-    col = off // bs
-    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_table.shape[1]):
-        bad = int(col[(col < 0) | (col >= block_table.shape[1])][0])
-        C.fail(op, f"a row needs block-table column {bad}, block_table has "
-                   f"{block_table.shape[1]} (check workspace_starts / seq_starts)", IndexError)
-    blk = block_table.long()[req, col]
-    nb = src_cache.shape[0]
-    if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= nb):
-        bad = int(blk[(blk < 0) | (blk >= nb)][0])
-        C.fail(op, f"block_table holds block {bad}, outside the cache's {nb} blocks", IndexError)
-    return r, blk, off % bs
+    blk, off = _table_blocks(op, block_table, req, off, src_cache.shape[1], src_cache.shape[0],
+                             " (check workspace_starts / seq_starts)")
+    return r, blk, off
 
 
 @torch.library.custom_op("compile_ops::cp_gather_and_upconvert_fp8_kv_cache",
@@ -556,6 +562,19 @@ def _check_indexer_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens):
     return D, Q
 
 
+def _indexer_rows(kv_cache, block_table, cu_seq_lens, rows):
+    """(rows, block ids, offsets) of the dst rows inside a sequence (cu_seq_lens packing)."""
+    cu = cu_seq_lens.long().contiguous()
+    total = min(int(cu[-1]), rows)
+    t = torch.arange(total, device=kv_cache.device)
+    b = torch.searchsorted(cu, t, right=True) - 1
+    keep = (b >= 0) & (b < block_table.shape[0])
+    t, b = t[keep], b[keep]
+    blk, off = _table_blocks(_INDEXER_GATHER_OP, block_table, b, t - cu[b], kv_cache.shape[1],
+                             kv_cache.shape[0])
+    return t, blk, off
+
+
 @torch.library.custom_op("compile_ops::cp_gather_indexer_k_quant_cache",
                          mutates_args=("dst_k", "dst_scale"))
 def _cp_gather_indexer_k_quant_cache(kv_cache: torch.Tensor, dst_k: torch.Tensor,
@@ -563,29 +582,11 @@ def _cp_gather_indexer_k_quant_cache(kv_cache: torch.Tensor, dst_k: torch.Tensor
                                      cu_seq_lens: torch.Tensor) -> None:
     """Copy the e4m3 codes and float32 scales of each request's tokens (cu_seq_lens packing,
     block_table rows) into dst_k / dst_scale rows; rows >= cu_seq_lens[-1] are left untouched."""
-    op = _INDEXER_GATHER_OP
     D, Q = _check_indexer_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
-    batch = block_table.shape[0]
-    if batch == 0 or dst_k.shape[0] == 0:
+    if block_table.shape[0] == 0 or dst_k.shape[0] == 0:
         return
-    cu = cu_seq_lens.long().contiguous()
-    total = min(int(cu[-1]), dst_k.shape[0])
-    t = torch.arange(total, device=kv_cache.device)
-    b = torch.searchsorted(cu, t, right=True) - 1
-    keep = (b >= 0) & (b < batch)
-    t, b = t[keep], b[keep]
-    pos = t - cu[b]
+    t, blk, off = _indexer_rows(kv_cache, block_table, cu_seq_lens, dst_k.shape[0])
     bs = kv_cache.shape[1]
-    col = pos // bs
-    if col.numel() and int(col.max()) >= block_table.shape[1]:
-        C.fail(op, f"a sequence needs block-table column {int(col.max())}, block_table has "
-                   f"{block_table.shape[1]}", IndexError)
-    blk = block_table.long()[b, col]
-    nb = kv_cache.shape[0]
-    if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= nb):
-        bad = int(blk[(blk < 0) | (blk >= nb)][0])
-        C.fail(op, f"block_table holds block {bad}, outside the cache's {nb} blocks", IndexError)
-    off = pos % bs
     flat = _block_bytes(kv_cache)
     dk = _bytes(dst_k)
     dk[t] = flat[blk[:, None], off[:, None] * D + torch.arange(D, device=dk.device)]
@@ -667,17 +668,7 @@ if _C is not None:
             return
         if _cache._validating():
             _cache._refuse_capture(op, "cu_seq_lens and block_table")
-            cu = cu_seq_lens.long()
-            total = min(int(cu[-1]), dst_k.shape[0])
-            t = torch.arange(total, device=cu.device)
-            b = (torch.searchsorted(cu.contiguous(), t, right=True) - 1).clamp(0, len(cu) - 2)
-            col = (t - cu[b]) // kv_cache.shape[1]
-            if col.numel() and int(col.max()) >= block_table.shape[1]:
-                C.fail(op, "a sequence needs more block-table columns than block_table has",
-                       IndexError)
-            blk = block_table.long()[b, col]
-            if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= kv_cache.shape[0]):
-                C.fail(op, "block_table holds a block outside the cache", IndexError)
+            _indexer_rows(kv_cache, block_table, cu_seq_lens, dst_k.shape[0])
         _C.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table,
                                            cu_seq_lens.contiguous(), int(Q))
 

@@ -18,17 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
-  for (int64_t v : values)
-    if (v % w != 0) return false;
-  return true;
-}
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
-              ref.device(), ", got ", t.device());
-}
-
 void check_heads(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 3, op, ": ", name, " must be [tokens, num_heads, head_size]");
   TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, op, ": ", name,
@@ -39,7 +28,7 @@ void check_heads(const char* op, const char* name, const at::Tensor& x) {
 
 void check_scale(const char* op, const char* name, const at::Tensor& s, const at::Tensor& ref,
                  int64_t heads) {
-  check_cuda(op, name, s, ref);
+  check_on(op, name, s, ref);
   TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32");
   TORCH_CHECK(s.numel() == 1 || s.numel() == heads, op, ": ", name,
               " must hold one value or one per head");
@@ -74,9 +63,9 @@ void check_write_args(const char* op, const at::Tensor& key, const at::Tensor& v
                       const at::Tensor& v_scale) {
   check_float_type(op, "key", key);
   check_same_type(op, "value", value, key);
-  for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_cuda(op, "argument", *p, key);
-  check_cuda(op, "key_cache", key_cache, key);
-  check_cuda(op, "value_cache", value_cache, key);
+  for (auto* p : {&value, &slot_mapping, &k_scale, &v_scale}) check_on(op, "argument", *p, key);
+  check_on(op, "key_cache", key_cache, key);
+  check_on(op, "value_cache", value_cache, key);
   check_heads(op, "key", key);
   check_heads(op, "value", value);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
@@ -243,9 +232,9 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
                   const std::optional<at::Tensor>& seq_starts) {
   const char* op = token_to_seq ? "gather_and_maybe_dequant_cache" : "cp_gather_cache";
   TORCH_CHECK(on_device(src_cache), op, ": src_cache must be a CUDA tensor");
-  check_cuda(op, "dst", dst, src_cache);
-  check_cuda(op, "block_table", block_table, src_cache);
-  check_cuda(op, "cu_seq_lens", cu_seq_lens, src_cache);
+  check_on(op, "dst", dst, src_cache);
+  check_on(op, "block_table", block_table, src_cache);
+  check_on(op, "cu_seq_lens", cu_seq_lens, src_cache);
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 &&
                   (block_table.size(1) <= 1 || block_table.stride(1) == 1),
               op, ": block_table must be a 2-D int32 tensor with contiguous rows");
@@ -257,13 +246,13 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
                   rows <= dst.size(0),
               op, ": bad batch or row count");
   if (token_to_seq) {
-    check_cuda(op, "token_to_seq", *token_to_seq, src_cache);
+    check_on(op, "token_to_seq", *token_to_seq, src_cache);
     TORCH_CHECK(token_to_seq->scalar_type() == at::kInt && token_to_seq->dim() == 1 &&
                     token_to_seq->is_contiguous() && token_to_seq->size(0) >= rows,
                 op, ": token_to_seq must be a contiguous int32 tensor of num_tokens entries");
   }
   if (seq_starts) {
-    check_cuda(op, "seq_starts", *seq_starts, src_cache);
+    check_on(op, "seq_starts", *seq_starts, src_cache);
     TORCH_CHECK(seq_starts->scalar_type() == at::kInt && seq_starts->dim() == 1 &&
                     seq_starts->is_contiguous() && seq_starts->size(0) >= batch,
                 op, ": seq_starts must be a contiguous int32 tensor of batch entries");
@@ -288,7 +277,7 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
   int kv = kKvAuto;
   if (kind != kKvAuto) {
     TORCH_CHECK(scale.has_value(), op, ": an FP8 gather needs a scale");
-    check_cuda(op, "scale", *scale, src_cache);
+    check_on(op, "scale", *scale, src_cache);
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == 1, op,
                 ": scale must be one float32 value");
     check_float_type(op, "dst", dst);
@@ -359,7 +348,7 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
 void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind) {
   constexpr const char* op = "convert_fp8";
   TORCH_CHECK(on_device(input), op, ": input must be a CUDA tensor");
-  check_cuda(op, "output", output, input);
+  check_on(op, "output", output, input);
   TORCH_CHECK(output.is_contiguous() && input.is_contiguous(), op,
               ": input and output must be contiguous");
   TORCH_CHECK(output.numel() == input.numel(), op, ": output and input sizes differ");

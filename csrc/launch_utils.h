@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -145,6 +146,19 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
 }
 #endif  // COMPILE_OPS_EMULATE
+
+inline bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
+  for (int64_t v : values)
+    if (v % w != 0) return false;
+  return true;
+}
+
+// `t` is a tensor of this build's device kind on `ref`'s device.
+inline void check_on(const char* op, const char* name, const at::Tensor& t,
+                     const at::Tensor& ref) {
+  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
+              ref.device(), ", got ", t.device());
+}
 
 inline bool is_aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;

@@ -15,17 +15,6 @@ namespace {
 
 constexpr int kDsMla = 3;  // compile_ops/mla.py:_MLA_KIND["fp8_ds_mla"]
 
-bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
-  for (int64_t v : values)
-    if (v % w != 0) return false;
-  return true;
-}
-
-void check_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(on_device(t) && t.device() == ref.device(), op, ": ", name, " must be on ",
-              ref.device(), ", got ", t.device());
-}
-
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1), op, ": ", name,
               " must be 2-D with a contiguous last dim");

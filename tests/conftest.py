@@ -35,3 +35,17 @@ def _seed_global_rng():
     """Tests that draw from the global generator (model weights, plain randn) see the same numbers
     on every run, so a failure reproduces; the boundary cases that matter have explicit tests."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_compile():
+    """Compile from scratch: no Dynamo, AOT or FX graph cache hits (the passes must run, so their
+    counters mean something), fresh counters. Autouse for tests/lowerings."""
+    import lowerings
+
+    torch._dynamo.reset()
+    lowerings.reset_counters()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()

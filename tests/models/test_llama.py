@@ -37,18 +37,6 @@ def make(dtype=torch.float32, device="cpu", **model_kw):
     return cfg, model, prompt.to(device)
 
 
-@pytest.fixture
-def fresh_compile():
-    """Compile from scratch: no FX graph / AOT cache hits (the passes must run for the counters
-    to mean anything), fresh counters."""
-    torch._dynamo.reset()
-    lowerings.reset_counters()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
-    torch._dynamo.reset()
-
-
 # ---------------------------------------------------------------------------------------------
 # KV-cache manager
 # ---------------------------------------------------------------------------------------------
