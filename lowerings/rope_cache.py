@@ -106,12 +106,21 @@ def _spec(node: torch.fx.Node, name: str, bases: list):
     return idx, base
 
 
+def _rotated(key) -> bool:
+    """Whether a cache write's key is a view of a rotary_embedding result."""
+    root, _ = _chain_root(key)
+    return (isinstance(root, torch.fx.Node) and root.target is operator.getitem and
+            isinstance(root.args[0], torch.fx.Node) and root.args[0].target is AFV2 and
+            root.args[0].args[0] is torch.ops.compile_ops.rotary_embedding.default)
+
+
 class RopeCachePass(FusionPass):
     name = "rope_cache"
 
     def apply(self, graph: torch.fx.Graph) -> int:
         cache_op = torch.ops.compile_ops.reshape_and_cache_flash.default
         rope_op = torch.ops.compile_ops.rotary_embedding.default
+        paged_op = torch.ops.compile_ops.reshape_and_cache.default
         v1 = torch.ops.higher_order.auto_functionalized
         matches = 0
         for n in list(graph.nodes):
@@ -121,14 +130,15 @@ class RopeCachePass(FusionPass):
                 self.near_miss("auto_functionalized v1 node (needs auto_functionalized_v2)", n)
             if n.target is AFV2 and n.args[0] is cache_op and self._try_fuse(graph, n):
                 matches += 1
+            if n.target is AFV2 and n.args[0] is paged_op and _rotated(n.kwargs.get("key")):
+                self.near_miss("the rotated key goes to the paged reshape_and_cache (the fused "
+                               "op takes the flash layout only)", n)
         return matches
 
     def _try_fuse(self, graph: torch.fx.Graph, cn: torch.fx.Node) -> bool:
         kw = cn.kwargs
         root, k_chain = _chain_root(kw.get("key"))
-        if not (isinstance(root, torch.fx.Node) and root.target is operator.getitem and
-                isinstance(root.args[0], torch.fx.Node) and root.args[0].target is AFV2 and
-                root.args[0].args[0] is torch.ops.compile_ops.rotary_embedding.default):
+        if not _rotated(kw.get("key")):
             self.near_miss("cache key is not a view of a rotary_embedding result", cn)
             return False
         r = root.args[0]

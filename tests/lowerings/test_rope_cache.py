@@ -167,6 +167,38 @@ def test_does_not_fuse(variant, reason):
     assert_matches(eager, ea, got, ca)
 
 
+class PagedAttn(torch.nn.Module):
+    """The same projection and RoPE, but the rotated key goes to the paged (x-packed)
+    reshape_and_cache: there is no fused kernel for that layout; the pass says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Attn()
+
+    def forward(self, x, positions, cache, kc, vc, slots, scale):
+        q, k, v = (x @ self.inner.w).split([NQ * HD, NK * HD, NK * HD], dim=-1)
+        ops.rotary_embedding(positions, q, k, HD, cache, True)
+        ops.reshape_and_cache(k.view(-1, NK, HD), v.reshape(-1, NK, HD), kc, vc, slots, "auto",
+                              scale, scale)
+        return q * 2
+
+
+def test_paged_cache_write_is_a_near_miss():
+    args = inputs()
+    x = 16 // 4  # float32 elements per 16 bytes
+    args[3] = torch.zeros(NB, NK, HD // x, BS, x)
+    args[4] = torch.zeros(NB, NK, HD, BS)
+    eager, ea, got, ca, code = run(PagedAttn(), args)
+    c = counts()
+    assert c.get("matched", 0) == 0, c
+    assert c.get("near_miss: the rotated key goes to the paged reshape_and_cache (the fused op "
+                 "takes the flash layout only)", 0) == 1, c
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for e, g in zip(ea[3:5], ca[3:5]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert "fused_rope_and_cache_flash" not in code
+
+
 class TestSnapshots(TestCase):
     def test_post_pass_ops(self):
         run(Attn(), inputs())
