@@ -19,7 +19,9 @@ contiguous, block and token strides free)
     storage; kv_lora_rank 512, pe_dim 64, 16-bit inputs): bytes 0-511 the e4m3 codes of kv_c in
     four tiles of 128 values, bytes 512-527 the four float32 tile scales
     ``max(amax(|tile|) / 448, FLT_MIN)``, bytes 528-655 the 64 k_pe values bit for bit. The
-    ``scale`` argument is not used in this format (as in vLLM).
+    ``scale`` argument is not used in this format (as in vLLM). The rope bits keep the input's
+    dtype while ``cp_gather_and_upconvert_fp8_kv_cache`` reads them as bf16 (FlashMLA's dtype; vLLM
+    does the same): write this format from bf16 inputs if it is read back by the upconvert.
 
 Indexer cache (``kv_cache`` uint8 ``[num_blocks, block_size, head_dim + head_dim // Q * 4]``,
 ``Q = quant_block_size``, each block contiguous). Block-major, as vLLM lays it out: a block holds
