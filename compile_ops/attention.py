@@ -1,5 +1,6 @@
 """Attention family: ``merge_attn_states`` below, and ``paged_attention_v1`` / ``_v2`` (vLLM's
-schemas; reference implementations so far, see the end of this file).
+schemas, references and checks at the end of this file; their CUDA path is the split-KV Triton
+kernel of ``compile_ops/decode_attention.py``).
 
 ``merge_attn_states`` (vLLM's schema and semantics)::
 
@@ -194,10 +195,10 @@ def merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse):
 
 
 # ---------------------------------------------------------------------------------------------
-# Paged attention (decode): schemas, checks, references, fakes, and the CUDA kernels
-# (csrc/include/compile_ops/paged_attention.cuh: a partition kernel, then a reduce kernel).
+# Paged attention (decode): schemas, checks, references, fakes; the CUDA path runs the split-KV
+# Triton kernels of compile_ops/decode_attention.py.
 # ---------------------------------------------------------------------------------------------
-HEAD_SIZES = (64, 80, 96, 112, 120, 128, 192, 256)
+HEAD_SIZES = (32, 64, 80, 96, 112, 120, 128, 192, 256)
 BLOCK_SIZES = (8, 16, 32)
 PARTITION_SIZE = 512
 
@@ -274,25 +275,22 @@ def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, bloc
     Raises IndexError for a block id outside the cache or a sequence longer than its table.
     """
     from compile_ops import cache as _cache
+    from compile_ops.decode_attention import validate
 
     op = "paged_attention"
     seqs, heads, head = query.shape
     nb, _, _, bs, x = key_cache.shape
-    lens = seq_lens.long()
+    validate(op, block_tables, seq_lens, None, nb, bs)
+    lens = seq_lens.long().clamp(min=0)
     L = int(lens.max()) if seqs else 0
+    if L == 0:  # no sequence has a token: zeros, no partition
+        out = torch.zeros_like(query)
+        return out if partition_size is None else (out, [])
     pos = torch.arange(L, device=query.device)
     valid = pos[None, :] < lens[:, None]  # [seqs, L]
-    cols = pos // bs
-    if L and int(cols[-1]) >= block_tables.shape[1] and bool(valid[:, -1].any()):
-        C.fail(op, f"a sequence of {L} tokens needs {int(cols[-1]) + 1} block-table columns, "
-                   f"block_tables has {block_tables.shape[1]}", IndexError)
-    cols = cols.clamp(max=max(block_tables.shape[1] - 1, 0))
+    cols = (pos // bs).clamp(max=max(block_tables.shape[1] - 1, 0))
     blk = block_tables.long()[:, cols] if L else torch.zeros(seqs, 0, dtype=torch.long)
     blk = torch.where(valid, blk, 0)
-    if blk.numel() and (int(blk.min()) < 0 or int(blk.max()) >= nb):
-        bad = int(blk[(blk < 0) | (blk >= nb)][0])
-        C.fail(op, f"block_tables holds block {bad}, outside the cache's {nb} blocks",
-               IndexError)
     off = (pos % bs)[None, :].expand(seqs, L)
     keys = key_cache[blk, :, :, off, :].reshape(seqs, L, num_kv_heads, head)
     vals = value_cache[blk, :, :, off]  # [seqs, L, kv_heads, head]
@@ -329,6 +327,14 @@ def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, bloc
     return out, parts
 
 
+def _validate(op, key_cache, block_tables, seq_lens, max_seq_len):
+    """The index checks of the reference (and of the CUDA path under COMPILE_OPS_VALIDATE=1),
+    before anything is written: seq_lens <= max_seq_len, table capacity, block ids."""
+    from compile_ops.decode_attention import validate
+
+    validate(op, block_tables, seq_lens, max_seq_len, key_cache.shape[0], key_cache.shape[3])
+
+
 def _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
                     seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
                     v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
@@ -353,6 +359,7 @@ def _paged_attention_v1(out: torch.Tensor, query: torch.Tensor, key_cache: torch
                     seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
                     v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
                     blocksparse_block_size, blocksparse_head_sliding_step)
+    _validate("paged_attention_v1", key_cache, block_tables, seq_lens, max_seq_len)
     out.copy_(paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
                                   block_tables, seq_lens, alibi_slopes, kv_cache_dtype, k_scale,
                                   v_scale))
@@ -420,6 +427,7 @@ def _paged_attention_v2(out: torch.Tensor, exp_sums: torch.Tensor, max_logits: t
                     alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
                     blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
                     blocksparse_head_sliding_step)
+    _validate("paged_attention_v2", key_cache, block_tables, seq_lens, max_seq_len)
     res, parts = paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
                                      block_tables, seq_lens, alibi_slopes, kv_cache_dtype,
                                      k_scale, v_scale, partition_size=PARTITION_SIZE)
@@ -444,41 +452,47 @@ def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_
                     blocksparse_head_sliding_step)
 
 
-if _C is not None:
+def _paged_cuda(op, out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, v2=None):
+    """The CUDA path of both ops (the op's checks have run): Triton split-KV kernels."""
+    from compile_ops import decode_attention
+    from compile_ops.cache import _refuse_capture, _validating
 
-    @_paged_attention_v1.register_kernel("cuda")
-    def _(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
-          block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank=0,
-          blocksparse_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=64,
-          blocksparse_head_sliding_step=0):
-        from compile_ops.cache import _KV_KIND
+    if key_cache.stride(4) != 1:
+        C.fail(op, f"key_cache must be contiguous in its last (x) dimension on CUDA, got strides "
+                   f"{key_cache.stride()}")
+    if _validating():
+        _refuse_capture(op, "block_tables and seq_lens")
+        _validate(op, key_cache, block_tables, seq_lens, max_seq_len)
+    decode_attention.paged_decode(out, query, key_cache, value_cache, num_kv_heads, scale,
+                                  block_tables, seq_lens, max_seq_len, alibi_slopes,
+                                  kv_cache_dtype, k_scale, v_scale, v2=v2)
 
-        _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
-                        seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype,
-                        k_scale, v_scale, tp_rank, blocksparse_local_blocks,
-                        blocksparse_vert_stride, blocksparse_block_size,
-                        blocksparse_head_sliding_step)
-        seqs, heads, head = query.shape
-        parts = max(1, -(-max_seq_len // PARTITION_SIZE))
-        exp_sums = torch.empty(seqs, heads, parts, dtype=torch.float32, device=query.device)
-        max_logits = torch.empty_like(exp_sums)
-        tmp_out = torch.empty(seqs, heads, parts, head, dtype=query.dtype, device=query.device)
-        _C.paged_attention(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
-                           num_kv_heads, float(scale), block_tables, seq_lens.contiguous(),
-                           alibi_slopes, _KV_KIND[kv_cache_dtype], k_scale, v_scale)
 
-    @_paged_attention_v2.register_kernel("cuda")
-    def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_heads, scale,
-          block_tables, seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
-          v_scale, tp_rank=0, blocksparse_local_blocks=0, blocksparse_vert_stride=0,
-          blocksparse_block_size=64, blocksparse_head_sliding_step=0):
-        from compile_ops.cache import _KV_KIND
+@_paged_attention_v1.register_kernel("cuda")
+def _(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
+      block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank=0,
+      blocksparse_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=64,
+      blocksparse_head_sliding_step=0):
+    _paged_v1_check(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                    seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                    v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
+                    blocksparse_block_size, blocksparse_head_sliding_step)
+    _paged_cuda("paged_attention_v1", out, query, key_cache, value_cache, num_kv_heads, scale,
+                block_tables, seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                v_scale)
 
-        _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
-                        num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
-                        alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
-                        blocksparse_local_blocks, blocksparse_vert_stride,
-                        blocksparse_block_size, blocksparse_head_sliding_step)
-        _C.paged_attention(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
-                           num_kv_heads, float(scale), block_tables, seq_lens.contiguous(),
-                           alibi_slopes, _KV_KIND[kv_cache_dtype], k_scale, v_scale)
+
+@_paged_attention_v2.register_kernel("cuda")
+def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_heads, scale,
+      block_tables, seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+      v_scale, tp_rank=0, blocksparse_local_blocks=0, blocksparse_vert_stride=0,
+      blocksparse_block_size=64, blocksparse_head_sliding_step=0):
+    _paged_v2_check(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache,
+                    num_kv_heads, scale, block_tables, seq_lens, block_size, max_seq_len,
+                    alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
+                    blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
+                    blocksparse_head_sliding_step)
+    _paged_cuda("paged_attention_v2", out, query, key_cache, value_cache, num_kv_heads, scale,
+                block_tables, seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
+                v_scale, v2=(exp_sums, max_logits, tmp_out))

@@ -40,12 +40,6 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                        const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
-void paged_attention(at::Tensor& out, at::Tensor& exp_sums, at::Tensor& max_logits,
-                     at::Tensor& tmp_out, const at::Tensor& query, const at::Tensor& key_cache,
-                     const at::Tensor& value_cache, int64_t num_kv_heads, double scale,
-                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                     const std::optional<at::Tensor>& alibi_slopes, int64_t kind,
-                     const at::Tensor& k_scale, const at::Tensor& v_scale);
 void concat_and_cache_mla(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
                           const at::Tensor& slot_mapping, int64_t kind, const at::Tensor& scale);
 void concat_and_cache_mla_rope_fused(const at::Tensor& positions, at::Tensor& q_pe,

@@ -55,12 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge two partial attention results by their log-sum-exps", py::arg("output"),
         py::arg("prefix_output"), py::arg("prefix_lse"), py::arg("suffix_output"),
         py::arg("suffix_lse"), py::arg("output_lse"));
-  m.def("paged_attention", &compile_ops::paged_attention,
-        "decode attention over the paged cache: partition kernel, then the reduce into out",
-        py::arg("out"), py::arg("exp_sums"), py::arg("max_logits"), py::arg("tmp_out"),
-        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("num_kv_heads"),
-        py::arg("scale"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("alibi_slopes"),
-        py::arg("kind"), py::arg("k_scale"), py::arg("v_scale"));
   m.def("concat_and_cache_mla", &compile_ops::concat_and_cache_mla,
         "MLA cache entries [kv_c | k_pe] (auto / fp8 / fp8_ds_mla) at the slots", py::arg("kv_c"),
         py::arg("k_pe"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kind"),

@@ -1,7 +1,12 @@
-"""paged_attention_v1/v2 (references, checks, opcheck; CUDA kernels still to come) against a
-per-sequence float64 oracle over caches written with reshape_and_cache."""
+"""paged_attention_v1/v2 against a per-sequence float64 oracle over caches written with
+reshape_and_cache: the reference (CPU), the checks, opcheck, the split plan, the Triton kernels of
+the CUDA path (compile_ops/decode_attention.py) interpreted on the CPU (TRITON_INTERPRET=1, a
+child process) and on the GPU."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,7 +150,8 @@ def test_errors(gen):
         out = d.pop("out", torch.empty_like(d["query"]))
         return lambda: ops.paged_attention_v1(
             out, d["query"], d["key_cache"], d["value_cache"], d["num_kv_heads"], d["scale"],
-            d["block_tables"], d["seq_lens"], d.get("block_size", 16), 20, d["alibi_slopes"],
+            d["block_tables"], d["seq_lens"], d.get("block_size", 16), d.get("max_len", 20),
+            d["alibi_slopes"],
             d["kv_cache_dtype"], d["k_scale"], d["v_scale"], 0, 0, d.get("vert", 0))
 
     assert_raises_eager_and_fake(call(vert=8), ValueError, "blocksparse attention .* not "
@@ -169,7 +175,7 @@ def test_errors(gen):
     with pytest.raises(IndexError, match="block_tables holds block 1000000"):
         call(block_tables=bad)()
     with pytest.raises(IndexError, match="needs 3 block-table columns"):
-        call(block_tables=c["block_tables"][:, :1].contiguous(),
+        call(block_tables=c["block_tables"][:, :1].contiguous(), max_len=40,
              seq_lens=torch.tensor([3, 40], dtype=torch.int32))()
 
 
@@ -181,30 +187,218 @@ def test_reference_function_equals_the_op(gen):
     assert torch.equal(ref, v1(c))
 
 
+def test_reference_raises_before_writing(gen):
+    """seq_len above max_seq_len, a bad block id, a table too short: the op raises, out and v2's
+    buffers untouched."""
+    c = setup([3, 40], 4, 2, 64, 16, torch.float32, gen=gen)
+    out, es, ml, tmp = v2_buffers(c)
+    args = (c["query"], c["key_cache"], c["value_cache"], 2, c["scale"], c["block_tables"],
+            c["seq_lens"], 16)
+    rest = (None, "auto", c["k_scale"], c["v_scale"])
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 40 is above max_seq_len = 39"):
+        ops.paged_attention_v2(out, es, ml, tmp, *args, 39, *rest)
+    with pytest.raises(ValueError, match="is above max_seq_len"):
+        ops.paged_attention_v1(out, *args, 39, *rest)
+    assert torch.isnan(es).all() and torch.isnan(ml).all()
+    bad = c["block_tables"].clone()
+    bad[1, 2] = -3
+    with pytest.raises(IndexError, match="block_tables holds block -3"):
+        ops.paged_attention_v2(out, es, ml, tmp, *args[:5], bad, *args[6:], 40, *rest)
+    assert torch.isnan(es).all()
+
+
+def test_head_size_32(gen):
+    c = setup([5, 19], 4, 1, 32, 8, torch.float32, gen=gen)
+    assert_close(v1(c), oracle(c).float())
+
+
+@pytest.mark.parametrize("seqs,kv_heads,context,want", [
+    (1, 8, 512, "fine"), (64, 8, 4096, 512), (128, 8, 40, "direct"), (128, 8, 512, "direct")])
+def test_plan_fills_the_gpu(seqs, kv_heads, context, want):
+    from compile_ops.decode_attention import PARTITION, plan
+
+    p = plan(seqs, 4 * kv_heads, kv_heads, 128, context, 2, sms=132)
+    assert p.split & (p.split - 1) == 0 and p.block_n <= p.split <= PARTITION
+    assert PARTITION % p.split == 0 and p.nsplit == -(-context // p.split)
+    if want == "direct":
+        assert p.direct
+    elif want == "fine":  # one sequence: shorter splits, up to a wave of programs
+        assert p.split < PARTITION and seqs * kv_heads * p.nsplit >= 2 * 8
+    else:
+        assert p.split == want
+
+
+_INTERPRETED = r"""
+import torch
+from compile_ops import decode_attention as da
+from compile_ops.attention import PARTITION_SIZE as P, paged_attention_ref
+from compile_ops.testing import assert_close
+from tests.ops.test_paged_attention import setup
+
+gen = torch.Generator().manual_seed(5)
+
+def run(c, max_len, plan_kw, v2=False, bad=None):
+    q = c["query"]
+    seqs, heads, head = q.shape
+    lens = [int(n) for n in c["seq_lens"]]
+    want, parts = paged_attention_ref(q, c["key_cache"], c["value_cache"], c["num_kv_heads"],
+                                      c["scale"], bad if bad is not None else c["block_tables"],
+                                      c["seq_lens"], c["alibi_slopes"], c["kv_cache_dtype"],
+                                      c["k_scale"], c["v_scale"], partition_size=P)
+    p = da.plan(seqs, heads, c["num_kv_heads"], head, max_len, c["key_cache"].element_size(),
+                132, **plan_kw)
+    out = torch.full_like(q, float("nan"))
+    n = max(1, -(-max_len // P))
+    bufs = (torch.full((seqs, heads, n), float("nan")), torch.full((seqs, heads, n), float("nan")),
+            torch.full((seqs, heads, n, head), float("nan"), dtype=q.dtype)) if v2 else None
+    da.paged_decode(out, q, c["key_cache"], c["value_cache"], c["num_kv_heads"], c["scale"],
+                    c["block_tables"], c["seq_lens"], max_len, c["alibi_slopes"],
+                    c["kv_cache_dtype"], c["k_scale"], c["v_scale"], v2=bufs, the_plan=p)
+    assert_close(out, want, msg=str(p))
+    if v2:
+        es, ml, tmp = bufs
+        for i, (o, m, s) in enumerate(parts):
+            has = torch.tensor([k > i * P for k in lens])
+            assert_close(ml[has, :, i], m[has], dtype=torch.float32)
+            torch.testing.assert_close(es[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+            assert_close(tmp[has, :, i], o[has].to(q.dtype))
+            assert torch.isnan(ml[~has, :, i]).all() and torch.isnan(tmp[~has, :, i]).all()
+    return p
+
+# fp16 (the interpreter's bf16 dot is wrong) and fp32; fp8 caches; ALiBi; empty sequences
+for dtype, kv, heads, kvh, head, bs, lens, alibi, kw in [
+        (torch.float16, "auto", 8, 2, 64, 16, [1, 37, 600, 0], True, dict(split=64)),
+        (torch.float32, "fp8", 4, 4, 80, 8, [70, 513], False, dict(split=32)),
+        (torch.float16, "fp8_e5m2", 16, 1, 128, 32, [33, 100], False, {}),
+        (torch.float16, "auto", 128, 1, 32, 16, [45, 3], False, {}),  # two slices of 64 heads
+        (torch.float32, "auto", 4, 2, 120, 16, [0, 0], False, {})]:
+    c = setup(lens, heads, kvh, head, bs, dtype, kv, gen=gen, alibi=alibi)
+    for v2 in (False, True):
+        p = run(c, max(lens), kw, v2)
+    print("ok", dtype, kv, heads, kvh, head, bs, lens, p.split, p.nsplit)
+
+# one split per sequence (the first kernel writes the output), v2's partition 0 included
+c = setup([20, 64], 4, 2, 64, 16, torch.float32, gen=gen)
+assert run(c, 64, dict(split=64), v2=True).direct
+
+# a seq_len above max_seq_len: the last split runs to the sequence's end (attended in full)
+c = setup([300, 90], 4, 2, 64, 16, torch.float16, gen=gen)
+for kw in (dict(split=32), dict(split=512)):
+    run(c, 100, kw)
+print("ok longer than max_seq_len")
+
+# a bad block id: its page is left out (read as block 0, masked), nothing outside the cache
+c = setup([40], 2, 2, 64, 16, torch.float32, gen=gen)
+good = c["block_tables"].clone()
+c["block_tables"][0, 1] = 10 ** 6
+want = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 2, c["scale"], good,
+                           torch.tensor([16], dtype=torch.int32), None, "auto", c["k_scale"],
+                           c["v_scale"])
+c2 = dict(c, seq_lens=torch.tensor([32], dtype=torch.int32))
+out = torch.empty_like(c["query"])
+da.paged_decode(out, c["query"], c["key_cache"], c["value_cache"], 2, c["scale"],
+                c["block_tables"], c2["seq_lens"], 32, None, "auto", c["k_scale"], c["v_scale"])
+assert_close(out, want)
+print("ok bad block left out")
+
+# a value cache whose pages are not a fresh cache's (padded token dim): the strided path
+c = setup([45, 3], 4, 2, 64, 16, torch.float16, "fp8", gen=gen)
+vc = c["value_cache"]
+padded = torch.zeros(*vc.shape[:3], vc.shape[3] + 1, dtype=vc.dtype)[..., :vc.shape[3]]
+padded.copy_(vc)
+assert not da._dense_pages(c["key_cache"], padded)
+out = torch.empty_like(c["query"])
+da.paged_decode(out, c["query"], c["key_cache"], padded, 2, c["scale"], c["block_tables"],
+                c["seq_lens"], 45, None, "fp8", c["k_scale"], c["v_scale"])
+want = paged_attention_ref(c["query"], c["key_cache"], vc, 2, c["scale"], c["block_tables"],
+                           c["seq_lens"], None, "fp8", c["k_scale"], c["v_scale"])
+assert_close(out, want)
+print("triton interpreted ok")
+"""
+
+
+def test_triton_kernels_interpreted_on_cpu():
+    """The CUDA path's Triton kernels, run by Triton's interpreter on CPU tensors (a child process:
+    TRITON_INTERPRET is read at import): every split mode, v2's buffers, fp8, ALiBi, sliced GQA
+    groups, empty sequences, a seq_len above max_seq_len, a bad block id, a strided value cache."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "triton interpreted ok" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
-# CUDA (the kernels: partition + reduce)
+# CUDA (the Triton split-KV kernels)
 # ---------------------------------------------------------------------------------------------
 def to_cuda(c):
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
 
 
+# Every head size, block size, kv dtype, query dtype and GQA ratio (1 to 8, 16 with ALiBi) at
+# least once, in varied pairs (a full cross product would compile hundreds of kernels).
+CUDA_CASES = [
+    (dtype, heads, kvh, bs, head, kv)
+    for i, (head, bs, kv, (heads, kvh)) in enumerate([
+        (32, 16, "auto", (32, 8)), (64, 8, "fp8", (8, 8)), (80, 16, "auto", (16, 1)),
+        (96, 32, "fp8_e5m2", (32, 8)), (112, 8, "auto", (24, 4)), (120, 32, "auto", (12, 2)),
+        (128, 16, "fp8", (32, 8)), (128, 8, "fp8_e5m2", (16, 2)), (128, 32, "auto", (64, 8)),
+        (192, 16, "auto", (8, 8)), (256, 16, "fp8", (32, 8)), (256, 8, "auto", (16, 1)),
+        (64, 32, "auto", (28, 4)), (128, 16, "auto", (40, 5))])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if not (kv != "auto" and head % 16)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
-@pytest.mark.parametrize("head", [64, 80, 96, 112, 128, 192, 256])
-@pytest.mark.parametrize("bs", [8, 16, 32])
-@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (8, 8), (16, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,heads,kv_heads,bs,head,kv", CUDA_CASES)
 def test_cuda_v1_v2(dtype, heads, kv_heads, bs, head, kv, gen):
-    c = setup([1, 300, 1100], heads, kv_heads, head, bs, dtype, kv, gen=gen,
+    c = setup([1, 300, 1100, 0], heads, kv_heads, head, bs, dtype, kv, gen=gen,
               alibi=kv_heads == 1)
-    want = v1(c)  # the CPU reference
+    want, parts = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], kv_heads,
+                                      c["scale"], c["block_tables"], c["seq_lens"],
+                                      c["alibi_slopes"], kv, c["k_scale"], c["v_scale"],
+                                      partition_size=PARTITION_SIZE)
     g = to_cuda(c)
-    assert_close(v1(g), want)
+    assert_close(v1(g, torch.full_like(g["query"], float("nan"))), want)
     out, es, ml, tmp = (t.cuda() for t in v2_buffers(c))
     ops.paged_attention_v2(out, es, ml, tmp, g["query"], g["key_cache"], g["value_cache"],
                            kv_heads, g["scale"], g["block_tables"], g["seq_lens"], bs, 1100,
                            g["alibi_slopes"], kv, g["k_scale"], g["v_scale"])
     assert_close(out, want)
+    lens = c["seq_lens"].tolist()
+    for i, (o, m, s) in enumerate(parts):  # v2's partitions, as the reference has them
+        has = torch.tensor([n > i * PARTITION_SIZE for n in lens])
+        assert_close(ml.cpu()[has, :, i], m[has], dtype=torch.float32)
+        torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+        assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
+        assert torch.isnan(ml.cpu()[~has, :, i]).all()  # partitions past a sequence: untouched
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [32, 64, 128, 256, 512])
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_cuda_every_split(split, kv, gen):
+    """Each split length (the plan picks one from the batch size) gives the reference's result,
+    v2's partition statistics included (splits below 512 tokens are merged per partition)."""
+    from compile_ops import decode_attention as da
+
+    c = setup([1, 511, 513, 1500], 32, 8, 128, 16, torch.bfloat16, kv, gen=gen)
+    want, parts = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 8,
+                                      c["scale"], c["block_tables"], c["seq_lens"], None, kv,
+                                      c["k_scale"], c["v_scale"], partition_size=PARTITION_SIZE)
+    g = to_cuda(c)
+    out, es, ml, tmp = (t.cuda() for t in v2_buffers(c))
+    p = da.plan(4, 32, 8, 128, 1500, g["key_cache"].element_size(), 132, split=split)
+    da.paged_decode(out, g["query"], g["key_cache"], g["value_cache"], 8, g["scale"],
+                    g["block_tables"], g["seq_lens"], 1500, None, kv, g["k_scale"], g["v_scale"],
+                    v2=(es, ml, tmp), the_plan=p)
+    assert_close(out, want)
+    for i, (o, m, s) in enumerate(parts):
+        has = torch.tensor([n > i * PARTITION_SIZE for n in c["seq_lens"].tolist()])
+        assert_close(tmp.cpu()[has, :, i], o[has].to(torch.bfloat16))
+        torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -220,3 +414,99 @@ def test_cuda_batch_128(gen):
     c = setup([int(n) for n in torch.randint(1, 600, (128,), generator=gen)], 8, 2, 128, 16,
               torch.bfloat16, "fp8", gen=gen)
     assert_close(v1(to_cuda(c)), v1(c))
+
+
+@pytest.mark.cuda
+def test_cuda_longer_than_max_seq_len_is_attended_in_full(gen):
+    c = setup([700, 90], 8, 2, 64, 16, torch.float16, gen=gen)
+    want = v1(c)  # max_seq_len = 700 on the CPU
+    g = to_cuda(c)
+    out = torch.empty_like(g["query"])
+    ops.paged_attention_v1(out, g["query"], g["key_cache"], g["value_cache"], 2, g["scale"],
+                           g["block_tables"], g["seq_lens"], 16, 100, None, "auto", g["k_scale"],
+                           g["v_scale"])
+    assert_close(out, want)
+
+
+@pytest.mark.cuda
+def test_cuda_validate_raises_before_writing(gen, monkeypatch):
+    monkeypatch.setenv("COMPILE_OPS_VALIDATE", "1")
+    cpu = setup([30, 70], 4, 2, 64, 16, torch.bfloat16, gen=gen)
+    c = to_cuda(cpu)
+    out, es, ml, tmp = (t.cuda() for t in v2_buffers(cpu))
+    out.fill_(7)
+
+    def call(block_tables=c["block_tables"], max_len=70):
+        ops.paged_attention_v2(out, es, ml, tmp, c["query"], c["key_cache"], c["value_cache"], 2,
+                               c["scale"], block_tables, c["seq_lens"], 16, max_len, None, "auto",
+                               c["k_scale"], c["v_scale"])
+
+    with pytest.raises(ValueError, match="is above max_seq_len = 69"):
+        call(max_len=69)
+    bad = c["block_tables"].clone()
+    bad[1, 3] = c["key_cache"].shape[0]
+    with pytest.raises(IndexError, match="outside the cache"):
+        call(block_tables=bad)
+    with pytest.raises(IndexError, match="block-table columns"):
+        call(block_tables=c["block_tables"][:, :2].contiguous())
+    assert (out == 7).all() and torch.isnan(es).all() and torch.isnan(tmp).all()
+    call()  # valid input: runs
+    assert_close(out, v1(cpu))
+
+
+@pytest.mark.cuda
+def test_cuda_bad_block_ids_are_left_out(gen):
+    c = setup([40], 2, 2, 64, 16, torch.float32, gen=gen)
+    good = c["block_tables"].clone()
+    c["block_tables"][0, 1] = 10 ** 6  # tokens 16..31 point outside the cache
+    c["block_tables"][0, 2] = -1  # tokens 32..39 too
+    want = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 2, c["scale"], good,
+                               torch.tensor([16], dtype=torch.int32), None, "auto",
+                               c["k_scale"], c["v_scale"])
+    assert_close(v1(to_cuda(c)), want)  # attention over the 16 tokens with valid blocks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_cuda_strided_caches_and_outputs(kv, gen):
+    """Value pages not laid out as a fresh cache's (padded token dim), a strided out, a
+    non-contiguous block table and v2 buffers with padding: the general path, same results."""
+    c = setup([45, 600], 8, 2, 128, 16, torch.bfloat16, kv, gen=gen)
+    want = v1(c)
+    g = to_cuda(c)
+    vc = g["value_cache"]
+    padded = torch.zeros(*vc.shape[:3], vc.shape[3] + 1, dtype=vc.dtype,
+                         device="cuda")[..., :vc.shape[3]]
+    padded.copy_(vc)
+    out = torch.full((2, 8, 130), float("nan"), dtype=torch.bfloat16, device="cuda")[..., 1:129]
+    table = torch.zeros(2, 2 * g["block_tables"].shape[1], dtype=torch.int32,
+                        device="cuda")[:, ::2]
+    table.copy_(g["block_tables"])
+    es = torch.full((2, 8, 3), float("nan"), device="cuda")[..., :2]
+    ml = torch.full((2, 8, 2), float("nan"), device="cuda")
+    tmp = torch.full((2, 8, 2, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.paged_attention_v2(out, es, ml, tmp, g["query"], g["key_cache"], padded, 2, g["scale"],
+                           table, g["seq_lens"], 16, 600, None, kv, g["k_scale"], g["v_scale"])
+    assert_close(out, want)
+    assert not torch.isnan(es[1]).any() and torch.isnan(es[0, :, 1]).all()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_and_compile(gen):
+    """Under torch.compile(fullgraph) and CUDA-graph capture (mode="reduce-overhead")."""
+    c = to_cuda(setup([33, 900], 32, 8, 128, 16, torch.bfloat16, gen=gen))
+    want = v1(c)
+
+    def f(q):
+        out = torch.empty_like(q)
+        ops.paged_attention_v1(out, q, c["key_cache"], c["value_cache"], 8, c["scale"],
+                               c["block_tables"], c["seq_lens"], 16, 900, None, "auto",
+                               c["k_scale"], c["v_scale"])
+        return out * 1
+
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        fn = torch.compile(f, fullgraph=True, mode=mode)
+        for _ in range(3):
+            got = fn(c["query"])
+        assert_close(got, want)

@@ -1,0 +1,245 @@
+"""Triton kernels of the split-KV decode attention (see compile_ops/decode_attention.py, which
+chooses the plan and launches them). Imported lazily: the CPU-only package never needs Triton."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC, k_off,
+         v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
+         X: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
+         KV: tl.constexpr, DENSE: tl.constexpr, DPAD: tl.constexpr, IEEE: tl.constexpr,
+         PSPLIT: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr):
+    """One tile of BLOCK_N tokens from t0 (blk: each token's block-table entry, -1 past the
+    table): logits, online softmax, P V. Tokens of a page share its block id, so the page
+    validity is constant over runs of BS tokens; only the TAIL tile (the one holding the
+    sequence's end) masks single tokens."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    page_ok = (blk >= 0) & (blk < num_blocks)
+    blk = tl.where(page_ok, blk, 0).to(tl.int64)  # block 0 is inside the cache: never out
+    off = tok % BS
+    if DENSE:  # inner strides as constants, runs of BS tokens: 16-byte value loads
+        # Keys as [head / X, tokens, X]: Triton then puts a warp's lanes along the tokens of one
+        # 16-byte chunk, i.e. along a page's contiguous bytes (full 128-byte lines per request;
+        # a [head, tokens] pointer tensor spreads a warp over 16 lines, one sector each, which
+        # saturated the L2 at 56% of DRAM bandwidth). Permuted to [head, tokens] for the dot.
+        c3 = tl.arange(0, BLOCK_D // X)[:, None, None]
+        k3_ptr = KC + k_off + c3 * (BS * X) + (blk * kc_b + off * X)[None, :, None] + \
+            tl.arange(0, X)[None, None, :]
+        v_idx = v_off + (blk * vc_b + off)[:, None]
+        v_idx = tl.max_contiguous(tl.multiple_of(v_idx, [BS, 1]), [BS, 1])
+    else:
+        k_ptr = KC + k_off + (blk * kc_b + off * kc_p)[None, :]
+        v_idx = v_off + (blk * vc_b + off * vc_p)[:, None]
+    v_mask = tl.max_constancy(page_ok[:, None], [BS, 1])  # bad pages read as zeros
+    if DENSE:
+        if DPAD:
+            k3 = tl.load(k3_ptr, mask=c3 < HEAD // X, other=0)
+        else:
+            k3 = tl.load(k3_ptr)
+        k = tl.reshape(tl.permute(k3, (0, 2, 1)), (BLOCK_D, BLOCK_N))
+    elif DPAD:
+        k = tl.load(k_ptr, mask=dmask[:, None], other=0)
+    else:
+        k = tl.load(k_ptr)
+    if DPAD:  # head size not a power of two: the padding dimensions are not read
+        v = tl.load(VC + v_idx, mask=v_mask & dmask[None, :], other=0)
+    else:
+        v = tl.load(VC + v_idx, mask=v_mask, other=0)
+    if KV == 1:
+        k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+        v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+    elif KV == 2:
+        k = k.to(tl.float8e5, bitcast=True).to(q.dtype)
+        v = v.to(tl.float8e5, bitcast=True).to(q.dtype)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    if HAS_ALIBI:
+        s += slope[:, None] * (tok - length + 1).to(tl.float32)[None, :]
+    valid = page_ok
+    if TAIL:
+        valid = valid & (tok < end)
+        v = tl.where((tok < end)[:, None], v, 0.0)  # stale values past the end may be NaN
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    elif not PSPLIT:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        # P in two 16-bit parts (hi + lo): P V as exact as with float32 weights (one part alone
+        # loses ~2**-9 of each weight, which values with cancelling signs turn into visible
+        # output error); the second tensor-core dot costs nothing at decode's arithmetic load.
+        p_hi = p.to(v.dtype)
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _tile_blocks(pblk, rows, i, PAGES: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row i of the preloaded [TILES, PAGES] block ids, one entry per token: [BLOCK_N]."""
+    page = tl.sum(tl.where(rows == i, pblk, 0), axis=0)
+    return tl.reshape(tl.broadcast_to(page[:, None], (PAGES, BS)), (BLOCK_N,))
+
+
+@triton.jit(do_not_specialize=["nsplit", "bt_cols", "num_blocks", "q_s", "o_s", "bt_s",
+                               "ml_s", "ml_h", "tmp_s", "tmp_h"])
+def split_kernel(Q, KC, VC, BT, LENS, ALIBI, KS, VS, OUT, PO, PM, PL, ML, ES, TMP,
+                 scale, nsplit, bt_cols, num_blocks,
+                 q_s, q_h, o_s, o_h, kc_b, kc_h, kc_c, kc_p, vc_b, vc_h, vc_d, vc_p, bt_s,
+                 ml_s, ml_h, tmp_s, tmp_h, tmp_p,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SLICES: tl.constexpr,
+                 HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                 X: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT: tl.constexpr, KV: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 DIRECT: tl.constexpr, V2: tl.constexpr, DENSE: tl.constexpr,
+                 DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr):
+    TILES: tl.constexpr = SPLIT // BLOCK_N
+    PAGES: tl.constexpr = BLOCK_N // BS
+    pid = tl.program_id(0)
+    kvh = pid // SLICES
+    g0 = (pid % SLICES) * BLOCK_G
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    length = tl.maximum(tl.load(LENS + seq), 0)
+    start = split * SPLIT
+    if DIRECT:
+        end = length  # one split: the whole sequence, however long
+    else:
+        end = tl.where(split == nsplit - 1, length, tl.minimum(length, start + SPLIT))
+    # Programs past the sequence have nothing to do (DIRECT: the output is still written,
+    # zeros for an empty sequence).
+    if start < length + (1 if DIRECT else 0):
+        g = tl.arange(0, BLOCK_G)
+        gmask = (g0 + g) < GROUP
+        head_idx = kvh * GROUP + g0 + g
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD
+        q = tl.load(Q + seq * q_s + head_idx[:, None] * q_h + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        qk_scale = scale * 1.4426950408889634  # exp2 of log2(e) * x = exp(x)
+        if KV != 0:
+            qk_scale = qk_scale * tl.load(KS)
+        slope = tl.zeros([BLOCK_G], tl.float32)
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + head_idx, mask=gmask, other=0.0) * 1.4426950408889634
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if DENSE:
+            k_off = kvh.to(tl.int64) * kc_h
+            v_off = kvh.to(tl.int64) * vc_h + d[None, :] * BS
+        else:
+            k_off = kvh.to(tl.int64) * kc_h + (d // X)[:, None] * kc_c + (d % X)[:, None]
+            v_off = kvh.to(tl.int64) * vc_h + d[None, :] * vc_d
+        bt_row = BT + seq * bt_s
+        # The block ids of this split's pages, loaded once: [TILES, PAGES]. Each tile takes its
+        # row in registers, so no table load sits between one tile and the next tile's K/V
+        # loads, and Triton's pipeline can issue those loads stages ahead.
+        pcol = start // BS + tl.arange(0, TILES)[:, None] * PAGES + tl.arange(0, PAGES)[None, :]
+        pblk = tl.load(bt_row + pcol, mask=(pcol < bt_cols) & (pcol * BS < end), other=-1)
+        rows = tl.arange(0, TILES)[:, None]
+        in_split = tl.minimum(end, start + SPLIT)
+        n_full = (in_split - start) // BLOCK_N
+        for i in range(0, n_full):
+            t0 = tl.multiple_of(start + i * BLOCK_N, BLOCK_N)
+            blk = _tile_blocks(pblk, rows, i, PAGES, BS, BLOCK_N)
+            m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
+                                 k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
+                                 False)
+        if start + n_full * BLOCK_N < in_split:  # the tile holding the sequence's end
+            t0 = tl.multiple_of(start + n_full * BLOCK_N, BLOCK_N)
+            blk = _tile_blocks(pblk, rows, n_full, PAGES, BS, BLOCK_N)
+            m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
+                                 k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
+                                 True)
+        # Only a seq_len above max_seq_len runs past the split (attended in full, the table read
+        # tile by tile).
+        for t0 in tl.range(start + SPLIT, end, BLOCK_N, num_stages=1):
+            t0 = tl.multiple_of(t0, BLOCK_N)
+            col = (t0 + tl.arange(0, BLOCK_N)) // BS
+            blk = tl.load(bt_row + col, mask=col < bt_cols, other=-1)
+            m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
+                                 k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
+                                 True)
+        if KV != 0:
+            acc = acc * tl.load(VS)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        m_nat = m_i * 0.6931471805599453  # back to natural-log units (the reference's)
+        omask = gmask[:, None] & dmask[None, :]
+        if DIRECT:
+            tl.store(OUT + seq * o_s + head_idx[:, None] * o_h + d[None, :],
+                     o.to(OUT.dtype.element_ty), mask=omask)
+            if V2:  # partition 0 of v2's buffers, when the sequence has tokens
+                has = gmask & (length > 0)
+                sm = seq * ml_s + head_idx * ml_h
+                tl.store(ML + sm, tl.where(m_i == float("-inf"), 0.0, m_nat), mask=has)
+                tl.store(ES + sm, l_i, mask=has)
+                tl.store(TMP + seq * tmp_s + head_idx[:, None] * tmp_h + d[None, :],
+                         o.to(TMP.dtype.element_ty), mask=omask & (length > 0))
+        else:
+            row = (seq * HEADS + head_idx) * nsplit + split  # [seqs, heads, nsplit]
+            tl.store(PM + row, m_nat, mask=gmask)
+            tl.store(PL + row, l_i, mask=gmask)
+            tl.store(PO + row[:, None] * HEAD + d[None, :], o, mask=omask)
+
+@triton.jit(do_not_specialize=["nsplit", "o_s", "ml_s", "ml_h", "tmp_s", "tmp_h"])
+def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
+                 o_s, o_h, ml_s, ml_h, tmp_s, tmp_h, tmp_p,
+                 HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SPLIT: tl.constexpr, PCH: tl.constexpr, FINE: tl.constexpr,
+                 V2: tl.constexpr):
+    h = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(1).to(tl.int64)
+    length = tl.maximum(tl.load(LENS + seq), 0)
+    n = tl.minimum(tl.cdiv(length, SPLIT), nsplit)  # partials written for this sequence
+    base = (seq * HEADS + h) * nsplit
+    pp = tl.arange(0, PCH)
+    ff = tl.arange(0, FINE)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD
+    big_m = tl.max(tl.full([PCH], float("-inf"), tl.float32), 0)  # a float32 scalar
+    big_l = tl.sum(tl.zeros([PCH], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, n, PCH * FINE):
+        idx = c0 + pp[:, None] * FINE + ff[None, :]  # [PCH, FINE]: PCH partitions of FINE
+        mask = idx < n
+        m = tl.load(PM + base + idx, mask=mask, other=float("-inf"))
+        lv = tl.load(PL + base + idx, mask=mask, other=0.0)
+        o = tl.load(PO + (base + idx)[:, :, None] * HEAD + d[None, None, :],
+                    mask=mask[:, :, None] & dmask[None, None, :], other=0.0)
+        if V2:  # each 512-token partition's own statistics, the way the reference has them
+            mp = tl.max(m, 1)
+            mp0 = tl.where(mp == float("-inf"), 0.0, mp)
+            wp = lv * tl.exp(m - mp0[:, None])
+            lp = tl.sum(wp, 1)
+            op = tl.sum(wp[:, :, None] * o, 1) / tl.where(lp > 0.0, lp, 1.0)[:, None]
+            part = c0 // FINE + pp
+            has = part * FINE < n
+            sm = seq * ml_s + h * ml_h + part
+            tl.store(ML + sm, mp0, mask=has)
+            tl.store(ES + sm, lp, mask=has)
+            tl.store(TMP + seq * tmp_s + h * tmp_h + part[:, None] * tmp_p + d[None, :],
+                     op.to(TMP.dtype.element_ty), mask=has[:, None] & dmask[None, :])
+        m_new = tl.maximum(big_m, tl.max(tl.max(m, 1), 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(big_m - m_use)
+        w = lv * tl.exp(m - m_use)
+        big_l = big_l * alpha + tl.sum(tl.sum(w, 1), 0)
+        acc = acc * alpha + tl.sum(tl.sum(w[:, :, None] * o, 1), 0)
+        big_m = m_new
+    o = acc / tl.where(big_l > 0.0, big_l, 1.0)
+    tl.store(OUT + seq * o_s + h * o_h + d, o.to(OUT.dtype.element_ty), mask=dmask)

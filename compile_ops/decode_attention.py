@@ -1,0 +1,231 @@
+"""Split-KV decode attention over vLLM's paged cache: the CUDA path of ``paged_attention_v1`` and
+``paged_attention_v2`` (Triton; ``compile_ops/attention.py`` holds the schemas, checks and the
+reference).
+
+Design (issue 13):
+
+- One program per (sequence, KV head, slice of up to 64 of its query heads, split of the
+  sequence). It computes every query head of its GQA slice, so each K/V byte is read once per
+  sequence, with tensor-core dots: ``S = Q K^T`` with the group as the M dimension (padded to 16),
+  then ``O += P V``; softmax online (running max and sum, base 2).
+- Keys come straight from the x-packed layout ``[blocks, kv_heads, head / x, block, x]``, loaded
+  as ``[head / x, tokens, x]`` so that a warp's lanes run along a page's contiguous bytes (full
+  128-byte lines; a ``[head, tokens]`` view put each lane on another line and saturated the L2),
+  then viewed as ``[head, tokens]`` for the dot. Values ``[blocks, kv_heads, head, block]`` give
+  ``[tokens, head]`` tiles, tokens contiguous within a page. A split's block ids are loaded once
+  at the start; a bad page (block id outside the cache, or past the table) is read as block 0
+  (inside the cache) and masked, so no table load sits between tiles and Triton's software
+  pipeline (cp.async, ``num_stages``) keeps the next tiles' K/V in flight. Only the tile holding
+  the sequence's end masks single tokens.
+- ``P V`` uses P as two 16-bit parts (hi + lo): as exact as float32 weights, for a second
+  tensor-core dot that decode's arithmetic load does not notice.
+- FP8 caches (e4m3 / e5m2 codes) are converted to the query dtype in registers (exact); the
+  key scale goes into the logit scale and the value scale into the output.
+- The split: each program covers ``SPLIT`` tokens (a power of two, a multiple of ``BLOCK_N``,
+  at most 512 so that 512-token partitions, vLLM's v2 contract, are whole numbers of splits),
+  chosen on the host from batch x KV heads x max_seq_len to fill the GPU. A second program
+  merges the splits (float32 partials) by their log-sum-exp, as ``merge_attn_states`` does, and for
+  v2 also writes each 512-token partition's max logit, exp sum and partial output into the
+  caller's ``max_logits`` / ``exp_sums`` / ``tmp_out``. When one split covers every sequence the
+  first kernel writes the output itself (no merge).
+- Bounds: block-table columns past the table and block ids outside ``[0, num_blocks)`` are left
+  out of the attention (never read); a ``seq_len`` above ``max_seq_len`` is attended in full (the
+  last split runs to the end of the sequence; v2's last partition then covers the tail).
+  ``COMPILE_OPS_VALIDATE=1`` checks all three on the host and raises instead.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PARTITION = 512  # vLLM's v2 partition size (compile_ops.attention.PARTITION_SIZE)
+MAX_BLOCK_G = 64  # query heads per program; larger groups are sliced
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is cut: tokens per program (split), splits per sequence, tile and launch."""
+    block_n: int
+    split: int
+    nsplit: int
+    block_g: int
+    slices: int
+    num_warps: int
+    num_stages: int
+    p_split: bool = True  # P V with P as two 16-bit parts (see the kernel)
+
+    @property
+    def direct(self) -> bool:
+        return self.nsplit == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan(seqs: int, heads: int, kv_heads: int, head_size: int, max_seq_len: int,
+         elem_bytes: int, sms: int, *, block_n: Optional[int] = None,
+         split: Optional[int] = None, waves: float = 1.0, num_warps: Optional[int] = None,
+         num_stages: Optional[int] = None, p_split: bool = True) -> Plan:
+    """Choose the split: the largest power-of-two split (<= 512 tokens) that still gives
+    ``waves`` x SMs programs; shorter splits only when the batch is too small to fill the GPU.
+    Tiles of 32 tokens, 2 warps (4 above head size 128), 2 pipeline stages (3 for FP8 caches):
+    the best of bench/tune_decode_attention.py's sweep on an H200 (bench/NOTES.md). The keyword
+    arguments override the choice."""
+    group = heads // kv_heads
+    block_g = min(max(16, triton_next_pow2(group)), MAX_BLOCK_G)
+    slices = -(-group // block_g)
+    d = triton_next_pow2(head_size)
+    block_n = block_n or 32
+    if split is None:
+        split = PARTITION
+        base = seqs * kv_heads * slices
+        while split > block_n and base * -(-max(max_seq_len, 1) // split) < waves * sms:
+            split //= 2
+    split = max(split, block_n)
+    nsplit = max(1, -(-max_seq_len // split))
+    return Plan(block_n=block_n, split=split, nsplit=nsplit, block_g=block_g, slices=slices,
+                num_warps=num_warps or (2 if d <= 128 else 4),
+                num_stages=num_stages or (3 if elem_bytes == 1 else 2), p_split=p_split)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _kernels():
+    from compile_ops import _decode_attention_kernels as k
+
+    return k.split_kernel, k.merge_kernel
+
+
+def _dense_pages(key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether every page (a block of one KV head) is laid out as in a fresh cache, 16-byte
+    aligned: then the kernel takes the inner strides as constants and tells Triton that the
+    values of a page are one aligned run (its hints are trusted, so this must hold)."""
+    _, _, _, bs, x = key_cache.shape
+    return (key_cache.stride(3) == x and key_cache.stride(2) == bs * x and
+            value_cache.stride(3) == 1 and value_cache.stride(2) == bs and
+            value_cache.stride(0) % bs == 0 and value_cache.stride(1) % bs == 0 and
+            value_cache.data_ptr() % 16 == 0)
+
+
+_KV_CODE = {"auto": 0, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 2}
+
+
+def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, num_kv_heads: int, scale: float,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                 alibi_slopes: Optional[torch.Tensor], kv_cache_dtype: str,
+                 k_scale: torch.Tensor, v_scale: torch.Tensor,
+                 v2: Optional[tuple] = None, the_plan: Optional[Plan] = None) -> Plan:
+    """Run the kernels (the op's checks have run). ``v2`` = (exp_sums, max_logits, tmp_out)."""
+    seqs, heads, head = query.shape
+    if seqs == 0:
+        return None
+    nb = key_cache.shape[0]
+    if nb == 0:  # no cache: every token is left out
+        out.zero_()
+        return None
+    x = key_cache.shape[4]
+    bs = key_cache.shape[3]
+    if out.stride(2) != 1:  # the kernels write head_size-contiguous rows
+        res = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        p = paged_decode(res, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
+                         seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
+                         v2, the_plan)
+        out.copy_(res)
+        return p
+    if v2 is not None:
+        es, ml, tmp = v2
+        if not (ml.stride() == es.stride() and ml.stride(2) == 1 and tmp.stride(3) == 1):
+            # Work on contiguous copies (entries the kernels do not write keep their values).
+            bufs = tuple(t.contiguous() for t in v2)
+            p = paged_decode(out, query, key_cache, value_cache, num_kv_heads, scale,
+                             block_tables, seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype,
+                             k_scale, v_scale, bufs, the_plan)
+            for t, b in zip(v2, bufs):
+                t.copy_(b)
+            return p
+    if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # (interpreter: nominal)
+    p = the_plan or plan(seqs, heads, num_kv_heads, head, max_seq_len, key_cache.element_size(),
+                         sms)
+    split_kernel, merge_kernel = _kernels()
+    group = heads // num_kv_heads
+    block_d = triton_next_pow2(max(head, 16))
+    seq_lens = seq_lens.contiguous()
+    dev = query.device
+    if p.direct:
+        po = pm = pl = out  # unused
+    else:
+        po = torch.empty(seqs, heads, p.nsplit, head, dtype=torch.float32, device=dev)
+        pm = torch.empty(seqs, heads, p.nsplit, dtype=torch.float32, device=dev)
+        pl = torch.empty_like(pm)
+    if v2 is not None:
+        es, ml, tmp = v2
+        ml_s, ml_h, tmp_s, tmp_h, tmp_p = ml.stride(0), ml.stride(1), *tmp.stride()[:3]
+    else:
+        es = ml = tmp = out
+        ml_s = ml_h = tmp_s = tmp_h = tmp_p = 0
+    kv = _KV_CODE[kv_cache_dtype]
+    alibi = alibi_slopes if alibi_slopes is not None else k_scale
+    grid = (num_kv_heads * p.slices, seqs, p.nsplit)
+    split_kernel[grid](
+        query, key_cache, value_cache, block_tables, seq_lens, alibi, k_scale, v_scale,
+        out, po, pm, pl, ml, es, tmp,
+        float(scale), p.nsplit, block_tables.shape[1], nb,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        *key_cache.stride()[:4], *value_cache.stride(), block_tables.stride(0),
+        ml_s, ml_h, tmp_s, tmp_h, tmp_p,
+        GROUP=group, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
+        BLOCK_D=block_d, X=x, BS=bs, BLOCK_N=p.block_n, SPLIT=p.split, KV=kv,
+        HAS_ALIBI=alibi_slopes is not None, DIRECT=p.direct, V2=v2 is not None,
+        DENSE=_dense_pages(key_cache, value_cache), DPAD=block_d != head,
+        IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
+        num_warps=p.num_warps, num_stages=p.num_stages)
+    if not p.direct:
+        assert v2 is None or PARTITION % p.split == 0, "v2 needs splits that tile 512 tokens"
+        fine = PARTITION // p.split if v2 is not None else 1
+        pch = max(1, min(triton_next_pow2(p.nsplit), 16) // fine)
+        merge_kernel[(heads, seqs)](
+            out, po, pm, pl, seq_lens, ml, es, tmp, p.nsplit,
+            out.stride(0), out.stride(1), ml_s, ml_h, tmp_s, tmp_h, tmp_p,
+            HEADS=heads, HEAD=head, BLOCK_D=block_d, SPLIT=p.split, PCH=pch, FINE=fine,
+            V2=v2 is not None, num_warps=4)
+    return p
+
+
+def validate(op: str, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+             max_seq_len: Optional[int], num_blocks: int, block_size: int) -> None:
+    """The host-side index checks (the reference always runs them; the CUDA path under
+    COMPILE_OPS_VALIDATE=1): every seq_len <= max_seq_len (unless None), every sequence within
+    its block-table row, every block id it uses inside the cache. Raises before anything is
+    written."""
+    from compile_ops import _checks as C
+
+    lens = seq_lens.long().clamp(min=0)
+    if lens.numel() == 0:
+        return
+    longest = int(lens.max())
+    if max_seq_len is not None and longest > max_seq_len:
+        s = int(torch.argmax((lens > max_seq_len).int()))
+        C.fail(op, f"seq_lens[{s}] = {int(lens[s])} is above max_seq_len = {max_seq_len}")
+    cols_needed = -(-longest // block_size)
+    if cols_needed > block_tables.shape[1]:
+        C.fail(op, f"a sequence of {longest} tokens needs {cols_needed} block-table columns, "
+                   f"block_tables has {block_tables.shape[1]}", IndexError)
+    if cols_needed == 0:
+        return
+    used = torch.arange(cols_needed, device=lens.device)[None, :] < \
+        ((lens + block_size - 1) // block_size)[:, None]
+    blk = block_tables[:, :cols_needed].long()
+    bad = used & ((blk < 0) | (blk >= num_blocks))
+    if bool(bad.any()):
+        b = int(blk[bad][0])
+        C.fail(op, f"block_tables holds block {b}, outside the cache's {num_blocks} blocks",
+               IndexError)
