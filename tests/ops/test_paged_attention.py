@@ -435,6 +435,7 @@ def test_cuda_validate_raises_before_writing(gen, monkeypatch):
     c = to_cuda(cpu)
     out, es, ml, tmp = (t.cuda() for t in v2_buffers(cpu))
     out.fill_(7)
+    tmp.fill_(float("nan"))
 
     def call(block_tables=c["block_tables"], max_len=70):
         ops.paged_attention_v2(out, es, ml, tmp, c["query"], c["key_cache"], c["value_cache"], 2,
