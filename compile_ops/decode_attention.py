@@ -28,8 +28,8 @@ Design (issue 13):
   v2 also writes each 512-token partition's max logit, exp sum and partial output into the
   caller's ``max_logits`` / ``exp_sums`` / ``tmp_out``. When one split covers every sequence the
   first kernel writes the output itself (no merge).
-- Bounds: block-table columns past the table and block ids outside ``[0, num_blocks)`` are left
-  out of the attention (never read); a ``seq_len`` above ``max_seq_len`` is attended in full (the
+- Bounds: pages past the block table or with a block id outside ``[0, num_blocks)`` are left
+  out of the attention (nothing outside the cache is read); a ``seq_len`` above ``max_seq_len`` is attended in full (the
   last split runs to the end of the sequence; v2's last partition then covers the tail).
   ``COMPILE_OPS_VALIDATE=1`` checks all three on the host and raises instead.
 """
@@ -40,7 +40,8 @@ from typing import Optional
 
 import torch
 
-PARTITION = 512  # vLLM's v2 partition size (compile_ops.attention.PARTITION_SIZE)
+from compile_ops.attention import PARTITION_SIZE as PARTITION  # vLLM's v2 partition: 512
+
 MAX_BLOCK_G = 64  # query heads per program; larger groups are sliced
 
 
