@@ -156,15 +156,15 @@ def split_kernel(Q, KC, VC, BT, LENS, ALIBI, KS, VS, OUT, PO, PM, PL, ML, ES, TM
             blk = _tile_blocks(pblk, rows, i, PAGES, BS, BLOCK_N)
             m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
                                  k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
-                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
-                                 False)
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT,
+                                 HEAD, BLOCK_D, False)
         if start + n_full * BLOCK_N < in_split:  # the tile holding the sequence's end
             t0 = tl.multiple_of(start + n_full * BLOCK_N, BLOCK_N)
             blk = _tile_blocks(pblk, rows, n_full, PAGES, BS, BLOCK_N)
             m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
                                  k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
-                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
-                                 True)
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT,
+                                 HEAD, BLOCK_D, True)
         # Only a seq_len above max_seq_len runs past the split (attended in full, the table read
         # tile by tile).
         for t0 in tl.range(start + SPLIT, end, BLOCK_N, num_stages=1):
@@ -173,8 +173,8 @@ def split_kernel(Q, KC, VC, BT, LENS, ALIBI, KS, VS, OUT, PO, PM, PL, ML, ES, TM
             blk = tl.load(bt_row + col, mask=col < bt_cols, other=-1)
             m_i, l_i, acc = tile(q, m_i, l_i, acc, t0, blk, end, length, num_blocks, KC, VC,
                                  k_off, v_off, kc_b, kc_p, vc_b, vc_p, qk_scale, slope, dmask,
-                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT, HEAD, BLOCK_D,
-                                 True)
+                                 X, BS, BLOCK_N, HAS_ALIBI, KV, DENSE, DPAD, IEEE, PSPLIT,
+                                 HEAD, BLOCK_D, True)
         if KV != 0:
             acc = acc * tl.load(VS)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -24,13 +24,14 @@ Design (issue 13):
 - The split: each program covers ``SPLIT`` tokens (a power of two, a multiple of ``BLOCK_N``,
   at most 512 so that 512-token partitions, vLLM's v2 contract, are whole numbers of splits),
   chosen on the host from batch x KV heads x max_seq_len to fill the GPU. A second program
-  merges the splits (float32 partials) by their log-sum-exp, as ``merge_attn_states`` does, and for
-  v2 also writes each 512-token partition's max logit, exp sum and partial output into the
+  merges the splits (float32 partials) by their log-sum-exp, as ``merge_attn_states`` does, and
+  for v2 also writes each 512-token partition's max logit, exp sum and partial output into the
   caller's ``max_logits`` / ``exp_sums`` / ``tmp_out``. When one split covers every sequence the
   first kernel writes the output itself (no merge).
 - Bounds: pages past the block table or with a block id outside ``[0, num_blocks)`` are left
-  out of the attention (nothing outside the cache is read); a ``seq_len`` above ``max_seq_len`` is attended in full (the
-  last split runs to the end of the sequence; v2's last partition then covers the tail).
+  out of the attention (nothing outside the cache is read); a ``seq_len`` above ``max_seq_len``
+  is attended in full (the last split runs to the end of the sequence; v2's last partition then
+  covers the tail).
   ``COMPILE_OPS_VALIDATE=1`` checks all three on the host and raises instead.
 """
 
