@@ -11,7 +11,6 @@ worker processes (--jobs), so the sweep spends its time timing, not compiling.
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import time

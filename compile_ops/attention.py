@@ -267,20 +267,20 @@ def _paged_check(op, out, query, key_cache, value_cache, num_kv_heads, scale, bl
 
 def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, block_tables,
                         seq_lens, alibi_slopes, kv_cache_dtype, k_scale, v_scale,
-                        partition_size=None):
+                        partition_size=None, max_seq_len=None, op="paged_attention"):
     """Softmax attention of each sequence's query over its cached tokens (float32 math).
 
     Returns the output [seqs, heads, head] (query dtype) and, with ``partition_size``, the
     per-partition (max_logits, exp_sums, partial outputs) of paged_attention_v2.
-    Raises IndexError for a block id outside the cache or a sequence longer than its table.
+    Raises IndexError for a block id outside the cache or a sequence longer than its table,
+    and ValueError for a seq_len above ``max_seq_len`` (when given), before computing anything.
     """
     from compile_ops import cache as _cache
     from compile_ops.decode_attention import validate
 
-    op = "paged_attention"
     seqs, heads, head = query.shape
-    nb, _, _, bs, x = key_cache.shape
-    validate(op, block_tables, seq_lens, None, nb, bs)
+    nb, _, _, bs, _ = key_cache.shape
+    validate(op, block_tables, seq_lens, max_seq_len, nb, bs)
     lens = seq_lens.long().clamp(min=0)
     L = int(lens.max()) if seqs else 0
     if L == 0:  # no sequence has a token: zeros, no partition
@@ -328,8 +328,8 @@ def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, bloc
 
 
 def _validate(op, key_cache, block_tables, seq_lens, max_seq_len):
-    """The index checks of the reference (and of the CUDA path under COMPILE_OPS_VALIDATE=1),
-    before anything is written: seq_lens <= max_seq_len, table capacity, block ids."""
+    """The reference's index checks, for the CUDA path under COMPILE_OPS_VALIDATE=1 (before
+    anything is written): seq_lens <= max_seq_len, table capacity, block ids."""
     from compile_ops.decode_attention import validate
 
     validate(op, block_tables, seq_lens, max_seq_len, key_cache.shape[0], key_cache.shape[3])
@@ -359,10 +359,9 @@ def _paged_attention_v1(out: torch.Tensor, query: torch.Tensor, key_cache: torch
                     seq_lens, block_size, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale,
                     v_scale, tp_rank, blocksparse_local_blocks, blocksparse_vert_stride,
                     blocksparse_block_size, blocksparse_head_sliding_step)
-    _validate("paged_attention_v1", key_cache, block_tables, seq_lens, max_seq_len)
     out.copy_(paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
                                   block_tables, seq_lens, alibi_slopes, kv_cache_dtype, k_scale,
-                                  v_scale))
+                                  v_scale, max_seq_len=max_seq_len, op="paged_attention_v1"))
 
 
 @_paged_attention_v1.register_fake
@@ -427,10 +426,10 @@ def _paged_attention_v2(out: torch.Tensor, exp_sums: torch.Tensor, max_logits: t
                     alibi_slopes, kv_cache_dtype, k_scale, v_scale, tp_rank,
                     blocksparse_local_blocks, blocksparse_vert_stride, blocksparse_block_size,
                     blocksparse_head_sliding_step)
-    _validate("paged_attention_v2", key_cache, block_tables, seq_lens, max_seq_len)
     res, parts = paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale,
                                      block_tables, seq_lens, alibi_slopes, kv_cache_dtype,
-                                     k_scale, v_scale, partition_size=PARTITION_SIZE)
+                                     k_scale, v_scale, partition_size=PARTITION_SIZE,
+                                     max_seq_len=max_seq_len, op="paged_attention_v2")
     out.copy_(res)
     lens = seq_lens.long()
     for p, (o, m, s) in enumerate(parts):
