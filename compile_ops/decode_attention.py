@@ -57,6 +57,7 @@ class Plan:
     num_warps: int
     num_stages: int
     p_split: bool = True  # P V with P as two 16-bit parts (see the kernel)
+    backend: str = "triton"  # or "cuda": csrc/include/compile_ops/decode_attention.cuh
 
     @property
     def direct(self) -> bool:
@@ -92,6 +93,58 @@ def plan(seqs: int, heads: int, kv_heads: int, head_size: int, max_seq_len: int,
     return Plan(block_n=block_n, split=split, nsplit=nsplit, block_g=block_g, slices=slices,
                 num_warps=num_warps or (2 if d <= 128 else 4),
                 num_stages=num_stages or (3 if elem_bytes == 1 else 2), p_split=p_split)
+
+
+def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, slots: int, v2: bool, *,
+              split: Optional[int] = None, direct_fill: float = 0.75) -> Plan:
+    """The CUDA kernel's split (its CTAs: 4 warps, 16 query heads, ``slots`` of them resident at
+    once on the GPU). When the (sequence, KV head, slice) pairs alone fill ``direct_fill`` of the
+    slots, one split per sequence (no merge; v1 only, or v2 when max_seq_len fits one 512-token
+    partition). Otherwise the largest power-of-two split (<= 512 tokens, >= 64: a chunk of 16
+    tokens per warp) that gives one wave of CTAs."""
+    group = heads // kv_heads
+    slices = -(-group // 16)
+    pairs = seqs * kv_heads * slices
+    length = max(max_seq_len, 1)
+    if split is None:
+        if pairs >= direct_fill * slots and (not v2 or length <= PARTITION):
+            split = max(32, -(-length // 32) * 32)
+        else:
+            split = PARTITION
+            while split > 64 and pairs * -(-length // (split // 2)) <= slots:
+                split //= 2
+    nsplit = max(1, -(-max_seq_len // split))
+    return Plan(block_n=16, split=split, nsplit=nsplit, block_g=16, slices=slices, num_warps=4,
+                num_stages=0, backend="cuda")
+
+
+def _cuda_ok(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether the CUDA kernel takes this call: float16 / bfloat16 queries, head sizes that are
+    multiples of 16 in [32, 256], pages as a fresh cache lays them out, 16-byte aligned, value
+    rows of at least 16 bytes (FP8 with blocks of 8 tokens: Triton). COMPILE_OPS_DECODE_ATTENTION
+    = triton forces the Triton kernels (cuda: the CUDA kernel wherever it applies)."""
+    import os
+
+    from compile_ops._extension import _C
+
+    choice = os.environ.get("COMPILE_OPS_DECODE_ATTENTION", "")
+    if _C is None or choice == "triton" or not query.is_cuda:
+        return False
+    head = query.shape[2]
+    eb = key_cache.element_size()
+    bs = key_cache.shape[3]
+    return (query.dtype in (torch.float16, torch.bfloat16) and head % 16 == 0 and
+            32 <= head <= 256 and bs * eb >= 16 and _dense_pages(key_cache, value_cache) and
+            key_cache.data_ptr() % 16 == 0 and
+            all((t.stride(0) * eb) % 16 == 0 and (t.stride(1) * eb) % 16 == 0
+                for t in (key_cache, value_cache)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_slots(index: int, head: int, kind: int, bf16: bool) -> int:
+    from compile_ops._extension import _C
+
+    return max(1, _C.paged_decode_blocks_per_sm(head, kind, bf16)) * _sm_count(index)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -154,9 +207,16 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             return p
     if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
-    sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # (interpreter: nominal)
-    p = the_plan or plan(seqs, heads, num_kv_heads, head, max_seq_len, key_cache.element_size(),
-                         sms)
+    kv = _KV_CODE[kv_cache_dtype]
+    use_cuda = (the_plan.backend == "cuda") if the_plan is not None else \
+        _cuda_ok(query, key_cache, value_cache)
+    if use_cuda:
+        slots = _cuda_slots(query.device.index or 0, head, kv, query.dtype == torch.bfloat16)
+        p = the_plan or plan_cuda(seqs, heads, num_kv_heads, max_seq_len, slots, v2 is not None)
+    else:
+        sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
+        p = the_plan or plan(seqs, heads, num_kv_heads, head, max_seq_len,
+                             key_cache.element_size(), sms)
     split_kernel, merge_kernel = _kernels()
     group = heads // num_kv_heads
     block_d = triton_next_pow2(max(head, 16))
@@ -174,22 +234,22 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     else:
         es = ml = tmp = out
         ml_s = ml_h = tmp_s = tmp_h = tmp_p = 0
-    kv = _KV_CODE[kv_cache_dtype]
     alibi = alibi_slopes if alibi_slopes is not None else k_scale
     grid = (num_kv_heads * p.slices, seqs, p.nsplit)
-    split_kernel[grid](
-        query, key_cache, value_cache, block_tables, seq_lens, alibi, k_scale, v_scale,
-        out, po, pm, pl, ml, es, tmp,
-        float(scale), p.nsplit, block_tables.shape[1], nb,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        *key_cache.stride()[:4], *value_cache.stride(), block_tables.stride(0),
-        ml_s, ml_h, tmp_s, tmp_h, tmp_p,
-        GROUP=group, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
-        BLOCK_D=block_d, X=x, BS=bs, BLOCK_N=p.block_n, SPLIT=p.split, KV=kv,
-        HAS_ALIBI=alibi_slopes is not None, DIRECT=p.direct, V2=v2 is not None,
-        DENSE=_dense_pages(key_cache, value_cache), DPAD=block_d != head,
-        IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
-        num_warps=p.num_warps, num_stages=p.num_stages)
+    if use_cuda:
+        from compile_ops._extension import _C
+
+        _C.paged_decode_attention(
+            out, query, key_cache, value_cache, block_tables, seq_lens, alibi_slopes,
+            k_scale, v_scale, None if p.direct else po, None if p.direct else pm,
+            None if p.direct else pl, *((ml, es, tmp) if v2 is not None and p.direct
+                                        else (None, None, None)),
+            float(scale), kv, p.split, p.nsplit, num_kv_heads)
+    else:
+        _split_triton(split_kernel, grid, query, key_cache, value_cache, block_tables, seq_lens,
+                      alibi, k_scale, v_scale, out, po, pm, pl, ml, es, tmp, scale, p, nb,
+                      ml_s, ml_h, tmp_s, tmp_h, tmp_p, group, heads, head, block_d, x, bs, kv,
+                      alibi_slopes is not None, v2 is not None)
     if not p.direct:
         assert v2 is None or PARTITION % p.split == 0, "v2 needs splits that tile 512 tokens"
         fine = PARTITION // p.split if v2 is not None else 1
@@ -200,6 +260,25 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             HEADS=heads, HEAD=head, BLOCK_D=block_d, SPLIT=p.split, PCH=pch, FINE=fine,
             V2=v2 is not None, num_warps=4)
     return p
+
+
+def _split_triton(split_kernel, grid, query, key_cache, value_cache, block_tables, seq_lens,
+                  alibi, k_scale, v_scale, out, po, pm, pl, ml, es, tmp, scale, p, nb,
+                  ml_s, ml_h, tmp_s, tmp_h, tmp_p, group, heads, head, block_d, x, bs, kv,
+                  has_alibi, is_v2):
+    split_kernel[grid](
+        query, key_cache, value_cache, block_tables, seq_lens, alibi, k_scale, v_scale,
+        out, po, pm, pl, ml, es, tmp,
+        float(scale), p.nsplit, block_tables.shape[1], nb,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        *key_cache.stride()[:4], *value_cache.stride(), block_tables.stride(0),
+        ml_s, ml_h, tmp_s, tmp_h, tmp_p,
+        GROUP=group, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
+        BLOCK_D=block_d, X=x, BS=bs, BLOCK_N=p.block_n, SPLIT=p.split, KV=kv,
+        HAS_ALIBI=has_alibi, DIRECT=p.direct, V2=is_v2,
+        DENSE=_dense_pages(key_cache, value_cache), DPAD=block_d != head,
+        IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
+        num_warps=p.num_warps, num_stages=p.num_stages)
 
 
 def validate(op: str, block_tables: torch.Tensor, seq_lens: torch.Tensor,

@@ -147,6 +147,29 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 }
 #endif  // COMPILE_OPS_EMULATE
 
+// launch_kernel with `smem` bytes of dynamic shared memory (the caller has raised the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize where it needs more than 48 KiB).
+template <typename... Params, typename... Args>
+void launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t stream, int device, Args... args) {
+#if defined(COMPILE_OPS_EMULATE)
+  (void)smem;
+  launch_kernel(kernel, grid, block, stream, device, args...);
+#else
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled(device) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
+#endif
+}
+
 inline bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
   for (int64_t v : values)
     if (v % w != 0) return false;

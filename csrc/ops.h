@@ -40,6 +40,18 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                        const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
+void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& alibi,
+                            const at::Tensor& k_scale, const at::Tensor& v_scale,
+                            const std::optional<at::Tensor>& partial_out,
+                            const std::optional<at::Tensor>& partial_max,
+                            const std::optional<at::Tensor>& partial_sum,
+                            const std::optional<at::Tensor>& max_logits,
+                            const std::optional<at::Tensor>& exp_sums,
+                            const std::optional<at::Tensor>& tmp_out, double scale, int64_t kind,
+                            int64_t split, int64_t nsplit, int64_t num_kv_heads);
+int64_t paged_decode_blocks_per_sm(int64_t head, int64_t kind, bool bf16);
 void concat_and_cache_mla(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
                           const at::Tensor& slot_mapping, int64_t kind, const at::Tensor& scale);
 void concat_and_cache_mla_rope_fused(const at::Tensor& positions, at::Tensor& q_pe,

@@ -55,6 +55,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge two partial attention results by their log-sum-exps", py::arg("output"),
         py::arg("prefix_output"), py::arg("prefix_lse"), py::arg("suffix_output"),
         py::arg("suffix_lse"), py::arg("output_lse"));
+  m.def("paged_decode_attention", &compile_ops::paged_decode_attention,
+        "split-KV decode attention over the paged cache (compile_ops/decode_attention.py plans "
+        "and calls it): output, or float32 partials per split",
+        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("alibi"), py::arg("k_scale"),
+        py::arg("v_scale"), py::arg("partial_out"), py::arg("partial_max"),
+        py::arg("partial_sum"), py::arg("max_logits"), py::arg("exp_sums"), py::arg("tmp_out"),
+        py::arg("scale"), py::arg("kind"), py::arg("split"), py::arg("nsplit"),
+        py::arg("num_kv_heads"));
+  m.def("paged_decode_blocks_per_sm", &compile_ops::paged_decode_blocks_per_sm,
+        "resident CTAs per SM of the decode attention kernel (0: no kernel for the head size)",
+        py::arg("head"), py::arg("kind"), py::arg("bf16"));
   m.def("concat_and_cache_mla", &compile_ops::concat_and_cache_mla,
         "MLA cache entries [kv_c | k_pe] (auto / fp8 / fp8_ds_mla) at the slots", py::arg("kv_c"),
         py::arg("k_pe"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kind"),

@@ -24,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swap_blocks", &compile_ops::swap_blocks);
   m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash);
   m.def("merge_attn_states", &compile_ops::merge_attn_states);
+  m.def("paged_decode_attention", &compile_ops::paged_decode_attention);
+  m.def("paged_decode_blocks_per_sm", &compile_ops::paged_decode_blocks_per_sm);
   m.def("concat_and_cache_mla", &compile_ops::concat_and_cache_mla);
   m.def("concat_and_cache_mla_rope_fused", &compile_ops::concat_and_cache_mla_rope_fused);
   m.def("cp_gather_and_upconvert_fp8_kv_cache", &compile_ops::cp_gather_and_upconvert_fp8_kv_cache);
