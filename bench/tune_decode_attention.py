@@ -41,7 +41,7 @@ CHECKS = [
 ]
 
 
-def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device):
+def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device, backend="triton"):
     c = paged_inputs(lens, heads, kvh, head, bs, dtype, kv, device)
     c["alibi_slopes"] = (torch.rand(heads, device=device) * 0.5 + 0.01) if alibi else None
     seqs = len(lens)
@@ -52,8 +52,12 @@ def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device):
                                       partition_size=PARTITION_SIZE)
     sms = da._sm_count(0) if device == "cuda" else 132
     for v2 in (False, True):
-        p = da.plan(seqs, heads, kvh, head, max_len, c["key_cache"].element_size(), sms,
-                    split=split)
+        if backend == "cuda":
+            slots = da._cuda_slots(0, head, da._KV_CODE[kv], dtype == torch.bfloat16)
+            p = da.plan_cuda(seqs, heads, kvh, max_len, slots, v2, split=split)
+        else:
+            p = da.plan(seqs, heads, kvh, head, max_len, c["key_cache"].element_size(), sms,
+                        split=split)
         out = torch.full_like(c["query"], float("nan"))
         bufs = None
         if v2:
@@ -94,6 +98,60 @@ GRID = [(b, c) for b in (1, 8, 32, 64, 128) for c in (512, 4096, 16384)]
 def plan_for(batch, context, kv, dtype, heads, kvh, head, **over):
     eb = 1 if kv != "auto" else dtype.itemsize
     return da.plan(batch, heads, kvh, head, context, eb, da._sm_count(0), **over)
+
+
+def cuda_plan_for(batch, context, kv, dtype, heads, kvh, head, v2=True, **over):
+    slots = da._cuda_slots(0, head, da._KV_CODE[kv], dtype == torch.bfloat16)
+    return da.plan_cuda(batch, heads, kvh, context, slots, v2, **over)
+
+
+def cuda_checks():
+    """CHECKS with the CUDA kernel (where it applies) at its default plan and at every split."""
+    for case in CHECKS:
+        dtype, kv, heads, kvh, head, bs, lens, alibi, split = case
+        if dtype == torch.float32 or head % 16 or (kv != "auto" and bs == 8):
+            continue
+        for sp in ([split] if split else [None]) + [32, 64, 128, 256, 512]:
+            try:
+                print(check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, sp, "cuda",
+                                 backend="cuda"), f"split={sp}", flush=True)
+            except AssertionError as e:
+                print("FAIL cuda", f"split={sp}", str(e)[:800], flush=True)
+
+
+def cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs):
+    """Per grid point: the CUDA kernel's default plan (v1 and v2), other splits, the Triton
+    kernel's default plan (v2) and SDPA over a dense cache."""
+    for kv in args.kv:
+        for b, ctx in GRID:
+            nb = kv_bytes(b, ctx, kvh, head, kv, dtype)
+            sets = input_sets(b, ctx, kv, dtype, heads, kvh, head, bs)
+            p1 = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=False)
+            p2 = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=True)
+            s1 = time_plan(sets, p1, v2=False)
+            s2 = time_plan(sets, p2)
+            alts = ""
+            for sp in args.splits:
+                pa = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=False, split=sp)
+                if pa.split in (p1.split,):
+                    continue
+                sa = time_plan(sets, pa, v2=False)
+                alts += f" s{pa.split}x{pa.nsplit}:{sa * 1e6:.1f}"
+                rows.append(dict(kind="cuda_split", kv=kv, batch=b, context=ctx, split=pa.split,
+                                 nsplit=pa.nsplit, us=sa * 1e6))
+            st = time_plan(sets, plan_for(b, ctx, kv, dtype, heads, kvh, head))
+            sd = time_sdpa(sets) if kv == "auto" else 0
+            del sets
+            torch.cuda.empty_cache()
+            rows.append(dict(kind="cuda_grid", kv=kv, batch=b, context=ctx, v1_us=s1 * 1e6,
+                             v2_us=s2 * 1e6, triton_us=st * 1e6, sdpa_us=sd * 1e6,
+                             split1=p1.split, nsplit1=p1.nsplit, split2=p2.split,
+                             nsplit2=p2.nsplit, pct1=100 * nb / s1 / copy_bw,
+                             pct2=100 * nb / s2 / copy_bw))
+            print(f"cuda kv={kv} {b}x{ctx}: v1 {s1 * 1e6:8.2f} ({100 * nb / s1 / copy_bw:5.1f}%)"
+                  f" v2 {s2 * 1e6:8.2f} ({100 * nb / s2 / copy_bw:5.1f}%) triton {st * 1e6:8.2f}"
+                  f" sdpa {sd * 1e6:8.2f} x{(sd / s1) if sd else 0:.2f}"
+                  f" plan {p1.split}x{p1.nsplit}/{p2.split}x{p2.nsplit}{alts}", flush=True)
 
 
 def input_sets(batch, context, kv, dtype, heads, kvh, head, bs):
@@ -183,6 +241,13 @@ def main():
                     help="run the default plan twice at this size (under ncu), nothing else")
     ap.add_argument("--mini", action="store_true",
                     help="tile x stages x warps x P-split at 64 x 4096, bf16 and fp8 caches")
+    ap.add_argument("--cuda", action="store_true",
+                    help="the CUDA kernel: --check cases at every split, then the grid vs "
+                         "the Triton kernel and SDPA")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="with --cuda: also time these splits (v1) at each grid point")
+    ap.add_argument("--points", default=None,
+                    help="with --cuda: BxC,BxC,... instead of the whole grid")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -197,7 +262,8 @@ def main():
         b, ctx = args.profile
         for kv in args.kv:
             sets = input_sets(b, ctx, kv, dtype, heads, kvh, head, bs)[:1]
-            p = plan_for(b, ctx, kv, dtype, heads, kvh, head)
+            p = (cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=False) if args.cuda
+                 else plan_for(b, ctx, kv, dtype, heads, kvh, head))
             c = sets[0]
             for _ in range(2):
                 da.paged_decode(c["out"], c["query"], c["key_cache"], c["value_cache"], kvh,
@@ -210,6 +276,21 @@ def main():
     print(f"{harness.device_info()} copy {copy_bw / 1e12:.3f} TB/s", flush=True)
     rows = []
     plans = []
+    if args.cuda:
+        global GRID
+        if args.points:
+            GRID = [tuple(int(v) for v in pt.split("x")) for pt in args.points.split(",")]
+        if args.check:
+            cuda_checks()
+        precompile([(kv, dtype, plan_for(b, ctx, kv, dtype, heads, kvh, head))
+                    for kv in args.kv for b, ctx in GRID], args.jobs)
+        cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs)
+        if args.out and rows:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "tune_cuda.json"), "w") as f:
+                json.dump(dict(info=harness.device_info(), copy_bw=copy_bw, rows=rows), f,
+                          indent=1)
+        return
     mini = [dict(block_n=bn, num_stages=st, num_warps=w, p_split=ps) for bn, st, w, ps in
             itertools.product((32, 64), (2, 3, 4), (2, 4), (True,))]
     if args.mini:

@@ -228,6 +228,24 @@ def test_plan_fills_the_gpu(seqs, kv_heads, context, want):
         assert p.split == want
 
 
+@pytest.mark.parametrize("seqs,context,v2,want", [
+    (1, 512, False, 64), (1, 4096, False, 128), (8, 4096, True, 512), (64, 4096, False, "direct"),
+    (64, 4096, True, 512), (128, 512, True, "direct"), (32, 16384, False, "direct")])
+def test_plan_cuda(seqs, context, v2, want):
+    """The CUDA kernel's split: one per sequence when the batch fills the GPU (v1, or v2 within
+    one 512-token partition); else one wave of CTAs, splits of 64-512 tokens (v2: dividing 512)."""
+    from compile_ops.decode_attention import PARTITION, plan_cuda
+
+    p = plan_cuda(seqs, 32, 8, context, slots=264, v2=v2)
+    assert p.backend == "cuda" and p.slices == 2 // 2 and p.nsplit == -(-context // p.split)
+    if want == "direct":
+        assert p.direct
+    else:
+        assert p.split == want and PARTITION % p.split == 0
+        assert seqs * 8 * p.nsplit <= 264 or p.split == PARTITION
+    assert plan_cuda(2, 40, 2, 100, slots=264, v2=False).slices == 2  # 20 heads per KV head
+
+
 _INTERPRETED = r"""
 import torch
 from compile_ops import decode_attention as da
@@ -399,6 +417,67 @@ def test_cuda_every_split(split, kv, gen):
         has = torch.tensor([n > i * PARTITION_SIZE for n in c["seq_lens"].tolist()])
         assert_close(tmp.cpu()[has, :, i], o[has].to(torch.bfloat16))
         torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [32, 64, 128, 256, 512, 2048])
+@pytest.mark.parametrize("kv,bs,dtype", [("auto", 8, torch.bfloat16), ("auto", 32, torch.float16),
+                                         ("fp8", 16, torch.bfloat16), ("fp8_e5m2", 32,
+                                                                       torch.bfloat16),
+                                         ("fp8", 32, torch.float16)])
+def test_cuda_kernel_every_split(split, kv, bs, dtype, gen):
+    """The CUDA kernel (csrc/include/compile_ops/decode_attention.cuh) at each split length,
+    one split per sequence (2048) included, v1 and v2, ALiBi, an empty sequence, 20 query heads
+    per KV head (two slices of 16): the reference's results and v2 partition statistics."""
+    from compile_ops import decode_attention as da
+
+    c = setup([1, 511, 513, 1500, 0], 40, 2, 128, bs, dtype, kv, gen=gen, alibi=True)
+    want, parts = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 2,
+                                      c["scale"], c["block_tables"], c["seq_lens"],
+                                      c["alibi_slopes"], kv, c["k_scale"], c["v_scale"],
+                                      partition_size=PARTITION_SIZE)
+    g = to_cuda(c)
+    for v2 in ((False, True) if split <= PARTITION_SIZE else (False,)):
+        p = da.plan_cuda(5, 40, 2, 1500, 264, v2, split=split)
+        assert p.backend == "cuda"
+        out = torch.full_like(g["query"], float("nan"))
+        bufs = tuple(t.cuda() for t in v2_buffers(c))[1:] if v2 else None
+        da.paged_decode(out, g["query"], g["key_cache"], g["value_cache"], 2, g["scale"],
+                        g["block_tables"], g["seq_lens"], 1500, g["alibi_slopes"], kv,
+                        g["k_scale"], g["v_scale"], v2=bufs, the_plan=p)
+        assert_close(out, want)
+        if v2:
+            es, ml, tmp = bufs
+            for i, (o, m, s) in enumerate(parts):
+                has = torch.tensor([n > i * PARTITION_SIZE for n in c["seq_lens"].tolist()])
+                assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
+                torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+                assert torch.isnan(ml.cpu()[~has, :, i]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,head,kv,bs,backend", [
+    (torch.bfloat16, 128, "auto", 16, "cuda"), (torch.float16, 64, "fp8", 16, "cuda"),
+    (torch.bfloat16, 256, "fp8_e5m2", 32, "cuda"), (torch.float16, 32, "auto", 8, "cuda"),
+    (torch.float32, 128, "auto", 16, "triton"), (torch.bfloat16, 120, "auto", 16, "triton"),
+    (torch.bfloat16, 128, "fp8", 8, "triton")])
+def test_cuda_dispatch(dtype, head, kv, bs, backend, gen, monkeypatch):
+    """Which kernel runs: CUDA for float16 / bfloat16 queries, head sizes that are multiples of
+    16, value rows >= 16 bytes; Triton otherwise, or everywhere with
+    COMPILE_OPS_DECODE_ATTENTION=triton. Same results either way."""
+    from compile_ops import decode_attention as da
+
+    c = setup([30, 300], 8, 2, head, bs, dtype, kv, gen=gen)
+    want = v1(c)
+    g = to_cuda(c)
+    for env, expect in (("", backend), ("triton", "triton")):
+        monkeypatch.setenv("COMPILE_OPS_DECODE_ATTENTION", env)
+        out = torch.empty_like(g["query"])
+        p = da.paged_decode(out, g["query"], g["key_cache"], g["value_cache"], 2, g["scale"],
+                            g["block_tables"], g["seq_lens"], 300, None, kv, g["k_scale"],
+                            g["v_scale"])
+        assert p.backend == expect
+        assert_close(out, want)
 
 
 @pytest.mark.cuda
