@@ -41,7 +41,8 @@ CHECKS = [
 ]
 
 
-def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device, backend="triton"):
+def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device, backend="triton",
+               cuda_kw=None):
     c = paged_inputs(lens, heads, kvh, head, bs, dtype, kv, device)
     c["alibi_slopes"] = (torch.rand(heads, device=device) * 0.5 + 0.01) if alibi else None
     seqs = len(lens)
@@ -53,8 +54,10 @@ def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device, back
     sms = da._sm_count(0) if device == "cuda" else 132
     for v2 in (False, True):
         if backend == "cuda":
-            slots = da._cuda_slots(0, head, da._KV_CODE[kv], dtype == torch.bfloat16)
-            p = da.plan_cuda(seqs, heads, kvh, max_len, slots, v2, split=split)
+            kw = dict(cuda_kw or {})
+            if v2 and (kw.get("split") or 0) > PARTITION_SIZE:
+                kw.pop("split")
+            p = da.plan_cuda(seqs, heads, kvh, max_len, sms, v2, **kw)
         else:
             p = da.plan(seqs, heads, kvh, head, max_len, c["key_cache"].element_size(), sms,
                         split=split)
@@ -101,8 +104,7 @@ def plan_for(batch, context, kv, dtype, heads, kvh, head, **over):
 
 
 def cuda_plan_for(batch, context, kv, dtype, heads, kvh, head, v2=True, **over):
-    slots = da._cuda_slots(0, head, da._KV_CODE[kv], dtype == torch.bfloat16)
-    return da.plan_cuda(batch, heads, kvh, context, slots, v2, **over)
+    return da.plan_cuda(batch, heads, kvh, context, da._sm_count(0), v2, **over)
 
 
 def cuda_checks():
@@ -111,12 +113,15 @@ def cuda_checks():
         dtype, kv, heads, kvh, head, bs, lens, alibi, split = case
         if dtype == torch.float32 or head % 16 or (kv != "auto" and bs == 8):
             continue
-        for sp in ([split] if split else [None]) + [32, 64, 128, 256, 512]:
+        kws = [dict(split=split)] + [dict(split=sp) for sp in (32, 64, 128, 256, 512, 4096)]
+        kws += [dict(sub=sb) for sb in (128, 256, 512)]
+        kws += [dict(split=sp, p_split=False) for sp in (64, 4096)] + [dict(p_split=False)]
+        for kw in kws:
             try:
-                print(check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, sp, "cuda",
-                                 backend="cuda"), f"split={sp}", flush=True)
+                print(check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, None, "cuda",
+                                 backend="cuda", cuda_kw=kw), kw, flush=True)
             except AssertionError as e:
-                print("FAIL cuda", f"split={sp}", str(e)[:800], flush=True)
+                print("FAIL cuda", kw, str(e)[:800], flush=True)
 
 
 def cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs):
@@ -131,14 +136,19 @@ def cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs):
             s1 = time_plan(sets, p1, v2=False)
             s2 = time_plan(sets, p2)
             alts = ""
-            for sp in args.splits:
-                pa = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=False, split=sp)
-                if pa.split in (p1.split,):
+            variants = [(f"s{sp}", False, dict(split=sp)) for sp in args.splits]
+            variants += [("v1-1p", False, dict(p_split=False))]
+            if ctx > PARTITION_SIZE:
+                variants += [("v2-s512", True, dict(split=PARTITION_SIZE)),
+                             ("v2-sub512", True, dict(sub=PARTITION_SIZE))]
+            for name, v2, kw in variants:
+                pa = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=v2, **kw)
+                if pa == (p2 if v2 else p1):
                     continue
-                sa = time_plan(sets, pa, v2=False)
-                alts += f" s{pa.split}x{pa.nsplit}:{sa * 1e6:.1f}"
-                rows.append(dict(kind="cuda_split", kv=kv, batch=b, context=ctx, split=pa.split,
-                                 nsplit=pa.nsplit, us=sa * 1e6))
+                sa = time_plan(sets, pa, v2=v2)
+                alts += f" {name}({pa.split}x{pa.nsplit}{'w' if pa.sub else ''}):{sa * 1e6:.1f}"
+                rows.append(dict(kind="cuda_variant", name=name, kv=kv, batch=b, context=ctx,
+                                 split=pa.split, nsplit=pa.nsplit, sub=pa.sub, us=sa * 1e6))
             st = time_plan(sets, plan_for(b, ctx, kv, dtype, heads, kvh, head))
             sd = time_sdpa(sets) if kv == "auto" else 0
             del sets
@@ -151,7 +161,42 @@ def cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs):
             print(f"cuda kv={kv} {b}x{ctx}: v1 {s1 * 1e6:8.2f} ({100 * nb / s1 / copy_bw:5.1f}%)"
                   f" v2 {s2 * 1e6:8.2f} ({100 * nb / s2 / copy_bw:5.1f}%) triton {st * 1e6:8.2f}"
                   f" sdpa {sd * 1e6:8.2f} x{(sd / s1) if sd else 0:.2f}"
-                  f" plan {p1.split}x{p1.nsplit}/{p2.split}x{p2.nsplit}{alts}", flush=True)
+                  f" plan {p1.split}x{p1.nsplit}/{p2.split}x{p2.nsplit}{'w' if p2.sub else ''}"
+                  f"{alts}", flush=True)
+
+
+def breakdown(b, ctx, kvs, dtype, heads, kvh, head, bs):
+    """GPU time per kernel of v1 and v2 (default CUDA plans) over 20 calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for kv in kvs:
+        c = input_sets(b, ctx, kv, dtype, heads, kvh, head, bs)[0]
+        for v2 in (False, True):
+            p = cuda_plan_for(b, ctx, kv, dtype, heads, kvh, head, v2=v2)
+
+            def call():
+                da.paged_decode(c["out"], c["query"], c["key_cache"], c["value_cache"], kvh,
+                                c["scale"], c["block_tables"], c["seq_lens"], ctx, None, kv,
+                                c["k_scale"], c["v_scale"], v2=c["v2"] if v2 else None,
+                                the_plan=p)
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+            per = {}
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    per[e.name[:60]] = per.get(e.name[:60], 0.0) + e.device_time / 20
+            print(f"breakdown kv={kv} {b}x{ctx} v2={v2} {p.split}x{p.nsplit}"
+                  f"{'w' if p.sub else ''}: " +
+                  ", ".join(f"{k} {v:.1f} us" for k, v in sorted(per.items(),
+                                                                  key=lambda kv_: -kv_[1])),
+                  flush=True)
+        c = None
+        torch.cuda.empty_cache()
 
 
 def input_sets(batch, context, kv, dtype, heads, kvh, head, bs):
@@ -248,6 +293,8 @@ def main():
                     help="with --cuda: also time these splits (v1) at each grid point")
     ap.add_argument("--points", default=None,
                     help="with --cuda: BxC,BxC,... instead of the whole grid")
+    ap.add_argument("--breakdown", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
+                    help="with --cuda: the kernels of v1 and v2 at this size (torch.profiler)")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -282,6 +329,8 @@ def main():
             GRID = [tuple(int(v) for v in pt.split("x")) for pt in args.points.split(",")]
         if args.check:
             cuda_checks()
+        if args.breakdown:
+            breakdown(*args.breakdown, args.kv, dtype, heads, kvh, head, bs)
         precompile([(kv, dtype, plan_for(b, ctx, kv, dtype, heads, kvh, head))
                     for kv in args.kv for b, ctx in GRID], args.jobs)
         cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs)

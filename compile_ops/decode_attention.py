@@ -58,10 +58,11 @@ class Plan:
     num_stages: int
     p_split: bool = True  # P V with P as two 16-bit parts (see the kernel)
     backend: str = "triton"  # or "cuda": csrc/include/compile_ops/decode_attention.cuh
+    sub: int = 0  # CUDA: warp partials of `split` tokens, one CTA per sequence (Args::sub)
 
     @property
     def direct(self) -> bool:
-        return self.nsplit == 1
+        return self.nsplit == 1 and not self.sub
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,27 +96,39 @@ def plan(seqs: int, heads: int, kv_heads: int, head_size: int, max_seq_len: int,
                 num_stages=num_stages or (3 if elem_bytes == 1 else 2), p_split=p_split)
 
 
-def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, slots: int, v2: bool, *,
-              split: Optional[int] = None, direct_fill: float = 0.75) -> Plan:
-    """The CUDA kernel's split (its CTAs: 4 warps, 16 query heads, ``slots`` of them resident at
-    once on the GPU). When the (sequence, KV head, slice) pairs alone fill ``direct_fill`` of the
-    slots, one split per sequence (no merge; v1 only, or v2 when max_seq_len fits one 512-token
-    partition). Otherwise the largest power-of-two split (<= 512 tokens, >= 64: a chunk of 16
-    tokens per warp) that gives one wave of CTAs."""
+def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, v2: bool, *,
+              split: Optional[int] = None, sub: Optional[int] = None, p_split: bool = True,
+              fill: float = 0.9, min_ctas: int = 32) -> Plan:
+    """How the CUDA kernel cuts a call (CTAs of 4 warps and 16 query heads; H200 measurements in
+    bench/NOTES.md). When the (sequence, KV head, slice) pairs spread evenly over the SMs
+    (``fill`` of the SMs' CTA slots busy in the last round), one CTA per pair over the whole
+    sequence: no merge for v1; for v2 longer than one 512-token partition each warp writes the
+    partials of its own sub-splits (``sub``: 512, 256 or 128 tokens, enough for every warp), merged
+    per partition. Otherwise splits of 512 tokens, halved while that leaves fewer than
+    ``min_ctas`` CTAs (down to 64: a chunk of 16 tokens per warp). ``split`` / ``sub`` force a
+    plan (v2 needs splits that divide 512 tokens)."""
     group = heads // kv_heads
     slices = -(-group // 16)
     pairs = seqs * kv_heads * slices
     length = max(max_seq_len, 1)
-    if split is None:
-        if pairs >= direct_fill * slots and (not v2 or length <= PARTITION):
-            split = max(32, -(-length // 32) * 32)
+    if split is None and sub is None:
+        per_sm = pairs / sms
+        if per_sm >= fill and per_sm / -(-pairs // sms) >= fill:
+            if v2 and length > PARTITION:
+                sub = PARTITION if length >= 8 * PARTITION else \
+                    (PARTITION // 2 if length >= 4 * PARTITION else PARTITION // 4)
+            else:
+                split = -(-length // 32) * 32
         else:
             split = PARTITION
-            while split > 64 and pairs * -(-length // (split // 2)) <= slots:
+            while split > 64 and pairs * -(-length // split) < min_ctas:
                 split //= 2
+    if sub:
+        split = sub
     nsplit = max(1, -(-max_seq_len // split))
     return Plan(block_n=16, split=split, nsplit=nsplit, block_g=16, slices=slices, num_warps=4,
-                num_stages=0, backend="cuda")
+                num_stages=0, p_split=p_split, backend="cuda",
+                sub=sub if (sub and nsplit > 1) else 0)
 
 
 def _cuda_ok(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
@@ -138,13 +151,6 @@ def _cuda_ok(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             key_cache.data_ptr() % 16 == 0 and
             all((t.stride(0) * eb) % 16 == 0 and (t.stride(1) * eb) % 16 == 0
                 for t in (key_cache, value_cache)))
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_slots(index: int, head: int, kind: int, bf16: bool) -> int:
-    from compile_ops._extension import _C
-
-    return max(1, _C.paged_decode_blocks_per_sm(head, kind, bf16)) * _sm_count(index)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -211,8 +217,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     use_cuda = (the_plan.backend == "cuda") if the_plan is not None else \
         _cuda_ok(query, key_cache, value_cache)
     if use_cuda:
-        slots = _cuda_slots(query.device.index or 0, head, kv, query.dtype == torch.bfloat16)
-        p = the_plan or plan_cuda(seqs, heads, num_kv_heads, max_seq_len, slots, v2 is not None)
+        p = the_plan or plan_cuda(seqs, heads, num_kv_heads, max_seq_len,
+                                  _sm_count(query.device.index or 0), v2 is not None)
     else:
         sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
         p = the_plan or plan(seqs, heads, num_kv_heads, head, max_seq_len,
@@ -237,6 +243,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     alibi = alibi_slopes if alibi_slopes is not None else k_scale
     grid = (num_kv_heads * p.slices, seqs, p.nsplit)
     if use_cuda:
+        assert v2 is None or p.direct or PARTITION % p.split == 0, "v2: splits must divide 512"
         from compile_ops._extension import _C
 
         _C.paged_decode_attention(
@@ -244,7 +251,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             k_scale, v_scale, None if p.direct else po, None if p.direct else pm,
             None if p.direct else pl, *((ml, es, tmp) if v2 is not None and p.direct
                                         else (None, None, None)),
-            float(scale), kv, p.split, p.nsplit, num_kv_heads)
+            float(scale), kv, p.split, p.nsplit, num_kv_heads, p.sub, p.p_split)
     else:
         _split_triton(split_kernel, grid, query, key_cache, value_cache, block_tables, seq_lens,
                       alibi, k_scale, v_scale, out, po, pm, pl, ml, es, tmp, scale, p, nb,

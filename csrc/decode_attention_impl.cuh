@@ -10,18 +10,27 @@
 namespace compile_ops {
 namespace decode {
 
-template <typename QT, int KV, int D>
-void launch_one(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
+template <typename QT, int KV, int D, bool WP>
+void launch_mode(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
   constexpr int smem = Smem<D, KV == 0 ? 2 : 1>::kBytes;
 #if !defined(COMPILE_OPS_EMULATE)
   static bool attr_set = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D, WP>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     return true;
   }();
   (void)attr_set;
 #endif
-  launch_kernel_smem(paged_decode_kernel<QT, KV, D>, grid, dim3(kThreads), smem, stream, dev, a);
+  launch_kernel_smem(paged_decode_kernel<QT, KV, D, WP>, grid, dim3(kThreads), smem, stream,
+                     dev, a);
+}
+
+template <typename QT, int KV, int D>
+void launch_one(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
+  if (a.sub > 0)
+    launch_mode<QT, KV, D, true>(a, grid, stream, dev);
+  else
+    launch_mode<QT, KV, D, false>(a, grid, stream, dev);
 }
 
 template <typename QT, int KV, int D>
@@ -31,11 +40,11 @@ int blocks_per_sm_one() {
   return 2;
 #else
   static const int n = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D, false>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int b = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &b, paged_decode_kernel<QT, KV, D>, kThreads, smem));
+        &b, paged_decode_kernel<QT, KV, D, false>, kThreads, smem));
     return b;
   }();
   return n;

@@ -21,7 +21,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                             const std::optional<at::Tensor>& max_logits,
                             const std::optional<at::Tensor>& exp_sums,
                             const std::optional<at::Tensor>& tmp_out, double scale, int64_t kind,
-                            int64_t split, int64_t nsplit, int64_t num_kv_heads) {
+                            int64_t split, int64_t nsplit, int64_t num_kv_heads, int64_t sub,
+                            bool p_split) {
   constexpr const char* op = "paged_decode_attention";
   const int64_t seqs = query.size(0), heads = query.size(1), head = query.size(2);
   const int64_t group = heads / num_kv_heads, slices = (group + 15) / 16;
@@ -46,7 +47,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                   (block_tables.size(1) <= 1 || block_tables.stride(1) == 1),
               op, ": int32 block_tables (contiguous rows) and seq_lens");
   TORCH_CHECK(split % 32 == 0 && split > 0 && nsplit >= 1, op, ": bad split");
-  TORCH_CHECK(nsplit == 1 || (partial_out && partial_max && partial_sum), op,
+  TORCH_CHECK(sub == 0 || (sub % 16 == 0 && sub == split), op, ": bad sub-split");
+  TORCH_CHECK((nsplit == 1 && sub == 0) || (partial_out && partial_max && partial_sum), op,
               ": several splits need the partial buffers");
   if (seqs == 0 || heads == 0) return;
   decode::Args a{};
@@ -75,6 +77,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   a.group = static_cast<int>(group);
   a.slices = static_cast<int>(slices);
   a.heads = static_cast<int>(heads);
+  a.sub = static_cast<int>(sub);
+  a.p_split = p_split;
   a.q_s = query.stride(0);
   a.q_h = query.stride(1);
   a.o_s = out.stride(0);
@@ -95,7 +99,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   }
   const DeviceGuard guard(query.device());
   const dim3 grid(static_cast<unsigned>(num_kv_heads * slices), static_cast<unsigned>(seqs),
-                  static_cast<unsigned>(nsplit));
+                  static_cast<unsigned>(sub ? 1 : nsplit));
   const auto stream = current_stream();
   const int dev = query.get_device();
   if (query.scalar_type() == at::kBFloat16)

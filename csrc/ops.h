@@ -50,7 +50,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                             const std::optional<at::Tensor>& max_logits,
                             const std::optional<at::Tensor>& exp_sums,
                             const std::optional<at::Tensor>& tmp_out, double scale, int64_t kind,
-                            int64_t split, int64_t nsplit, int64_t num_kv_heads);
+                            int64_t split, int64_t nsplit, int64_t num_kv_heads, int64_t sub,
+                            bool p_split);
 int64_t paged_decode_blocks_per_sm(int64_t head, int64_t kind, bool bf16);
 void concat_and_cache_mla(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor& kv_cache,
                           const at::Tensor& slot_mapping, int64_t kind, const at::Tensor& scale);

@@ -63,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_scale"), py::arg("partial_out"), py::arg("partial_max"),
         py::arg("partial_sum"), py::arg("max_logits"), py::arg("exp_sums"), py::arg("tmp_out"),
         py::arg("scale"), py::arg("kind"), py::arg("split"), py::arg("nsplit"),
-        py::arg("num_kv_heads"));
+        py::arg("num_kv_heads"), py::arg("sub"), py::arg("p_split"));
   m.def("paged_decode_blocks_per_sm", &compile_ops::paged_decode_blocks_per_sm,
         "resident CTAs per SM of the decode attention kernel (0: no kernel for the head size)",
         py::arg("head"), py::arg("kind"), py::arg("bf16"));

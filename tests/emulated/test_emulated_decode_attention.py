@@ -20,14 +20,14 @@ from compile_ops.testing import assert_close
 from tests.ops.test_paged_attention import setup
 
 
-def run_kernel(emu, c, split, nsplit, v2=False):
+def run_kernel(emu, c, split, nsplit, v2=False, sub=0, p_split=True):
     """Call the emulated launcher with the plan (split, nsplit); merge the partials in float64
     as decode_attention.py's merge kernel does. Returns (out, v2 buffers or None)."""
     q = c["query"]
     seqs, heads, head = q.shape
     kvh = c["num_kv_heads"]
     out = torch.full_like(q, float("nan"))
-    direct = nsplit == 1
+    direct = nsplit == 1 and not sub
     po = torch.full((seqs, heads, nsplit, head), float("nan"))
     pm = torch.full((seqs, heads, nsplit), float("nan"))
     pl = torch.full((seqs, heads, nsplit), float("nan"))
@@ -40,7 +40,7 @@ def run_kernel(emu, c, split, nsplit, v2=False):
         out, q, c["key_cache"], c["value_cache"], c["block_tables"], c["seq_lens"],
         c["alibi_slopes"], c["k_scale"], c["v_scale"], None if direct else po,
         None if direct else pm, None if direct else pl, *bufs, c["scale"],
-        _KV_CODE[c["kv_cache_dtype"]], split, nsplit, kvh)
+        _KV_CODE[c["kv_cache_dtype"]], split, nsplit, kvh, sub, p_split)
     if direct:
         return out, ((ml, es, tmp) if v2 else None)
     lens = c["seq_lens"].clamp(min=0)
@@ -76,6 +76,9 @@ CASES = [
     (torch.float16, 4, 2, 64, 32, "fp8_e5m2", [50, 1], 64, 1, True),
     (torch.bfloat16, 2, 1, 80, 16, "fp8", [33], 64, 1, False),
     (torch.float16, 18, 1, 32, 16, "auto", [20], 32, 1, False),  # two 16-head slices
+    # FP8 keys read 16 bytes per lane (head / 16 a multiple of 4)
+    (torch.bfloat16, 4, 2, 64, 16, "fp8", [70, 5], 64, 2, True),
+    (torch.float16, 2, 1, 128, 32, "fp8_e5m2", [50], 32, 2, False),
 ]
 
 
@@ -130,4 +133,27 @@ def test_decode_kernel_stale_nan_past_the_end_is_masked(coop):
     c["key_cache"][blk, :, :, 5:, :] = float("nan")
     want, _ = reference(c)
     got, _ = run_kernel(coop, c, 32, 1)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("kv,dtype,bs", [("auto", torch.bfloat16, 16), ("fp8", torch.float16, 32),
+                                         ("auto", torch.float16, 8)])
+def test_decode_kernel_warp_partials(coop, kv, dtype, bs):
+    """Args::sub: one CTA per (sequence, KV head), warp w writing the partials of sub-splits
+    w, w + 4, ...; the last sub-split runs to the sequence's end (here 200 tokens with
+    nsplit x sub = 96: a seq_len above max_seq_len)."""
+    gen = torch.Generator().manual_seed(11)
+    c = setup([70, 200, 0, 33], 8, 2, 32, bs, dtype, kv, gen=gen, alibi=True)
+    want, _ = reference(c)
+    got, _ = run_kernel(coop, c, 32, 3, sub=32)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8_e5m2"])
+def test_decode_kernel_one_part_p(coop, kv):
+    """p_split off: P V with P as one 16-bit part."""
+    gen = torch.Generator().manual_seed(13)
+    c = setup([90, 17], 4, 1, 64, 16, torch.float16, kv, gen=gen)
+    want, _ = reference(c)
+    got, _ = run_kernel(coop, c, 64, 2, p_split=False)
     assert_close(got, want)

@@ -229,21 +229,24 @@ def test_plan_fills_the_gpu(seqs, kv_heads, context, want):
 
 
 @pytest.mark.parametrize("seqs,context,v2,want", [
-    (1, 512, False, 64), (1, 4096, False, 128), (8, 4096, True, 512), (64, 4096, False, "direct"),
-    (64, 4096, True, 512), (128, 512, True, "direct"), (32, 16384, False, "direct")])
+    (1, 512, False, 128), (1, 4096, False, 512), (8, 512, True, "direct"), (8, 4096, True, 512),
+    (32, 4096, False, "direct"), (32, 4096, True, "sub512"), (64, 1024, True, "sub128"),
+    (128, 512, True, "direct"), (16, 16384, False, "direct"), (20, 4096, False, 512)])
 def test_plan_cuda(seqs, context, v2, want):
-    """The CUDA kernel's split: one per sequence when the batch fills the GPU (v1, or v2 within
-    one 512-token partition); else one wave of CTAs, splits of 64-512 tokens (v2: dividing 512)."""
+    """The CUDA kernel's plan: one CTA per (sequence, KV head) when those spread evenly over the
+    SMs (v2 beyond 512 tokens: warp partials of sub-splits dividing 512); else 512-token splits,
+    shorter ones only when the batch gives fewer than 32 CTAs."""
     from compile_ops.decode_attention import PARTITION, plan_cuda
 
-    p = plan_cuda(seqs, 32, 8, context, slots=264, v2=v2)
-    assert p.backend == "cuda" and p.slices == 2 // 2 and p.nsplit == -(-context // p.split)
+    p = plan_cuda(seqs, 32, 8, context, sms=132, v2=v2)
+    assert p.backend == "cuda" and p.slices == 1 and p.nsplit == -(-context // p.split)
     if want == "direct":
-        assert p.direct
+        assert p.direct and not p.sub
+    elif str(want).startswith("sub"):
+        assert p.sub == p.split == int(want[3:]) and not p.direct
     else:
-        assert p.split == want and PARTITION % p.split == 0
-        assert seqs * 8 * p.nsplit <= 264 or p.split == PARTITION
-    assert plan_cuda(2, 40, 2, 100, slots=264, v2=False).slices == 2  # 20 heads per KV head
+        assert p.split == want and PARTITION % p.split == 0 and not p.sub
+    assert plan_cuda(2, 40, 2, 100, sms=132, v2=False).slices == 2  # 20 heads per KV head
 
 
 _INTERPRETED = r"""
@@ -438,7 +441,7 @@ def test_cuda_kernel_every_split(split, kv, bs, dtype, gen):
                                       partition_size=PARTITION_SIZE)
     g = to_cuda(c)
     for v2 in ((False, True) if split <= PARTITION_SIZE else (False,)):
-        p = da.plan_cuda(5, 40, 2, 1500, 264, v2, split=split)
+        p = da.plan_cuda(5, 40, 2, 1500, 132, v2, split=split)
         assert p.backend == "cuda"
         out = torch.full_like(g["query"], float("nan"))
         bufs = tuple(t.cuda() for t in v2_buffers(c))[1:] if v2 else None
@@ -453,6 +456,43 @@ def test_cuda_kernel_every_split(split, kv, bs, dtype, gen):
                 assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
                 torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
                 assert torch.isnan(ml.cpu()[~has, :, i]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sub", [128, 256, 512])
+@pytest.mark.parametrize("kv,dtype", [("auto", torch.bfloat16), ("fp8", torch.float16)])
+def test_cuda_kernel_warp_partials(sub, kv, dtype, gen):
+    """v2 with one CTA per (sequence, KV head) and warp partials of `sub` tokens: v2's partition
+    statistics and output as the reference has them; a seq_len past max_seq_len attended in
+    full (the last sub-split runs to the end)."""
+    from compile_ops import decode_attention as da
+
+    c = setup([1, 511, 513, 2500, 0], 32, 8, 128, 16, dtype, kv, gen=gen, alibi=True)
+    want, parts = paged_attention_ref(c["query"], c["key_cache"], c["value_cache"], 8,
+                                      c["scale"], c["block_tables"], c["seq_lens"],
+                                      c["alibi_slopes"], kv, c["k_scale"], c["v_scale"],
+                                      partition_size=PARTITION_SIZE)
+    g = to_cuda(c)
+    out = torch.full_like(g["query"], float("nan"))
+    es, ml, tmp = (t.cuda() for t in v2_buffers(c)[1:])
+    p = da.plan_cuda(5, 32, 8, 2500, 132, True, sub=sub)
+    assert p.sub == sub
+    da.paged_decode(out, g["query"], g["key_cache"], g["value_cache"], 8, g["scale"],
+                    g["block_tables"], g["seq_lens"], 2500, g["alibi_slopes"], kv,
+                    g["k_scale"], g["v_scale"], v2=(es, ml, tmp), the_plan=p)
+    assert_close(out, want)
+    for i, (o, m, s) in enumerate(parts):
+        has = torch.tensor([n > i * PARTITION_SIZE for n in c["seq_lens"].tolist()])
+        assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
+        torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+        assert torch.isnan(ml.cpu()[~has, :, i]).all()
+    # max_seq_len 1000 for a 2500-token sequence: the last sub-split covers the rest.
+    p = da.plan_cuda(5, 32, 8, 1000, 132, False, sub=sub)
+    out.fill_(float("nan"))
+    da.paged_decode(out, g["query"], g["key_cache"], g["value_cache"], 8, g["scale"],
+                    g["block_tables"], g["seq_lens"], 1000, g["alibi_slopes"], kv,
+                    g["k_scale"], g["v_scale"], the_plan=p)
+    assert_close(out, want)
 
 
 @pytest.mark.cuda

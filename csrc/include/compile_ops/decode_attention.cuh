@@ -1,6 +1,8 @@
 // Split-KV paged decode attention (paged_attention_v1 / v2 over vLLM's paged cache), CUDA C++.
 //
-// One CTA of 4 warps per (sequence, KV head, slice of 16 query heads, split of the sequence).
+// One CTA of 4 warps per (sequence, KV head, slice of 16 query heads, split of the sequence)
+// (or, with Args::sub, per (sequence, KV head, slice), each warp writing partials of its own
+// sub-splits).
 // The split's tokens are cut into chunks of 16; warp w takes chunks w, w + 4, w + 8, ... and runs
 // its own pipeline: cp.async copies of a chunk's keys and values (16-byte pieces, straight from
 // the pages) into one of NSTAGE shared-memory slots, NSTAGE - 1 chunks ahead of the one it
@@ -69,6 +71,13 @@ struct Args {
   void* tmp;
   float scale;
   int nsplit, split, bt_cols, num_blocks, bs_shift, group, slices, heads;
+  // sub > 0: warp partials. One CTA per (sequence, KV head, slice) covers the sequence; warp w
+  // takes the sub-splits j = w, w + 4, ... of `sub` tokens ([j sub, (j + 1) sub), the last of
+  // the nsplit sub-splits running to the sequence's end) and writes each one's partial at
+  // split index j (po / pm / pl with nsplit entries per head): the merge kernel then sees
+  // splits of `sub` tokens, e.g. v2's 512-token partitions, without one CTA per partition.
+  int sub;
+  bool p_split;  // P V with P as hi + lo 16-bit parts (else one part)
   int64_t q_s, q_h, o_s, o_h;      // elements
   int64_t kc_b, kc_h, vc_b, vc_h;  // bytes
   int64_t bt_s;
@@ -222,7 +231,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint8_t* row
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row)));
 }
-__device__ __forceinline__ float exp2_approx(float x) { return exp2f(x); }
+__device__ __forceinline__ float exp2_approx(float x) {  // 2^x, 2 ulp; 2^-inf = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 #endif
 
 // c += a b for one m16n8k16 tile; MT: __nv_bfloat16 or __half inputs.
@@ -335,8 +348,9 @@ __device__ __forceinline__ T from_float(float v) {
 
 // ---------------------------------------------------------------------------------------------
 // QT: the query / output type. KV: 0 = 16-bit cache (QT), 1 = e4m3, 2 = e5m2. D: head size, a
-// multiple of 16 in [32, 256].
-template <typename QT, int KV, int D>
+// multiple of 16 in [32, 256]. WP: warp partials (Args::sub > 0; a template parameter because
+// the partial-writing epilogue inside the loop costs ~40 registers where it is compiled in).
+template <typename QT, int KV, int D, bool WP>
 __global__ void __launch_bounds__(kThreads)
     paged_decode_kernel(const Args a) {
   using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
@@ -346,6 +360,10 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int KS = D / 16;          // k-steps of S = Q K^T
   constexpr int ND = D / 8;           // n-tiles of O
   constexpr int CB = S::kChunkBytes;  // bytes of a chunk's keys (= of its values)
+  // FP8 keys with head / 16 a multiple of 4: one 16-byte shared load gives a lane the words
+  // of 4 k-steps (k-step 4m + i takes word i of d-chunk 4m + qd; the query's fragments follow
+  // the same order); rows swizzled by 2 (chunk % 4) so that those loads are conflict-free.
+  constexpr bool K128 = KV != 0 && KS % 4 == 0;
 
 #if defined(COMPILE_OPS_EMULATE)
   static std::vector<uint8_t> smem_store(S::kBytes + 16);
@@ -361,10 +379,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t seq = blockIdx.y;
   const int split = blockIdx.z;
   const int length = imax(a.lens[seq], 0);
-  const bool direct = a.nsplit == 1;
-  const int start = split * a.split;
+  constexpr bool warp_parts = WP;
+  const bool direct = a.nsplit == 1 && !warp_parts;
+  const int start = warp_parts ? 0 : split * a.split;
   if (start >= length + (direct ? 1 : 0)) return;  // nothing for this CTA (uniform)
-  const int end = split == a.nsplit - 1 ? length : imin(length, start + a.split);
+  const int end =
+      (warp_parts || split == a.nsplit - 1) ? length : imin(length, start + a.split);
 
   const int warp = threadIdx.x / 32, lane = lane_id();
   const int g = lane >> 2, qd = lane & 3;
@@ -372,59 +392,34 @@ __global__ void __launch_bounds__(kThreads)
   const int rows = imin(16, a.group - g0);  // valid query rows of this slice
   const int bs = 1 << a.bs_shift;
 
-  // ---- query fragments (A of S = Q K^T), per-row logit scale and ALiBi slope ----
-  uint32_t qa[KS][4];
-  float qks[2], slope[2];
-  {
-    float qf[KS][4][2];
-    float amax[2] = {0.f, 0.f};
-    for (int r = 0; r < 2; ++r) {
-      const int row = g + 8 * r;
-      const bool ok = row < rows;
-      const int64_t head = int64_t(kvh) * a.group + g0 + row;
-      const QT* qrow = static_cast<const QT*>(a.q) + seq * a.q_s + head * a.q_h;
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          // KV 0: k-slots (2qd, 2qd + 1) and (+8) are head dims 16 ks + 2qd (+8);
-          // FP8: the words' order, head dims 16 ks + 4qd (+2).
-          const int d = 16 * ks + (KV == 0 ? 2 * qd + 8 * half : 4 * qd + 2 * half);
-          const float x0 = ok ? to_float(qrow[d]) : 0.f;
-          const float x1 = ok ? to_float(qrow[d + 1]) : 0.f;
-          qf[ks][r + 2 * half][0] = x0;
-          qf[ks][r + 2 * half][1] = x1;
-          amax[r] = fmaxf(amax[r], fmaxf(fabsf(x0), fabsf(x1)));
-        }
-      slope[r] = (a.alibi != nullptr && ok) ? a.alibi[head] * kLog2e : 0.f;
-    }
-    float qscale[2] = {1.f, 1.f};
-    const float base = a.scale * kLog2e * (KV != 0 ? *a.ks : 1.f);
-    for (int r = 0; r < 2; ++r) {
-      if constexpr (KV != 0 && std::is_same<QT, __nv_bfloat16>::value) {
-        // bf16 query, f16 MMA: scale the row by 2^(14 - e) (largest |q| in [2^14, 2^15)).
-        float m = fmaxf(amax[r], shfl_xor(amax[r], 1));
-        m = fmaxf(m, shfl_xor(m, 2));
-        if (m > 0.f && m <= 3.0e38f) {
-          int e;
-          frexpf(m, &e);  // m in [2^(e-1), 2^e)
-          qscale[r] = ldexpf(1.f, imin(imax(15 - e, -120), 120));
-        }
-      }
-      qks[r] = base / qscale[r];
-    }
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float s = qscale[i & 1];
-        qa[ks][i] = pack2<MT>(qf[ks][i][0] * s, qf[ks][i][1] * s);
-      }
-  }
-
   // ---- this warp's chunks and its pipeline ----
-  const int n_ch = (end - start + kChunk - 1) / kChunk;
-  const int nk = n_ch > warp ? (n_ch - warp + kWarps - 1) / kWarps : 0;
+  // Chunk k of this warp starts at token chunk_t0(k). Interleaved (w + 4k) over the CTA's
+  // range; with warp partials, CPS chunks per sub-split, the warp's last sub-split possibly
+  // longer (it runs to the sequence's end) or shorter.
+  int nk, n_sub = 0, cps = 1;
+  if constexpr (WP) {
+    cps = a.sub / kChunk;
+    const int nsub = imin(a.nsplit, (length + a.sub - 1) / a.sub);
+    n_sub = nsub > warp ? (nsub - warp + kWarps - 1) / kWarps : 0;
+    if (n_sub > 0) {
+      const int j_last = warp + kWarps * (n_sub - 1);
+      const int e_last = j_last == a.nsplit - 1 ? length : imin(length, (j_last + 1) * a.sub);
+      nk = (n_sub - 1) * cps + (e_last - j_last * a.sub + kChunk - 1) / kChunk;
+    } else {
+      nk = 0;
+    }
+  } else {
+    const int n_ch = (end - start + kChunk - 1) / kChunk;
+    nk = n_ch > warp ? (n_ch - warp + kWarps - 1) / kWarps : 0;
+  }
+  auto sub_of = [&](int k) { return imin(k / cps, n_sub - 1); };  // warp partials
+  auto chunk_t0 = [&](int k) {
+    if (warp_parts) {
+      const int i = sub_of(k);
+      return (warp + kWarps * i) * a.sub + kChunk * (k - i * cps);
+    }
+    return start + kChunk * (warp + kWarps * k);
+  };
   uint8_t* wbase = smem + warp * NST * 2 * CB;
   const uint8_t* kc = a.kc + int64_t(kvh) * a.kc_h;
   const uint8_t* vc = a.vc + int64_t(kvh) * a.vc_h;
@@ -436,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
   int blkreg = -1;
   auto load_round = [&](int k0) {
     const int k = k0 + lane / E, sub = lane % E;
-    const int t = start + kChunk * (warp + kWarps * k) + sub * 8;
+    const int t = chunk_t0(k) + sub * 8;
     const int col = t >> a.bs_shift;
     blkreg = (k < nk && t < end && col < a.bt_cols) ? bt_row[col] : -1;
   };
@@ -449,8 +444,8 @@ __global__ void __launch_bounds__(kThreads)
   const int half_v = lane & 1;
   auto issue = [&](int k) {
     const int slot = k % NST;
-    if (k % KPR == 0) load_round(k);
-    const int t0 = start + kChunk * (warp + kWarps * k);
+    if (k % KPR == 0 && k > 0) load_round(k);
+    const int t0 = chunk_t0(k);
     const int base = (k % KPR) * E;
     const int blk_k = static_cast<int>(shfl(uint32_t(blkreg), base + (E == 2 ? tok_k >> 3 : 0)));
     const bool ok_k = blk_k >= 0 && blk_k < a.num_blocks;
@@ -486,12 +481,13 @@ __global__ void __launch_bounds__(kThreads)
       const int o = within + tok_k;
       const uint8_t* src = kc + int64_t(ok_k ? blk_k : 0) * a.kc_b + int64_t(o) * 16;
       const int bytes = (ok_k && t0 + tok_k < end) ? 16 : 0;
-      const int row = tok_k ^ ((tok_k >> 3) << 1);  // conflict-free fragment reads
 #pragma unroll
       for (int r = 0; r < (D + 31) / 32; ++r) {
         const int i = lane + 32 * r;
         if (i < D) {
           const int c = i >> 4;
+          // conflict-free fragment reads (see K128)
+          const int row = K128 ? tok_k ^ (2 * (c & 3)) : tok_k ^ ((tok_k >> 3) << 1);
           cp_async16(sk + (c * 16 + row) * 16, src + int64_t(c) * bs * 16, bytes);
         }
       }
@@ -516,6 +512,59 @@ __global__ void __launch_bounds__(kThreads)
   const int k_lds = ((mat & 1) * 16 + mr + ((mat >> 1) << 3)) * 16;  // ldmatrix rows of K
   const int v_lds = (8 * (mat >> 1) + mr) * 32 + (((mat & 1) ^ ((mr >> 2) & 1)) << 4);
 
+  if (nk > 0) load_round(0);  // the block ids' load overlaps the query's
+  // ---- query fragments (A of S = Q K^T), per-row logit scale and ALiBi slope ----
+  uint32_t qa[KS][4];
+  float qks[2], slope[2];
+  {
+    float qf[KS][4][2];
+    float amax[2] = {0.f, 0.f};
+    for (int r = 0; r < 2; ++r) {
+      const int row = g + 8 * r;
+      const bool ok = row < rows;
+      const int64_t head = int64_t(kvh) * a.group + g0 + row;
+      const QT* qrow = static_cast<const QT*>(a.q) + seq * a.q_s + head * a.q_h;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // KV 0: k-slots (2qd, 2qd + 1) and (+8) are head dims 16 ks + 2qd (+8);
+          // FP8: the words' order, head dims 16 ks + 4qd (+2).
+          const int d = KV == 0 ? 16 * ks + 2 * qd + 8 * half
+                        : (K128 ? 16 * (4 * (ks / 4) + qd) + 4 * (ks % 4) + 2 * half
+                                : 16 * ks + 4 * qd + 2 * half);
+          const float x0 = ok ? to_float(qrow[d]) : 0.f;
+          const float x1 = ok ? to_float(qrow[d + 1]) : 0.f;
+          qf[ks][r + 2 * half][0] = x0;
+          qf[ks][r + 2 * half][1] = x1;
+          amax[r] = fmaxf(amax[r], fmaxf(fabsf(x0), fabsf(x1)));
+        }
+      slope[r] = (a.alibi != nullptr && ok) ? a.alibi[head] * kLog2e : 0.f;
+    }
+    float qscale[2] = {1.f, 1.f};
+    const float base = a.scale * kLog2e * (KV != 0 ? *a.ks : 1.f);
+    for (int r = 0; r < 2; ++r) {
+      if constexpr (KV != 0 && std::is_same<QT, __nv_bfloat16>::value) {
+        // bf16 query, f16 MMA: scale the row by 2^(14 - e) (largest |q| in [2^14, 2^15)).
+        float m = fmaxf(amax[r], shfl_xor(amax[r], 1));
+        m = fmaxf(m, shfl_xor(m, 2));
+        if (m > 0.f && m <= 3.0e38f) {
+          int e;
+          frexpf(m, &e);  // m in [2^(e-1), 2^e)
+          qscale[r] = ldexpf(1.f, imin(imax(15 - e, -120), 120));
+        }
+      }
+      qks[r] = base / qscale[r];
+    }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float s = qscale[i & 1];
+        qa[ks][i] = pack2<MT>(qf[ks][i][0] * s, qf[ks][i][1] * s);
+      }
+  }
+
 #pragma unroll 1
   for (int s = 0; s < NST - 1; ++s) {
     if (s < nk) issue(s);
@@ -531,19 +580,42 @@ __global__ void __launch_bounds__(kThreads)
     const uint8_t* sk = wbase + slot * 2 * CB;
     const uint8_t* sv = sk + CB;
     const uint32_t m = static_cast<uint32_t>(masks >> (16 * slot)) & 0xffffu;
-    const int t0 = start + kChunk * (warp + kWarps * k);
+    const int t0 = chunk_t0(k);
 
-    float s[2][4];
+    // S = Q K^T, each n-tile in two accumulators (even / odd k-steps): two short dependency
+    // chains of MMAs instead of one long one.
+    float s2[2][2][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      if constexpr (KV == 0) {
+      for (int h = 0; h < 2; ++h) s2[n][h][0] = s2[n][h][1] = s2[n][h][2] = s2[n][h][3] = 0.f;
+    if constexpr (KV == 0) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
         uint32_t b[4];
         ldmatrix_x4(b, sk + ks * 512 + k_lds);
-        mma<MT>(s[0], qa[ks], b[0], b[1]);
-        mma<MT>(s[1], qa[ks], b[2], b[3]);
-      } else {
+        mma<MT>(s2[0][ks & 1], qa[ks], b[0], b[1]);
+        mma<MT>(s2[1][ks & 1], qa[ks], b[2], b[3]);
+      }
+    } else if constexpr (K128) {
+#pragma unroll
+      for (int mm = 0; mm < KS / 4; ++mm)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int tok = 4 * (g >> 1) + (g & 1) + 2 * n;  // n-slot g of tile n
+          const uint4 w = *reinterpret_cast<const uint4*>(
+              sk + ((4 * mm + qd) * 16 + (tok ^ (2 * qd))) * 16);
+          const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            uint32_t b0, b1;
+            fp8x4_to_f16<KV>(ws[i], b0, b1);
+            mma<MT>(s2[n][i & 1], qa[4 * mm + i], b0, b1);
+          }
+        }
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           const int tok = 4 * (g >> 1) + (g & 1) + 2 * n;  // n-slot g of tile n
@@ -551,10 +623,14 @@ __global__ void __launch_bounds__(kThreads)
           const uint32_t w = lds32(sk + (ks * 16 + row) * 16 + 4 * qd);
           uint32_t b0, b1;
           fp8x4_to_f16<KV>(w, b0, b1);
-          mma<MT>(s[n], qa[ks], b0, b1);
+          mma<MT>(s2[n][ks & 1], qa[ks], b0, b1);
         }
-      }
     }
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = s2[n][0][e] + s2[n][1][e];
     // Logits -> base-2 scaled, masked; tokens of s[n][e] (rows g: e = 0, 1; g + 8: e = 2, 3).
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -591,12 +667,14 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+    if (ballot(alpha[0] != 1.f || alpha[1] != 1.f)) {  // no row's max moved: nothing to scale
 #pragma unroll
-    for (int n = 0; n < ND; ++n) {
-      acc[n][0] *= alpha[0];
-      acc[n][1] *= alpha[0];
-      acc[n][2] *= alpha[1];
-      acc[n][3] *= alpha[1];
+      for (int n = 0; n < ND; ++n) {
+        acc[n][0] *= alpha[0];
+        acc[n][1] *= alpha[0];
+        acc[n][2] *= alpha[1];
+        acc[n][3] *= alpha[1];
+      }
     }
     // P as A fragments (k = the chunk's 16 tokens in the order of V's B fragments), hi + lo.
     uint32_t ph[4], pl[4];
@@ -614,9 +692,11 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t b[4];
         ldmatrix_x4(b, sv + np * 512 + v_lds);
         mma<MT>(acc[2 * np], ph, b[0], b[1]);
-        mma<MT>(acc[2 * np], pl, b[0], b[1]);
         mma<MT>(acc[2 * np + 1], ph, b[2], b[3]);
-        mma<MT>(acc[2 * np + 1], pl, b[2], b[3]);
+        if (a.p_split) {
+          mma<MT>(acc[2 * np], pl, b[0], b[1]);
+          mma<MT>(acc[2 * np + 1], pl, b[2], b[3]);
+        }
       }
     } else {
 #pragma unroll
@@ -625,12 +705,46 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t b0, b1;
         fp8x4_to_f16<KV>(w, b0, b1);
         mma<MT>(acc[n], ph, b0, b1);
-        mma<MT>(acc[n], pl, b0, b1);
+        if (a.p_split) mma<MT>(acc[n], pl, b0, b1);
       }
+    }
+    if (WP && (k == nk - 1 || ((k + 1) % cps == 0 && k / cps < n_sub - 1))) {
+      // The end of one of this warp's sub-splits: its partial, then a fresh softmax state.
+      const int j = warp + kWarps * sub_of(k);
+      float l_tot[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l_tot[r] = l_run[r] + shfl_xor(l_run[r], 1);
+        l_tot[r] += shfl_xor(l_tot[r], 2);
+      }
+      const float vsc = KV != 0 ? *a.vs : 1.f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r;
+        if (row < rows) {
+          const int64_t head = int64_t(kvh) * a.group + g0 + row;
+          const int64_t prow = (seq * a.heads + head) * a.nsplit + j;
+          const float inv = vsc / (l_tot[r] > 0.f ? l_tot[r] : 1.f);
+          float* po = a.po + prow * D + 2 * qd;
+#pragma unroll
+          for (int n = 0; n < ND; ++n)
+            *reinterpret_cast<float2*>(po + 8 * n) =
+                make_float2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+          if (qd == 0) {
+            a.pm[prow] = m_run[r] * kLn2;
+            a.pl[prow] = l_tot[r];
+          }
+        }
+        m_run[r] = -INFINITY;
+        l_run[r] = 0.f;
+      }
+#pragma unroll
+      for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     }
     syncwarp();  // the slot is refilled by the next iteration's issue
   }
   cp_async_wait_all();
+  if constexpr (WP) return;
 
   // ---- merge the warps: (max, sum, O) per row through shared memory ----
 #pragma unroll
