@@ -55,6 +55,7 @@ def check_case(dtype, kv, heads, kvh, head, bs, lens, alibi, split, device, back
     for v2 in (False, True):
         if backend == "cuda":
             kw = dict(cuda_kw or {})
+            kw.setdefault("f16_mma", dtype == torch.float16 or kv != "auto")
             if v2 and (kw.get("split") or 0) > PARTITION_SIZE:
                 kw.pop("split")
             p = da.plan_cuda(seqs, heads, kvh, max_len, sms, v2, **kw)
@@ -104,6 +105,7 @@ def plan_for(batch, context, kv, dtype, heads, kvh, head, **over):
 
 
 def cuda_plan_for(batch, context, kv, dtype, heads, kvh, head, v2=True, **over):
+    over.setdefault("f16_mma", dtype == torch.float16 or kv != "auto")
     return da.plan_cuda(batch, heads, kvh, context, da._sm_count(0), v2, **over)
 
 
@@ -137,7 +139,7 @@ def cuda_grid(args, copy_bw, rows, dtype, heads, kvh, head, bs):
             s2 = time_plan(sets, p2)
             alts = ""
             variants = [(f"s{sp}", False, dict(split=sp)) for sp in args.splits]
-            variants += [("v1-1p", False, dict(p_split=False))]
+            variants += [("v1-2p", False, dict(p_split=True))]
             if ctx > PARTITION_SIZE:
                 variants += [("v2-s512", True, dict(split=PARTITION_SIZE)),
                              ("v2-sub512", True, dict(sub=PARTITION_SIZE))]

@@ -192,7 +192,7 @@ def split_kernel(Q, KC, VC, BT, LENS, ALIBI, KS, VS, OUT, PO, PM, PL, ML, ES, TM
                          o.to(TMP.dtype.element_ty), mask=omask & (length > 0))
         else:
             row = (seq * HEADS + head_idx) * nsplit + split  # [seqs, heads, nsplit]
-            tl.store(PM + row, m_nat, mask=gmask)
+            tl.store(PM + row, m_i, mask=gmask)  # base 2: the logits as computed
             tl.store(PL + row, l_i, mask=gmask)
             tl.store(PO + row[:, None] * HEAD + d[None, :], o, mask=omask)
 
@@ -202,6 +202,10 @@ def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
                  HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
                  SPLIT: tl.constexpr, PCH: tl.constexpr, FINE: tl.constexpr,
                  V2: tl.constexpr):
+    """Merges a head's split partials: PM holds each split's max logit in base 2 (the logits as
+    the split kernels computed them, so max differences need no rounded ln 2 conversion: with
+    |logits| ~ 300 (ALiBi) that conversion alone moved float32 outputs by ~2e-5), PL its exp
+    sum, PO its normalized output; v2's max_logits come out in natural-log units."""
     h = tl.program_id(0).to(tl.int64)
     seq = tl.program_id(1).to(tl.int64)
     length = tl.maximum(tl.load(LENS + seq), 0)
@@ -224,20 +228,20 @@ def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
         if V2:  # each 512-token partition's own statistics, the way the reference has them
             mp = tl.max(m, 1)
             mp0 = tl.where(mp == float("-inf"), 0.0, mp)
-            wp = lv * tl.exp(m - mp0[:, None])
+            wp = lv * tl.math.exp2(m - mp0[:, None])
             lp = tl.sum(wp, 1)
             op = tl.sum(wp[:, :, None] * o, 1) / tl.where(lp > 0.0, lp, 1.0)[:, None]
             part = c0 // FINE + pp
             has = part * FINE < n
             sm = seq * ml_s + h * ml_h + part
-            tl.store(ML + sm, mp0, mask=has)
+            tl.store(ML + sm, mp0 * 0.6931471805599453, mask=has)  # natural-log units
             tl.store(ES + sm, lp, mask=has)
             tl.store(TMP + seq * tmp_s + h * tmp_h + part[:, None] * tmp_p + d[None, :],
                      op.to(TMP.dtype.element_ty), mask=has[:, None] & dmask[None, :])
         m_new = tl.maximum(big_m, tl.max(tl.max(m, 1), 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(big_m - m_use)
-        w = lv * tl.exp(m - m_use)
+        alpha = tl.math.exp2(big_m - m_use)
+        w = lv * tl.math.exp2(m - m_use)
         big_l = big_l * alpha + tl.sum(tl.sum(w, 1), 0)
         acc = acc * alpha + tl.sum(tl.sum(w[:, :, None] * o, 1), 0)
         big_m = m_new

@@ -97,8 +97,9 @@ def plan(seqs: int, heads: int, kv_heads: int, head_size: int, max_seq_len: int,
 
 
 def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, v2: bool, *,
-              split: Optional[int] = None, sub: Optional[int] = None, p_split: bool = True,
-              fill: float = 0.9, min_ctas: int = 32) -> Plan:
+              split: Optional[int] = None, sub: Optional[int] = None,
+              p_split: Optional[bool] = None, f16_mma: bool = False, fill: float = 0.9,
+              min_ctas: int = 32) -> Plan:
     """How the CUDA kernel cuts a call (CTAs of 4 warps and 16 query heads; H200 measurements in
     bench/NOTES.md). When the (sequence, KV head, slice) pairs spread evenly over the SMs
     (``fill`` of the SMs' CTA slots busy in the last round), one CTA per pair over the whole
@@ -106,7 +107,8 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
     partials of its own sub-splits (``sub``: 512, 256 or 128 tokens, enough for every warp), merged
     per partition. Otherwise splits of 512 tokens, halved while that leaves fewer than
     ``min_ctas`` CTAs (down to 64: a chunk of 16 tokens per warp). ``split`` / ``sub`` force a
-    plan (v2 needs splits that divide 512 tokens)."""
+    plan (v2 needs splits that divide 512 tokens). ``f16_mma`` (float16 queries, FP8 caches):
+    P V with P as one float16 part (11 bits; bfloat16's 8 bits need the hi + lo pair)."""
     group = heads // kv_heads
     slices = -(-group // 16)
     pairs = seqs * kv_heads * slices
@@ -126,6 +128,8 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
     if sub:
         split = sub
     nsplit = max(1, -(-max_seq_len // split))
+    if p_split is None:
+        p_split = not f16_mma
     return Plan(block_n=16, split=split, nsplit=nsplit, block_g=16, slices=slices, num_warps=4,
                 num_stages=0, p_split=p_split, backend="cuda",
                 sub=sub if (sub and nsplit > 1) else 0)
@@ -218,7 +222,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         _cuda_ok(query, key_cache, value_cache)
     if use_cuda:
         p = the_plan or plan_cuda(seqs, heads, num_kv_heads, max_seq_len,
-                                  _sm_count(query.device.index or 0), v2 is not None)
+                                  _sm_count(query.device.index or 0), v2 is not None,
+                                  f16_mma=query.dtype == torch.float16 or kv != 0)
     else:
         sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
         p = the_plan or plan(seqs, heads, num_kv_heads, head, max_seq_len,

@@ -53,7 +53,7 @@ def run_kernel(emu, c, split, nsplit, v2=False, sub=0, p_split=True):
         assert not torch.isnan(o).any() and not torch.isnan(l).any()
         mm = m.max(1, keepdim=True).values
         mm = torch.where(torch.isinf(mm), 0.0, mm)
-        w = l * torch.exp(m - mm)
+        w = l * torch.exp2(m - mm)  # partial maxima in base 2
         tot = w.sum(1)
         out[s] = ((w[..., None] * o).sum(1) / torch.where(tot > 0, tot, 1.0)[:, None]).to(q.dtype)
         assert torch.isnan(pm[s, :, n:]).all()  # splits past the sequence: not written

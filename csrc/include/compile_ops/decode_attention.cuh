@@ -64,7 +64,7 @@ struct Args {
   const float* vs;
   void* out;
   float* po;  // [seqs, heads, nsplit, head] float32 partials (nsplit > 1)
-  float* pm;  // [seqs, heads, nsplit] max logit (natural log units)
+  float* pm;  // [seqs, heads, nsplit] max logit, base 2 (log2(e) x the natural-log logit)
   float* pl;  // [seqs, heads, nsplit] exp sum
   float* ml;  // v2, one split: max_logits / exp_sums / tmp_out of partition 0
   float* es;
@@ -731,7 +731,7 @@ __global__ void __launch_bounds__(kThreads)
             *reinterpret_cast<float2*>(po + 8 * n) =
                 make_float2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
           if (qd == 0) {
-            a.pm[prow] = m_run[r] * kLn2;
+            a.pm[prow] = m_run[r];  // base 2 (merged with exp2: no rounding of ln 2)
             a.pl[prow] = l_tot[r];
           }
         }
@@ -797,7 +797,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t prow = (seq * a.heads + head) * a.nsplit + split;
       a.po[prow * D + d] = o;
       if (d == 0) {
-        a.pm[prow] = mm * kLn2;
+        a.pm[prow] = mm;
         a.pl[prow] = l;
       }
     }
