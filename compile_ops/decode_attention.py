@@ -105,7 +105,8 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
     (``fill`` of the SMs' CTA slots busy in the last round), one CTA per pair over the whole
     sequence: no merge for v1; for v2 longer than one 512-token partition each warp writes the
     partials of its own sub-splits (``sub``: 512, 256 or 128 tokens, enough for every warp), merged
-    per partition. Otherwise splits of 512 tokens, halved while that leaves fewer than
+    per partition (GQA groups up to 8; larger ones take 512-token splits). Otherwise splits of
+    512 tokens, halved while that leaves fewer than
     ``min_ctas`` CTAs (down to 64: a chunk of 16 tokens per warp). ``split`` / ``sub`` force a
     plan (v2 needs splits that divide 512 tokens). ``f16_mma`` (float16 queries, FP8 caches):
     P V with P as one float16 part (11 bits; bfloat16's 8 bits need the hi + lo pair)."""
@@ -115,12 +116,12 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
     length = max(max_seq_len, 1)
     if split is None and sub is None:
         per_sm = pairs / sms
-        if per_sm >= fill and per_sm / -(-pairs // sms) >= fill:
-            if v2 and length > PARTITION:
-                sub = PARTITION if length >= 8 * PARTITION else \
-                    (PARTITION // 2 if length >= 4 * PARTITION else PARTITION // 4)
-            else:
-                split = -(-length // 32) * 32
+        even = per_sm >= fill and per_sm / -(-pairs // sms) >= fill
+        if even and v2 and length > PARTITION and group <= 8:
+            sub = PARTITION if length >= 8 * PARTITION else \
+                (PARTITION // 2 if length >= 4 * PARTITION else PARTITION // 4)
+        elif even and (not v2 or length <= PARTITION):
+            split = -(-length // 32) * 32
         else:
             split = PARTITION
             while split > 64 and pairs * -(-length // split) < min_ctas:

@@ -10,45 +10,61 @@
 namespace compile_ops {
 namespace decode {
 
-template <typename QT, int KV, int D, bool WP>
-void launch_mode(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
-  constexpr int smem = Smem<D, KV == 0 ? 2 : 1>::kBytes;
+// The kernel of a call: narrow (GQA groups of up to 8 query heads; warp partials or not) or
+// wide (larger groups, 16 heads per slice).
+template <typename QT, int KV, int D, bool NARROW, bool WP>
+struct Kernel {
+  static constexpr int kSmem =
+      NARROW ? Smem<D, KV == 0 ? 2 : 1, KV == 0 ? 98304 : 57344>::kBytes
+             : Smem<D, KV == 0 ? 2 : 1>::kBytes;
+  static void (*fn())(const Args) {
+    if constexpr (NARROW)
+      return paged_decode_narrow<QT, KV, D, WP>;
+    else
+      return paged_decode_kernel<QT, KV, D, false>;
+  }
+  static void prepare() {
 #if !defined(COMPILE_OPS_EMULATE)
-  static bool attr_set = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D, WP>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    return true;
-  }();
-  (void)attr_set;
+    static bool attr_set = [] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kSmem));
+      return true;
+    }();
+    (void)attr_set;
 #endif
-  launch_kernel_smem(paged_decode_kernel<QT, KV, D, WP>, grid, dim3(kThreads), smem, stream,
-                     dev, a);
-}
+  }
+  static void launch(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
+    prepare();
+    launch_kernel_smem(fn(), grid, dim3(kThreads), kSmem, stream, dev, a);
+  }
+  static int blocks_per_sm() {
+#if defined(COMPILE_OPS_EMULATE)
+    return 2;
+#else
+    prepare();
+    int b = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, fn(), kThreads, kSmem));
+    return b;
+#endif
+  }
+};
 
 template <typename QT, int KV, int D>
 void launch_one(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
-  if (a.sub > 0)
-    launch_mode<QT, KV, D, true>(a, grid, stream, dev);
+  TORCH_CHECK(a.group <= 8 || a.sub == 0, "paged decode attention: warp partials need GQA "
+              "groups of at most 8 query heads");
+  if (a.group > 8)
+    Kernel<QT, KV, D, false, false>::launch(a, grid, stream, dev);
+  else if (a.sub > 0)
+    Kernel<QT, KV, D, true, true>::launch(a, grid, stream, dev);
   else
-    launch_mode<QT, KV, D, false>(a, grid, stream, dev);
+    Kernel<QT, KV, D, true, false>::launch(a, grid, stream, dev);
 }
 
 template <typename QT, int KV, int D>
-int blocks_per_sm_one() {
-  constexpr int smem = Smem<D, KV == 0 ? 2 : 1>::kBytes;
-#if defined(COMPILE_OPS_EMULATE)
-  return 2;
-#else
-  static const int n = [] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(paged_decode_kernel<QT, KV, D, false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int b = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &b, paged_decode_kernel<QT, KV, D, false>, kThreads, smem));
-    return b;
-  }();
+int blocks_per_sm_one() {  // of the narrow kernel (GQA groups <= 8), without warp partials
+  static const int n = Kernel<QT, KV, D, true, false>::blocks_per_sm();
   return n;
-#endif
 }
 
 // Calls f.template operator()<KV, D>() for the runtime (kv, head); false if not compiled.

@@ -1,4 +1,5 @@
-"""The CUDA split-KV decode attention (csrc/include/compile_ops/decode_attention.cuh), host-compiled
+"""The CUDA split-KV decode attention (csrc/include/compile_ops/decode_attention.cuh: the narrow
+kernel for GQA groups up to 8, the wide one above), host-compiled
 and run in the cooperative schedule: each CTA's 128 threads at once, the warp primitives
 (ldmatrix, mma.sync m16n8k16, cp.async, shuffles, ballots) computed from the emulated warp's
 registers as the PTX manual defines them. This checks the kernel's fragment layouts, the
@@ -79,6 +80,10 @@ CASES = [
     # FP8 keys read 16 bytes per lane (head / 16 a multiple of 4)
     (torch.bfloat16, 4, 2, 64, 16, "fp8", [70, 5], 64, 2, True),
     (torch.float16, 2, 1, 128, 32, "fp8_e5m2", [50], 32, 2, False),
+    # groups above 8: the wide kernel (16 heads as M), FP8 keys read 16 and 4 bytes per lane
+    (torch.bfloat16, 12, 1, 128, 16, "fp8", [40, 19], 32, 2, True),
+    (torch.float16, 16, 1, 96, 32, "fp8_e5m2", [45], 64, 1, False),
+    (torch.bfloat16, 10, 1, 64, 8, "auto", [33], 32, 2, False),
 ]
 
 

@@ -86,11 +86,11 @@ struct Args {
 };
 
 // Shared memory of one CTA: the warps' pipelines, reused for the final merge of the warps.
-template <int D, int EB>
+template <int D, int EB, int BUDGET = 98304>
 struct Smem {
   static constexpr int kChunkBytes = kChunk * D * EB;  // keys (or values) of one chunk
   static constexpr int kSlot = 2 * kChunkBytes;
-  static constexpr int kRaw = 98304 / (kWarps * kSlot);
+  static constexpr int kRaw = BUDGET / (kWarps * kSlot);
   static constexpr int kStages = kRaw < 2 ? 2 : (kRaw > 4 ? 4 : kRaw);
   static constexpr int kPipe = kWarps * kStages * kSlot;
   static constexpr int kMerge = kWarps * 16 * (D + 2) * 4;
@@ -196,6 +196,15 @@ inline void mma_emulated(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   }
 }
 inline float exp2_approx(float x) { return std::exp2(x); }
+inline uint32_t movmatrix_t(uint32_t x) {
+  uint32_t all[32];
+  all_gather(x, all);
+  const int lane = lane_id(), g = lane / 4, qd = lane % 4;
+  auto el = [&](int r, int col) {  // element (r, col) of the source matrix
+    return (all[r * 4 + col / 2] >> (16 * (col % 2))) & 0xffffu;
+  };
+  return el(2 * qd, g) | (el(2 * qd + 1, g) << 16);
+}
 #else
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 __device__ __forceinline__ void syncwarp() { __syncwarp(); }
@@ -230,6 +239,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint8_t* row
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row)));
+}
+// movmatrix .trans: lane (g, qd) holds (row g, columns 2qd, 2qd + 1) of an 8 x 8 16-bit matrix;
+// returns (row g, columns 2qd, 2qd + 1) of its transpose.
+__device__ __forceinline__ uint32_t movmatrix_t(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
 }
 __device__ __forceinline__ float exp2_approx(float x) {  // 2^x, 2 ulp; 2^-inf = 0
   float y;
@@ -347,102 +363,107 @@ __device__ __forceinline__ T from_float(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// QT: the query / output type. KV: 0 = 16-bit cache (QT), 1 = e4m3, 2 = e5m2. D: head size, a
-// multiple of 16 in [32, 256]. WP: warp partials (Args::sub > 0; a template parameter because
-// the partial-writing epilogue inside the loop costs ~40 registers where it is compiled in).
-template <typename QT, int KV, int D, bool WP>
-__global__ void __launch_bounds__(kThreads)
-    paged_decode_kernel(const Args a) {
-  using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
-  constexpr int EB = KV == 0 ? 2 : 1;  // cache bytes per element
-  using S = Smem<D, EB>;
-  constexpr int NST = S::kStages;
-  constexpr int KS = D / 16;          // k-steps of S = Q K^T
-  constexpr int ND = D / 8;           // n-tiles of O
-  constexpr int CB = S::kChunkBytes;  // bytes of a chunk's keys (= of its values)
+// What both kernels share: the CTA's place in the grid, each warp's chunk pipeline, and the final
+// merge of the 4 warps' (max, sum, O) per query head.
+struct Cta {
+  int slice, kvh, split, length, start, end;
+  int64_t seq;
+  bool direct, skip;
+};
+
+template <bool WP>
+__device__ __forceinline__ Cta cta_setup(const Args& a) {
+  Cta c;
+  c.slice = blockIdx.x % a.slices;
+  c.kvh = blockIdx.x / a.slices;
+  c.seq = blockIdx.y;
+  c.split = blockIdx.z;
+  c.length = imax(a.lens[c.seq], 0);
+  c.direct = a.nsplit == 1 && !WP;
+  c.start = WP ? 0 : c.split * a.split;
+  c.skip = c.start >= c.length + (c.direct ? 1 : 0);  // nothing for this CTA (uniform)
+  c.end = (WP || c.split == a.nsplit - 1) ? c.length : imin(c.length, c.start + a.split);
+  return c;
+}
+
+// One warp's pipeline: chunk k of the warp starts at token chunk_t0(k) (interleaved, w + 4k,
+// over the CTA's range; with warp partials, cps chunks per sub-split, the warp's last sub-split
+// possibly longer: it runs to the sequence's end); issue(k) copies its keys and values into slot
+// k % NST with cp.async and records which of its tokens are valid.
+template <int KV, int D, int NST, bool WP>
+struct Pipe {
+  static constexpr int EB = KV == 0 ? 2 : 1;  // cache bytes per element
+  static constexpr int CB = kChunk * D * EB;  // bytes of a chunk's keys (= of its values)
   // FP8 keys with head / 16 a multiple of 4: one 16-byte shared load gives a lane the words
   // of 4 k-steps (k-step 4m + i takes word i of d-chunk 4m + qd; the query's fragments follow
   // the same order); rows swizzled by 2 (chunk % 4) so that those loads are conflict-free.
-  constexpr bool K128 = KV != 0 && KS % 4 == 0;
+  static constexpr bool K128 = KV != 0 && (D / 16) % 4 == 0;
 
-#if defined(COMPILE_OPS_EMULATE)
-  static std::vector<uint8_t> smem_store(S::kBytes + 16);
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_store.data()) + 15) & ~uintptr_t(15));
-#else
-  extern __shared__ __align__(16) uint8_t smem[];
-#endif
+  const Args& a;
+  uint8_t* wbase;
+  const uint8_t* kc;
+  const uint8_t* vc;
+  const int* bt_row;
+  int warp, lane, start, end, bs, E, KPR, nk, n_sub, cps, blkreg;
+  uint64_t masks;  // token validity of each slot's chunk, 16 bits per slot
 
-  pdl_wait();
-  const int slice = blockIdx.x % a.slices;
-  const int kvh = blockIdx.x / a.slices;
-  const int64_t seq = blockIdx.y;
-  const int split = blockIdx.z;
-  const int length = imax(a.lens[seq], 0);
-  constexpr bool warp_parts = WP;
-  const bool direct = a.nsplit == 1 && !warp_parts;
-  const int start = warp_parts ? 0 : split * a.split;
-  if (start >= length + (direct ? 1 : 0)) return;  // nothing for this CTA (uniform)
-  const int end =
-      (warp_parts || split == a.nsplit - 1) ? length : imin(length, start + a.split);
-
-  const int warp = threadIdx.x / 32, lane = lane_id();
-  const int g = lane >> 2, qd = lane & 3;
-  const int g0 = slice * 16;
-  const int rows = imin(16, a.group - g0);  // valid query rows of this slice
-  const int bs = 1 << a.bs_shift;
-
-  // ---- this warp's chunks and its pipeline ----
-  // Chunk k of this warp starts at token chunk_t0(k). Interleaved (w + 4k) over the CTA's
-  // range; with warp partials, CPS chunks per sub-split, the warp's last sub-split possibly
-  // longer (it runs to the sequence's end) or shorter.
-  int nk, n_sub = 0, cps = 1;
-  if constexpr (WP) {
-    cps = a.sub / kChunk;
-    const int nsub = imin(a.nsplit, (length + a.sub - 1) / a.sub);
-    n_sub = nsub > warp ? (nsub - warp + kWarps - 1) / kWarps : 0;
-    if (n_sub > 0) {
-      const int j_last = warp + kWarps * (n_sub - 1);
-      const int e_last = j_last == a.nsplit - 1 ? length : imin(length, (j_last + 1) * a.sub);
-      nk = (n_sub - 1) * cps + (e_last - j_last * a.sub + kChunk - 1) / kChunk;
+  __device__ __forceinline__ Pipe(const Args& args, const Cta& c, uint8_t* smem, int w, int l)
+      : a(args), warp(w), lane(l), start(c.start), end(c.end), n_sub(0), cps(1), blkreg(-1),
+        masks(0) {
+    wbase = smem + warp * NST * 2 * CB;
+    kc = a.kc + int64_t(c.kvh) * a.kc_h;
+    vc = a.vc + int64_t(c.kvh) * a.vc_h;
+    bt_row = a.bt + c.seq * a.bt_s;
+    bs = 1 << a.bs_shift;
+    // Block ids, 32 entries per round: lane l holds the page of warp chunk (round * KPR +
+    // l / E), sub-page l % E (E = 2 for blocks of 8 tokens: a chunk spans two pages).
+    E = bs == 8 ? 2 : 1;
+    KPR = 32 / E;
+    if constexpr (WP) {
+      cps = a.sub / kChunk;
+      const int nsub = imin(a.nsplit, (c.length + a.sub - 1) / a.sub);
+      n_sub = nsub > warp ? (nsub - warp + kWarps - 1) / kWarps : 0;
+      if (n_sub > 0) {
+        const int j_last = warp + kWarps * (n_sub - 1);
+        const int e_last =
+            j_last == a.nsplit - 1 ? c.length : imin(c.length, (j_last + 1) * a.sub);
+        nk = (n_sub - 1) * cps + (e_last - j_last * a.sub + kChunk - 1) / kChunk;
+      } else {
+        nk = 0;
+      }
     } else {
-      nk = 0;
+      const int n_ch = (end - start + kChunk - 1) / kChunk;
+      nk = n_ch > warp ? (n_ch - warp + kWarps - 1) / kWarps : 0;
     }
-  } else {
-    const int n_ch = (end - start + kChunk - 1) / kChunk;
-    nk = n_ch > warp ? (n_ch - warp + kWarps - 1) / kWarps : 0;
   }
-  auto sub_of = [&](int k) { return imin(k / cps, n_sub - 1); };  // warp partials
-  auto chunk_t0 = [&](int k) {
-    if (warp_parts) {
+  __device__ __forceinline__ int sub_of(int k) const { return imin(k / cps, n_sub - 1); }
+  __device__ __forceinline__ int chunk_t0(int k) const {
+    if constexpr (WP) {
       const int i = sub_of(k);
       return (warp + kWarps * i) * a.sub + kChunk * (k - i * cps);
     }
     return start + kChunk * (warp + kWarps * k);
-  };
-  uint8_t* wbase = smem + warp * NST * 2 * CB;
-  const uint8_t* kc = a.kc + int64_t(kvh) * a.kc_h;
-  const uint8_t* vc = a.vc + int64_t(kvh) * a.vc_h;
-  const int* bt_row = a.bt + seq * a.bt_s;
-  // Block ids, 32 entries per round: lane l holds the page of warp chunk (round * KPR + l / E),
-  // sub-page l % E (E = 2 for blocks of 8 tokens: a chunk spans two pages).
-  const int E = bs == 8 ? 2 : 1;
-  const int KPR = 32 / E;
-  int blkreg = -1;
-  auto load_round = [&](int k0) {
+  }
+  // Warp partials: whether chunk k is the last of one of the warp's sub-splits.
+  __device__ __forceinline__ bool sub_ends(int k) const {
+    return k == nk - 1 || ((k + 1) % cps == 0 && k / cps < n_sub - 1);
+  }
+  __device__ __forceinline__ void load_round(int k0) {
     const int k = k0 + lane / E, sub = lane % E;
     const int t = chunk_t0(k) + sub * 8;
     const int col = t >> a.bs_shift;
     blkreg = (k < nk && t < end && col < a.bt_cols) ? bt_row[col] : -1;
-  };
-  // Token validity of each slot's chunk, 16 bits per slot.
-  uint64_t masks = 0;
+  }
+  __device__ __forceinline__ uint8_t* keys(int slot) const { return wbase + slot * 2 * CB; }
+  __device__ __forceinline__ uint32_t mask(int slot) const {
+    return static_cast<uint32_t>(masks >> (16 * slot)) & 0xffffu;
+  }
   // Lane roles in the copies: 16-bit keys take (d-chunk i / 16, token i % 16) for i = lane +
   // 32 r: token lane % 16; values take (row i / 2, half i % 2): half lane % 2. FP8 keys: token
   // lane % 16; values: row i, whole 16-token rows.
-  const int tok_k = lane & 15;
-  const int half_v = lane & 1;
-  auto issue = [&](int k) {
+  __device__ __forceinline__ void issue(int k) {
+    const int tok_k = lane & 15;
+    const int half_v = lane & 1;
     const int slot = k % NST;
     if (k % KPR == 0 && k > 0) load_round(k);
     const int t0 = chunk_t0(k);
@@ -451,7 +472,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool ok_k = blk_k >= 0 && blk_k < a.num_blocks;
     const uint32_t m = ballot(ok_k && t0 + tok_k < end) & 0xffffu;
     masks = (masks & ~(uint64_t(0xffff) << (16 * slot))) | (uint64_t(m) << (16 * slot));
-    uint8_t* sk = wbase + slot * 2 * CB;
+    uint8_t* sk = keys(slot);
     uint8_t* sv = sk + CB;
     const int within = t0 & (bs - 1);  // chunk start inside its page (0 unless blocks of 32)
     if constexpr (KV == 0) {
@@ -500,7 +521,128 @@ __global__ void __launch_bounds__(kThreads)
         if (d < D) cp_async16(sv + d * 16, vsrc + int64_t(d) * bs, vbytes);
       }
     }
-  };
+  }
+  // The first NST - 1 chunks' copies (one commit group each, empty ones too).
+  __device__ __forceinline__ void prologue() {
+#pragma unroll 1
+    for (int s = 0; s < NST - 1; ++s) {
+      if (s < nk) issue(s);
+      cp_async_commit();
+    }
+  }
+  // Chunk k + NST - 1 in, chunk k's data visible to the whole warp.
+  __device__ __forceinline__ void next(int k) {
+    if (k + NST - 1 < nk) issue(k + NST - 1);
+    cp_async_commit();
+    cp_async_wait<NST - 1>();
+    syncwarp();
+  }
+};
+
+// The k-slot order of the fragments that meet the keys (A of S = Q K^T in the wide kernel, B of
+// S^T = K Q^T in the narrow one): the head dims of k-step ks, half h (k-slots 2qd, 2qd + 1 for
+// h = 0, 2qd + 8, 2qd + 9 for h = 1).
+template <int KV, bool K128>
+__device__ __forceinline__ int q_dim(int ks, int qd, int h) {
+  if constexpr (KV == 0) return 16 * ks + 2 * qd + 8 * h;                   // as laid out
+  if constexpr (K128) return 16 * (4 * (ks / 4) + qd) + 4 * (ks % 4) + 2 * h;  // 16-byte reads
+  return 16 * ks + 4 * qd + 2 * h;                                           // 4-byte reads
+}
+
+// bf16 query with FP8 keys (f16 MMAs): 2^(15 - e) brings a row whose largest |q| is in
+// [2^(e-1), 2^e) into [2^14, 2^15), f16's range; exact (a power of two), undone in the logits.
+template <typename QT, int KV>
+__device__ __forceinline__ float q_scale(float amax) {
+  if constexpr (KV != 0 && std::is_same<QT, __nv_bfloat16>::value) {
+    if (amax > 0.f && amax <= 3.0e38f) {
+      int e;
+      frexpf(amax, &e);
+      return ldexpf(1.f, imin(imax(15 - e, -120), 120));
+    }
+  }
+  return 1.f;
+}
+
+// After every warp wrote its (max in base 2, sum, unnormalized O) per query head into red_m,
+// red_l, red_o ([warps][16] and [warps][16][D]) and a __syncthreads: merge the warps, normalize,
+// write the output (one split) or the CTA's float32 partial.
+template <typename QT, int KV, int D>
+__device__ __forceinline__ void store_merged(const Args& a, const Cta& c, const float* red_o,
+                                             const float* red_m, const float* red_l, int rows,
+                                             int64_t head0) {
+  const float vsc = KV != 0 ? *a.vs : 1.f;
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int row = idx / D, d = idx % D;
+    float mm = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, red_m[w * 16 + row]);
+    const float mu = mm == -INFINITY ? 0.f : mm;
+    float l = 0.f, o = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = exp2_approx(red_m[w * 16 + row] - mu);
+      l += wt * red_l[w * 16 + row];
+      o += wt * red_o[(w * 16 + row) * D + d];
+    }
+    o = o * vsc / (l > 0.f ? l : 1.f);
+    const int64_t head = head0 + row;
+    if (c.direct) {
+      static_cast<QT*>(a.out)[c.seq * a.o_s + head * a.o_h + d] = from_float<QT>(o);
+      if (a.v2 && c.length > 0) {
+        static_cast<QT*>(a.tmp)[c.seq * a.tmp_s + head * a.tmp_h + d] = from_float<QT>(o);
+        if (d == 0) {
+          a.ml[c.seq * a.ml_s + head * a.ml_h] = mm == -INFINITY ? 0.f : mm * kLn2;
+          a.es[c.seq * a.ml_s + head * a.ml_h] = l;
+        }
+      }
+    } else {
+      const int64_t prow = (c.seq * a.heads + head) * a.nsplit + c.split;
+      a.po[prow * D + d] = o;
+      if (d == 0) {
+        a.pm[prow] = mm;  // base 2 (merged with exp2: no rounding of ln 2)
+        a.pl[prow] = l;
+      }
+    }
+  }
+}
+
+#if defined(COMPILE_OPS_EMULATE)
+#define COMPILE_OPS_DECODE_SMEM(S)                                                      \
+  static std::vector<uint8_t> smem_store(S::kBytes + 16);                               \
+  uint8_t* smem = reinterpret_cast<uint8_t*>(                                           \
+      (reinterpret_cast<uintptr_t>(smem_store.data()) + 15) & ~uintptr_t(15));
+#else
+#define COMPILE_OPS_DECODE_SMEM(S) extern __shared__ __align__(16) uint8_t smem[];
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// QT: the query / output type. KV: 0 = 16-bit cache (QT), 1 = e4m3, 2 = e5m2. D: head size, a
+// multiple of 16 in [32, 256]. WP: warp partials (Args::sub > 0; a template parameter because
+// the partial-writing epilogue inside the loop costs ~40 registers where it is compiled in).
+//
+// The wide kernel: up to 16 query heads per CTA as the 16 rows of M (S = Q K^T, O = P V);
+// GQA groups above 8 (paged_decode_narrow takes the others).
+template <typename QT, int KV, int D, bool WP>
+__global__ void __launch_bounds__(kThreads)
+    paged_decode_kernel(const Args a) {
+  using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
+  constexpr int EB = KV == 0 ? 2 : 1;  // cache bytes per element
+  using S = Smem<D, EB>;
+  constexpr int NST = S::kStages;
+  constexpr int KS = D / 16;          // k-steps of S = Q K^T
+  constexpr int ND = D / 8;           // n-tiles of O
+  using Pp = Pipe<KV, D, NST, WP>;
+  constexpr int CB = Pp::CB;
+  constexpr bool K128 = Pp::K128;
+  COMPILE_OPS_DECODE_SMEM(S)
+
+  pdl_wait();
+  const Cta c = cta_setup<WP>(a);
+  if (c.skip) return;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int g = lane >> 2, qd = lane & 3;
+  const int g0 = c.slice * 16;
+  const int rows = imin(16, a.group - g0);  // valid query rows of this slice
+  const int64_t head0 = int64_t(c.kvh) * a.group + g0;
+  Pp pipe(a, c, smem, warp, lane);
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float acc[ND][4];
@@ -512,7 +654,7 @@ __global__ void __launch_bounds__(kThreads)
   const int k_lds = ((mat & 1) * 16 + mr + ((mat >> 1) << 3)) * 16;  // ldmatrix rows of K
   const int v_lds = (8 * (mat >> 1) + mr) * 32 + (((mat & 1) ^ ((mr >> 2) & 1)) << 4);
 
-  if (nk > 0) load_round(0);  // the block ids' load overlaps the query's
+  if (pipe.nk > 0) pipe.load_round(0);  // the block ids' load overlaps the query's
   // ---- query fragments (A of S = Q K^T), per-row logit scale and ALiBi slope ----
   uint32_t qa[KS][4];
   float qks[2], slope[2];
@@ -522,17 +664,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < 2; ++r) {
       const int row = g + 8 * r;
       const bool ok = row < rows;
-      const int64_t head = int64_t(kvh) * a.group + g0 + row;
-      const QT* qrow = static_cast<const QT*>(a.q) + seq * a.q_s + head * a.q_h;
+      const int64_t head = head0 + row;
+      const QT* qrow = static_cast<const QT*>(a.q) + c.seq * a.q_s + head * a.q_h;
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          // KV 0: k-slots (2qd, 2qd + 1) and (+8) are head dims 16 ks + 2qd (+8);
-          // FP8: the words' order, head dims 16 ks + 4qd (+2).
-          const int d = KV == 0 ? 16 * ks + 2 * qd + 8 * half
-                        : (K128 ? 16 * (4 * (ks / 4) + qd) + 4 * (ks % 4) + 2 * half
-                                : 16 * ks + 4 * qd + 2 * half);
+          const int d = q_dim<KV, K128>(ks, qd, half);
           const float x0 = ok ? to_float(qrow[d]) : 0.f;
           const float x1 = ok ? to_float(qrow[d + 1]) : 0.f;
           qf[ks][r + 2 * half][0] = x0;
@@ -545,14 +683,8 @@ __global__ void __launch_bounds__(kThreads)
     const float base = a.scale * kLog2e * (KV != 0 ? *a.ks : 1.f);
     for (int r = 0; r < 2; ++r) {
       if constexpr (KV != 0 && std::is_same<QT, __nv_bfloat16>::value) {
-        // bf16 query, f16 MMA: scale the row by 2^(14 - e) (largest |q| in [2^14, 2^15)).
         float m = fmaxf(amax[r], shfl_xor(amax[r], 1));
-        m = fmaxf(m, shfl_xor(m, 2));
-        if (m > 0.f && m <= 3.0e38f) {
-          int e;
-          frexpf(m, &e);  // m in [2^(e-1), 2^e)
-          qscale[r] = ldexpf(1.f, imin(imax(15 - e, -120), 120));
-        }
+        qscale[r] = q_scale<QT, KV>(fmaxf(m, shfl_xor(m, 2)));
       }
       qks[r] = base / qscale[r];
     }
@@ -565,22 +697,15 @@ __global__ void __launch_bounds__(kThreads)
       }
   }
 
+  pipe.prologue();
 #pragma unroll 1
-  for (int s = 0; s < NST - 1; ++s) {
-    if (s < nk) issue(s);
-    cp_async_commit();
-  }
-#pragma unroll 1
-  for (int k = 0; k < nk; ++k) {
-    if (k + NST - 1 < nk) issue(k + NST - 1);
-    cp_async_commit();
-    cp_async_wait<NST - 1>();
-    syncwarp();
+  for (int k = 0; k < pipe.nk; ++k) {
+    pipe.next(k);
     const int slot = k % NST;
-    const uint8_t* sk = wbase + slot * 2 * CB;
+    const uint8_t* sk = pipe.keys(slot);
     const uint8_t* sv = sk + CB;
-    const uint32_t m = static_cast<uint32_t>(masks >> (16 * slot)) & 0xffffu;
-    const int t0 = chunk_t0(k);
+    const uint32_t m = pipe.mask(slot);
+    const int t0 = pipe.chunk_t0(k);
 
     // S = Q K^T, each n-tile in two accumulators (even / odd k-steps): two short dependency
     // chains of MMAs instead of one long one.
@@ -640,7 +765,7 @@ __global__ void __launch_bounds__(kThreads)
         const int tok = KV == 0 ? 8 * n + 2 * qd + (e & 1) : 4 * qd + 2 * n + (e & 1);
         const int r = e >> 1;
         float x = s[n][e] * qks[r];
-        if (a.alibi != nullptr) x += slope[r] * static_cast<float>(t0 + tok - length + 1);
+        if (a.alibi != nullptr) x += slope[r] * static_cast<float>(t0 + tok - c.length + 1);
         x = ((m >> tok) & 1u) ? x : -INFINITY;
         s[n][e] = x;
         mx[r] = fmaxf(mx[r], x);
@@ -708,9 +833,9 @@ __global__ void __launch_bounds__(kThreads)
         if (a.p_split) mma<MT>(acc[n], pl, b0, b1);
       }
     }
-    if (WP && (k == nk - 1 || ((k + 1) % cps == 0 && k / cps < n_sub - 1))) {
+    if (WP && pipe.sub_ends(k)) {
       // The end of one of this warp's sub-splits: its partial, then a fresh softmax state.
-      const int j = warp + kWarps * sub_of(k);
+      const int j = warp + kWarps * pipe.sub_of(k);
       float l_tot[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -722,8 +847,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < 2; ++r) {
         const int row = g + 8 * r;
         if (row < rows) {
-          const int64_t head = int64_t(kvh) * a.group + g0 + row;
-          const int64_t prow = (seq * a.heads + head) * a.nsplit + j;
+          const int64_t head = head0 + row;
+          const int64_t prow = (c.seq * a.heads + head) * a.nsplit + j;
           const float inv = vsc / (l_tot[r] > 0.f ? l_tot[r] : 1.f);
           float* po = a.po + prow * D + 2 * qd;
 #pragma unroll
@@ -770,38 +895,258 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  const float vsc = KV != 0 ? *a.vs : 1.f;
-  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-    const int row = idx / D, d = idx % D;
-    float mm = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, red_m[w * 16 + row]);
-    const float mu = mm == -INFINITY ? 0.f : mm;
-    float l = 0.f, o = 0.f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = exp2_approx(red_m[w * 16 + row] - mu);
-      l += wt * red_l[w * 16 + row];
-      o += wt * red_o[(w * 16 + row) * D + d];
+  store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
+}
+
+// The narrow kernel: GQA groups of up to 8 query heads, which go in as the N = 8 columns of the
+// MMAs instead of padding M = 16 rows: S^T = K Q^T (M = the chunk's 16 token slots, K = head
+// dims) and O^T = V^T P^T (M = head dims, K = the 16 token slots), P^T brought from the
+// accumulator layout into a B fragment by movmatrix (an 8 x 8 transpose in registers). Half the
+// MMAs of the wide kernel and half its accumulator and query registers. Token slots are the
+// chunk's tokens in order for 16-bit caches; for FP8 slot s < 8 is token 4 (s / 2) + s % 2 and
+// slot 8 + s is token 4 (s / 2) + 2 + s % 2, so that a 4-byte word of a value row holds the 4
+// tokens one lane needs.
+template <typename QT, int KV, int D, bool WP>
+__global__ void __launch_bounds__(kThreads)
+    paged_decode_narrow(const Args a) {
+  using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
+  constexpr int EB = KV == 0 ? 2 : 1;
+  using S = Smem<D, EB, KV == 0 ? 98304 : 57344>;  // FP8: 4 CTAs per SM
+  constexpr int NST = S::kStages;
+  constexpr int KS = D / 16;  // k-steps of S^T; also the m-tiles of O^T
+  using Pp = Pipe<KV, D, NST, WP>;
+  constexpr int CB = Pp::CB;
+  constexpr bool K128 = Pp::K128;
+  COMPILE_OPS_DECODE_SMEM(S)
+
+  pdl_wait();
+  const Cta c = cta_setup<WP>(a);
+  if (c.skip) return;
+  const int warp = threadIdx.x / 32, lane = lane_id();
+  const int g = lane >> 2, qd = lane & 3;
+  const int rows = a.group;  // <= 8: one slice
+  const int64_t head0 = int64_t(c.kvh) * a.group;
+  Pp pipe(a, c, smem, warp, lane);
+  if (pipe.nk > 0) pipe.load_round(0);  // the block ids' load overlaps the query's
+
+  // ---- Q^T as B fragments (head g), the logit scale and ALiBi slope of heads 2qd, 2qd + 1 ----
+  uint32_t qb[KS][2];
+  float qks[2], slope[2];
+  {
+    const bool ok = g < rows;
+    const QT* qrow = static_cast<const QT*>(a.q) + c.seq * a.q_s + (head0 + g) * a.q_h;
+    float qf[KS][2][2];
+    float amax = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int d = q_dim<KV, K128>(ks, qd, h);
+        qf[ks][h][0] = ok ? to_float(qrow[d]) : 0.f;
+        qf[ks][h][1] = ok ? to_float(qrow[d + 1]) : 0.f;
+        amax = fmaxf(amax, fmaxf(fabsf(qf[ks][h][0]), fabsf(qf[ks][h][1])));
+      }
+    float qscale = 1.f;  // of head g
+    if constexpr (KV != 0 && std::is_same<QT, __nv_bfloat16>::value) {
+      float m = fmaxf(amax, shfl_xor(amax, 1));
+      qscale = q_scale<QT, KV>(fmaxf(m, shfl_xor(m, 2)));
     }
-    o = o * vsc / (l > 0.f ? l : 1.f);
-    const int64_t head = int64_t(kvh) * a.group + g0 + row;
-    if (direct) {
-      static_cast<QT*>(a.out)[seq * a.o_s + head * a.o_h + d] = from_float<QT>(o);
-      if (a.v2 && length > 0) {
-        static_cast<QT*>(a.tmp)[seq * a.tmp_s + head * a.tmp_h + d] = from_float<QT>(o);
-        if (d == 0) {
-          a.ml[seq * a.ml_s + head * a.ml_h] = mm == -INFINITY ? 0.f : mm * kLn2;
-          a.es[seq * a.ml_s + head * a.ml_h] = l;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        qb[ks][h] = pack2<MT>(qf[ks][h][0] * qscale, qf[ks][h][1] * qscale);
+    const float base = a.scale * kLog2e * (KV != 0 ? *a.ks : 1.f);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int h = 2 * qd + e;  // its scale lives in lane 4h (g = h)
+      qks[e] = base / __uint_as_float(shfl(__float_as_uint(qscale), 4 * h));
+      slope[e] = (a.alibi != nullptr && h < rows) ? a.alibi[head0 + h] * kLog2e : 0.f;
+    }
+  }
+
+  float m_run[2] = {-INFINITY, -INFINITY};  // heads 2qd, 2qd + 1
+  float l_run[2] = {0.f, 0.f};              // this lane's tokens only (summed over g at the end)
+  float acc[KS][4];  // O^T: (head dim 16 mt + g (+ 8), heads 2qd, 2qd + 1)
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  // ldmatrix rows: K as A (matrices: tokens 0-7 | 8-15 x d-chunk 2ks | 2ks + 1), V^T as A
+  // (head dims 0-7 | 8-15 x token halves 0 | 1, halves swapped on every other group of 4 rows).
+  const int mat = lane >> 3, mr = lane & 7;
+  const int k_lds = ((mat >> 1) * 16 + mr + 8 * (mat & 1)) * 16;
+  const int v_lds = (mr + 8 * (mat & 1)) * 32 + (((mat >> 1) ^ ((mr >> 2) & 1)) << 4);
+  // Tokens of the accumulator rows (slots g and g + 8).
+  const int tok_lo = KV == 0 ? g : 4 * (g >> 1) + (g & 1);
+  const int tok_hi = KV == 0 ? g + 8 : 4 * (g >> 1) + 2 + (g & 1);
+
+  pipe.prologue();
+#pragma unroll 1
+  for (int k = 0; k < pipe.nk; ++k) {
+    pipe.next(k);
+    const int slot = k % NST;
+    const uint8_t* sk = pipe.keys(slot);
+    const uint8_t* sv = sk + CB;
+    const uint32_t m = pipe.mask(slot);
+    const int t0 = pipe.chunk_t0(k);
+
+    // S^T = K Q^T in two accumulators (even / odd k-steps): two short MMA chains.
+    float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if constexpr (KV == 0) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t ka[4];
+        ldmatrix_x4(ka, sk + ks * 512 + k_lds);
+        mma<MT>(s2[ks & 1], ka, qb[ks][0], qb[ks][1]);
+      }
+    } else if constexpr (K128) {
+#pragma unroll
+      for (int mm = 0; mm < KS / 4; ++mm) {
+        const uint8_t* kb = sk + (4 * mm + qd) * 256;
+        const uint4 wl = *reinterpret_cast<const uint4*>(kb + (tok_lo ^ (2 * qd)) * 16);
+        const uint4 wh = *reinterpret_cast<const uint4*>(kb + (tok_hi ^ (2 * qd)) * 16);
+        const uint32_t lo[4] = {wl.x, wl.y, wl.z, wl.w}, hi[4] = {wh.x, wh.y, wh.z, wh.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          uint32_t ka[4];
+          fp8x4_to_f16<KV>(lo[i], ka[0], ka[2]);
+          fp8x4_to_f16<KV>(hi[i], ka[1], ka[3]);
+          mma<MT>(s2[i & 1], ka, qb[4 * mm + i][0], qb[4 * mm + i][1]);
         }
       }
     } else {
-      const int64_t prow = (seq * a.heads + head) * a.nsplit + split;
-      a.po[prow * D + d] = o;
-      if (d == 0) {
-        a.pm[prow] = mm;
-        a.pl[prow] = l;
+      const int row_lo = tok_lo ^ ((tok_lo >> 3) << 1), row_hi = tok_hi ^ ((tok_hi >> 3) << 1);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t ka[4];
+        fp8x4_to_f16<KV>(lds32(sk + (ks * 16 + row_lo) * 16 + 4 * qd), ka[0], ka[2]);
+        fp8x4_to_f16<KV>(lds32(sk + (ks * 16 + row_hi) * 16 + 4 * qd), ka[1], ka[3]);
+        mma<MT>(s2[ks & 1], ka, qb[ks][0], qb[ks][1]);
       }
     }
+    // Logits (e: 0 = (tok_lo, head 2qd), 1 = (tok_lo, 2qd + 1), 2, 3 = tok_hi), base 2, masked.
+    float s[4], mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int tok = e < 2 ? tok_lo : tok_hi, h = e & 1;
+      float x = (s2[0][e] + s2[1][e]) * qks[h];
+      if (a.alibi != nullptr) x += slope[h] * static_cast<float>(t0 + tok - c.length + 1);
+      x = ((m >> tok) & 1u) ? x : -INFINITY;
+      s[e] = x;
+      mx[h] = fmaxf(mx[h], x);
+    }
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // max over the 16 tokens: the 8 lanes of this qd
+      mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 4));
+      mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 8));
+      mx[h] = fmaxf(mx[h], shfl_xor(mx[h], 16));
+      const float m_new = fmaxf(m_run[h], mx[h]);
+      mu[h] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[h] = exp2_approx(m_run[h] - mu[h]);
+      m_run[h] = m_new;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[e] = exp2_approx(s[e] - mu[e & 1]);
+    l_run[0] = l_run[0] * alpha[0] + s[0] + s[2];
+    l_run[1] = l_run[1] * alpha[1] + s[1] + s[3];
+    if (ballot(alpha[0] != 1.f || alpha[1] != 1.f)) {  // no head's max moved: nothing to scale
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        acc[mt][0] *= alpha[0];
+        acc[mt][1] *= alpha[1];
+        acc[mt][2] *= alpha[0];
+        acc[mt][3] *= alpha[1];
+      }
+    }
+    // P^T as B: transpose (token slot g | g + 8, heads 2qd, 2qd + 1) into (slots 2qd, 2qd + 1
+    // (| + 8), head g); hi + lo 16-bit parts where P needs them.
+    const uint32_t ph_lo = pack2<MT>(s[0], s[1]), ph_hi = pack2<MT>(s[2], s[3]);
+    const uint32_t pb0 = movmatrix_t(ph_lo), pb1 = movmatrix_t(ph_hi);
+    uint32_t pl0 = 0, pl1 = 0;
+    if (a.p_split) {
+      float h0, h1, h2, h3;
+      unpack2<MT>(ph_lo, h0, h1);
+      unpack2<MT>(ph_hi, h2, h3);
+      pl0 = movmatrix_t(pack2<MT>(s[0] - h0, s[1] - h1));
+      pl1 = movmatrix_t(pack2<MT>(s[2] - h2, s[3] - h3));
+    }
+    if constexpr (KV == 0) {
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        uint32_t va[4];
+        ldmatrix_x4(va, sv + mt * 512 + v_lds);
+        mma<MT>(acc[mt], va, pb0, pb1);
+        if (a.p_split) mma<MT>(acc[mt], va, pl0, pl1);
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) {
+        uint32_t va[4];
+        fp8x4_to_f16<KV>(lds32(sv + (16 * mt + g) * 16 + 4 * qd), va[0], va[2]);
+        fp8x4_to_f16<KV>(lds32(sv + (16 * mt + g + 8) * 16 + 4 * qd), va[1], va[3]);
+        mma<MT>(acc[mt], va, pb0, pb1);
+        if (a.p_split) mma<MT>(acc[mt], va, pl0, pl1);
+      }
+    }
+    if (WP && pipe.sub_ends(k)) {
+      // The end of one of this warp's sub-splits: its partial, then a fresh softmax state.
+      const int j = warp + kWarps * pipe.sub_of(k);
+      const float vsc = KV != 0 ? *a.vs : 1.f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float l = l_run[h] + shfl_xor(l_run[h], 4);
+        l += shfl_xor(l, 8);
+        l += shfl_xor(l, 16);
+        const int head = 2 * qd + h;
+        if (head < rows) {
+          const int64_t prow = (c.seq * a.heads + head0 + head) * a.nsplit + j;
+          const float inv = vsc / (l > 0.f ? l : 1.f);
+          float* po = a.po + prow * D + g;
+#pragma unroll
+          for (int mt = 0; mt < KS; ++mt) {
+            po[16 * mt] = acc[mt][h] * inv;
+            po[16 * mt + 8] = acc[mt][2 + h] * inv;
+          }
+          if (g == 0) {
+            a.pm[prow] = m_run[h];
+            a.pl[prow] = l;
+          }
+        }
+        m_run[h] = -INFINITY;
+        l_run[h] = 0.f;
+      }
+#pragma unroll
+      for (int mt = 0; mt < KS; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+    }
+    syncwarp();  // the slot is refilled by the next iteration's issue
   }
+  cp_async_wait_all();
+  if constexpr (WP) return;
+
+  // ---- merge the warps through shared memory ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += shfl_xor(l_run[h], 4);
+    l_run[h] += shfl_xor(l_run[h], 8);
+    l_run[h] += shfl_xor(l_run[h], 16);
+  }
+  __syncthreads();  // every warp is done with its slots
+  float* red_o = reinterpret_cast<float*>(smem);  // [warps][16][D]
+  float* red_m = red_o + kWarps * 16 * D;         // [warps][16]
+  float* red_l = red_m + kWarps * 16;             // [warps][16]
+#pragma unroll
+  for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      red_o[(warp * 16 + 2 * qd + (e & 1)) * D + 16 * mt + g + 8 * (e >> 1)] = acc[mt][e];
+  if (g == 0) {
+    for (int h = 0; h < 2; ++h) {
+      red_m[warp * 16 + 2 * qd + h] = m_run[h];
+      red_l[warp * 16 + 2 * qd + h] = l_run[h];
+    }
+  }
+  __syncthreads();
+  store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
 }
 
 }  // namespace decode
