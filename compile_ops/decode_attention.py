@@ -128,6 +128,8 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
                 split //= 2
     if sub:
         split = sub
+        if group > 8:  # warp partials are the narrow kernel's: plain splits of that length
+            sub = 0
     nsplit = max(1, -(-max_seq_len // split))
     if p_split is None:
         p_split = not f16_mma

@@ -8,18 +8,24 @@
 namespace compile_ops {
 namespace decode {
 
-// Launch for query type QT (__half or __nv_bfloat16); kv: 0 16-bit cache, 1 e4m3, 2 e5m2.
-template <typename QT>
-void launch_paged_decode(const Args& a, int kv, int head, dim3 grid, cudaStream_t stream, int dev);
-// CTAs of that kernel resident per SM (0: no kernel for this head size).
-template <typename QT>
-int paged_decode_blocks_per_sm(int kv, int head);
+// Launch for query type QT (__half or __nv_bfloat16) and cache kind KV (0: 16-bit cache, 1:
+// e4m3, 2: e5m2); false-free: raises for a head size without a kernel.
+template <typename QT, int KV>
+void launch_paged_decode(const Args& a, int head, dim3 grid, cudaStream_t stream, bool pdl);
+// CTAs of the narrow kernel resident per SM (0: no kernel for this head size).
+template <typename QT, int KV>
+int paged_decode_blocks_per_sm(int head);
 
-extern template void launch_paged_decode<__half>(const Args&, int, int, dim3, cudaStream_t, int);
-extern template void launch_paged_decode<__nv_bfloat16>(const Args&, int, int, dim3,
-                                                        cudaStream_t, int);
-extern template int paged_decode_blocks_per_sm<__half>(int, int);
-extern template int paged_decode_blocks_per_sm<__nv_bfloat16>(int, int);
+#define COMPILE_OPS_DECODE_EXTERN(QT, KV)                                                      \
+  extern template void launch_paged_decode<QT, KV>(const Args&, int, dim3, cudaStream_t, bool); \
+  extern template int paged_decode_blocks_per_sm<QT, KV>(int);
+COMPILE_OPS_DECODE_EXTERN(__half, 0)
+COMPILE_OPS_DECODE_EXTERN(__half, 1)
+COMPILE_OPS_DECODE_EXTERN(__half, 2)
+COMPILE_OPS_DECODE_EXTERN(__nv_bfloat16, 0)
+COMPILE_OPS_DECODE_EXTERN(__nv_bfloat16, 1)
+COMPILE_OPS_DECODE_EXTERN(__nv_bfloat16, 2)
+#undef COMPILE_OPS_DECODE_EXTERN
 
 }  // namespace decode
 }  // namespace compile_ops

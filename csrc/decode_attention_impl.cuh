@@ -1,11 +1,18 @@
-// Launch of the split-KV decode attention kernel for one query type (included by
-// decode_attention_bf16.cu and decode_attention_f16.cu, which instantiate it: the two halves of
-// the kernel table compile in parallel).
+// Launch of the split-KV decode attention kernels for one query type and cache kind (included by
+// decode_attention_{bf16,f16}_kv{0,1,2}.cu, which instantiate it: the six parts of the kernel
+// table compile in parallel).
 #pragma once
 
+// Kept free of torch's headers (c10's exception macros only): each of the six files compiles in
+// a fraction of the time a torch include costs.
 #include "compile_ops/decode_attention.cuh"
 #include "decode_attention.h"
+#if defined(COMPILE_OPS_EMULATE)
 #include "launch_utils.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#endif
 
 namespace compile_ops {
 namespace decode {
@@ -33,9 +40,24 @@ struct Kernel {
     (void)attr_set;
 #endif
   }
-  static void launch(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
+  static void launch(const Args& a, dim3 grid, cudaStream_t stream, bool pdl) {
     prepare();
-    launch_kernel_smem(fn(), grid, dim3(kThreads), kSmem, stream, dev, a);
+#if defined(COMPILE_OPS_EMULATE)
+    (void)pdl;
+    launch_kernel(fn(), grid, dim3(kThreads), stream, 0, a);
+#else
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = kSmem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fn(), a));
+#endif
   }
   static int blocks_per_sm() {
 #if defined(COMPILE_OPS_EMULATE)
@@ -50,15 +72,15 @@ struct Kernel {
 };
 
 template <typename QT, int KV, int D>
-void launch_one(const Args& a, dim3 grid, cudaStream_t stream, int dev) {
+void launch_one(const Args& a, dim3 grid, cudaStream_t stream, bool pdl) {
   TORCH_CHECK(a.group <= 8 || a.sub == 0, "paged decode attention: warp partials need GQA "
               "groups of at most 8 query heads");
   if (a.group > 8)
-    Kernel<QT, KV, D, false, false>::launch(a, grid, stream, dev);
+    Kernel<QT, KV, D, false, false>::launch(a, grid, stream, pdl);
   else if (a.sub > 0)
-    Kernel<QT, KV, D, true, true>::launch(a, grid, stream, dev);
+    Kernel<QT, KV, D, true, true>::launch(a, grid, stream, pdl);
   else
-    Kernel<QT, KV, D, true, false>::launch(a, grid, stream, dev);
+    Kernel<QT, KV, D, true, false>::launch(a, grid, stream, pdl);
 }
 
 template <typename QT, int KV, int D>
@@ -67,62 +89,52 @@ int blocks_per_sm_one() {  // of the narrow kernel (GQA groups <= 8), without wa
   return n;
 }
 
-// Calls f.template operator()<KV, D>() for the runtime (kv, head); false if not compiled.
+// Calls f.template operator()<D>() for the runtime head size; false if not compiled.
 template <typename F>
-bool dispatch(int kv, int head, const F& f) {
-  auto by_head = [&](auto kvc) {
-    constexpr int KV = decltype(kvc)::value;
-    switch (head) {
-      case 32: f.template operator()<KV, 32>(); return true;
-      case 64: f.template operator()<KV, 64>(); return true;
-      case 80: f.template operator()<KV, 80>(); return true;
-      case 96: f.template operator()<KV, 96>(); return true;
-      case 112: f.template operator()<KV, 112>(); return true;
-      case 128: f.template operator()<KV, 128>(); return true;
-      case 192: f.template operator()<KV, 192>(); return true;
-      case 256: f.template operator()<KV, 256>(); return true;
-      default: return false;
-    }
-  };
-  switch (kv) {
-    case 0: return by_head(std::integral_constant<int, 0>{});
-    case 1: return by_head(std::integral_constant<int, 1>{});
-    case 2: return by_head(std::integral_constant<int, 2>{});
+bool dispatch_head(int head, const F& f) {
+  switch (head) {
+    case 32: f.template operator()<32>(); return true;
+    case 64: f.template operator()<64>(); return true;
+    case 80: f.template operator()<80>(); return true;
+    case 96: f.template operator()<96>(); return true;
+    case 112: f.template operator()<112>(); return true;
+    case 128: f.template operator()<128>(); return true;
+    case 192: f.template operator()<192>(); return true;
+    case 256: f.template operator()<256>(); return true;
     default: return false;
   }
 }
 
-template <typename QT>
+template <typename QT, int KV>
 struct Launcher {
   const Args& a;
   dim3 grid;
   cudaStream_t stream;
-  int dev;
-  template <int KV, int D>
+  bool pdl;
+  template <int D>
   void operator()() const {
-    launch_one<QT, KV, D>(a, grid, stream, dev);
+    launch_one<QT, KV, D>(a, grid, stream, pdl);
   }
 };
-template <typename QT>
+template <typename QT, int KV>
 struct Occupancy {
   int* n;
-  template <int KV, int D>
+  template <int D>
   void operator()() const {
     *n = blocks_per_sm_one<QT, KV, D>();
   }
 };
 
-template <typename QT>
-void launch_paged_decode(const Args& a, int kv, int head, dim3 grid, cudaStream_t stream,
-                         int dev) {
-  const bool ok = dispatch(kv, head, Launcher<QT>{a, grid, stream, dev});
-  TORCH_CHECK(ok, "paged decode attention: no kernel for head size ", head, ", cache kind ", kv);
+template <typename QT, int KV>
+void launch_paged_decode(const Args& a, int head, dim3 grid, cudaStream_t stream, bool pdl) {
+  const bool ok = dispatch_head(head, Launcher<QT, KV>{a, grid, stream, pdl});
+  TORCH_CHECK(ok, "paged decode attention: no kernel for head size ", head);
 }
 
-template <typename QT>
-int paged_decode_blocks_per_sm(int kv, int head) {
+template <typename QT, int KV>
+int paged_decode_blocks_per_sm(int head) {
   int n = 0;
-  dispatch(kv, head, Occupancy<QT>{&n});
+  dispatch_head(head, Occupancy<QT, KV>{&n});
   return n;
 }
 

@@ -101,20 +101,42 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const dim3 grid(static_cast<unsigned>(num_kv_heads * slices), static_cast<unsigned>(seqs),
                   static_cast<unsigned>(sub ? 1 : nsplit));
   const auto stream = current_stream();
-  const int dev = query.get_device();
-  if (query.scalar_type() == at::kBFloat16)
-    decode::launch_paged_decode<__nv_bfloat16>(a, static_cast<int>(kind), static_cast<int>(head),
-                                               grid, stream, dev);
-  else
-    decode::launch_paged_decode<__half>(a, static_cast<int>(kind), static_cast<int>(head), grid,
-                                        stream, dev);
+  const bool pdl = pdl_enabled(query.get_device());
+  const int hs = static_cast<int>(head);
+  const bool bf16 = query.scalar_type() == at::kBFloat16;
+  switch (kind) {
+    case 0:
+      bf16 ? decode::launch_paged_decode<__nv_bfloat16, 0>(a, hs, grid, stream, pdl)
+           : decode::launch_paged_decode<__half, 0>(a, hs, grid, stream, pdl);
+      break;
+    case 1:
+      bf16 ? decode::launch_paged_decode<__nv_bfloat16, 1>(a, hs, grid, stream, pdl)
+           : decode::launch_paged_decode<__half, 1>(a, hs, grid, stream, pdl);
+      break;
+    case 2:
+      bf16 ? decode::launch_paged_decode<__nv_bfloat16, 2>(a, hs, grid, stream, pdl)
+           : decode::launch_paged_decode<__half, 2>(a, hs, grid, stream, pdl);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": cache kind must be 0, 1 or 2, got ", kind);
+  }
 }
 
 int64_t paged_decode_blocks_per_sm(int64_t head, int64_t kind, bool bf16) {
-  return bf16 ? decode::paged_decode_blocks_per_sm<__nv_bfloat16>(static_cast<int>(kind),
-                                                                   static_cast<int>(head))
-              : decode::paged_decode_blocks_per_sm<__half>(static_cast<int>(kind),
-                                                           static_cast<int>(head));
+  const int hs = static_cast<int>(head);
+  switch (kind) {
+    case 0:
+      return bf16 ? decode::paged_decode_blocks_per_sm<__nv_bfloat16, 0>(hs)
+                  : decode::paged_decode_blocks_per_sm<__half, 0>(hs);
+    case 1:
+      return bf16 ? decode::paged_decode_blocks_per_sm<__nv_bfloat16, 1>(hs)
+                  : decode::paged_decode_blocks_per_sm<__half, 1>(hs);
+    case 2:
+      return bf16 ? decode::paged_decode_blocks_per_sm<__nv_bfloat16, 2>(hs)
+                  : decode::paged_decode_blocks_per_sm<__half, 2>(hs);
+    default:
+      return 0;
+  }
 }
 
 }  // namespace compile_ops

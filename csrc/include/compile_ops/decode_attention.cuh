@@ -869,33 +869,33 @@ __global__ void __launch_bounds__(kThreads)
     syncwarp();  // the slot is refilled by the next iteration's issue
   }
   cp_async_wait_all();
-  if constexpr (WP) return;
-
-  // ---- merge the warps: (max, sum, O) per row through shared memory ----
+  if constexpr (!WP) {  // one partial per CTA, or the output
+    // ---- merge the warps: (max, sum, O) per row through shared memory ----
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_run[r] += shfl_xor(l_run[r], 1);
-    l_run[r] += shfl_xor(l_run[r], 2);
-  }
-  __syncthreads();  // every warp is done with its slots
-  float* red_o = reinterpret_cast<float*>(smem);    // [warps][16][D]
-  float* red_m = red_o + kWarps * 16 * D;           // [warps][16]
-  float* red_l = red_m + kWarps * 16;               // [warps][16]
-#pragma unroll
-  for (int n = 0; n < ND; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + 8 * (e >> 1), d = 8 * n + 2 * qd + (e & 1);
-      red_o[(warp * 16 + row) * D + d] = acc[n][e];
-    }
-  if (qd == 0) {
     for (int r = 0; r < 2; ++r) {
-      red_m[warp * 16 + g + 8 * r] = m_run[r];
-      red_l[warp * 16 + g + 8 * r] = l_run[r];
+      l_run[r] += shfl_xor(l_run[r], 1);
+      l_run[r] += shfl_xor(l_run[r], 2);
     }
+    __syncthreads();  // every warp is done with its slots
+    float* red_o = reinterpret_cast<float*>(smem);    // [warps][16][D]
+    float* red_m = red_o + kWarps * 16 * D;           // [warps][16]
+    float* red_l = red_m + kWarps * 16;               // [warps][16]
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e >> 1), d = 8 * n + 2 * qd + (e & 1);
+        red_o[(warp * 16 + row) * D + d] = acc[n][e];
+      }
+    if (qd == 0) {
+      for (int r = 0; r < 2; ++r) {
+        red_m[warp * 16 + g + 8 * r] = m_run[r];
+        red_l[warp * 16 + g + 8 * r] = l_run[r];
+      }
+    }
+    __syncthreads();
+    store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
   }
-  __syncthreads();
-  store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
 }
 
 // The narrow kernel: GQA groups of up to 8 query heads, which go in as the N = 8 columns of the
@@ -1121,32 +1121,32 @@ __global__ void __launch_bounds__(kThreads)
     syncwarp();  // the slot is refilled by the next iteration's issue
   }
   cp_async_wait_all();
-  if constexpr (WP) return;
-
-  // ---- merge the warps through shared memory ----
+  if constexpr (!WP) {  // one partial per CTA, or the output
+    // ---- merge the warps through shared memory ----
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l_run[h] += shfl_xor(l_run[h], 4);
-    l_run[h] += shfl_xor(l_run[h], 8);
-    l_run[h] += shfl_xor(l_run[h], 16);
-  }
-  __syncthreads();  // every warp is done with its slots
-  float* red_o = reinterpret_cast<float*>(smem);  // [warps][16][D]
-  float* red_m = red_o + kWarps * 16 * D;         // [warps][16]
-  float* red_l = red_m + kWarps * 16;             // [warps][16]
-#pragma unroll
-  for (int mt = 0; mt < KS; ++mt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      red_o[(warp * 16 + 2 * qd + (e & 1)) * D + 16 * mt + g + 8 * (e >> 1)] = acc[mt][e];
-  if (g == 0) {
     for (int h = 0; h < 2; ++h) {
-      red_m[warp * 16 + 2 * qd + h] = m_run[h];
-      red_l[warp * 16 + 2 * qd + h] = l_run[h];
+      l_run[h] += shfl_xor(l_run[h], 4);
+      l_run[h] += shfl_xor(l_run[h], 8);
+      l_run[h] += shfl_xor(l_run[h], 16);
     }
+    __syncthreads();  // every warp is done with its slots
+    float* red_o = reinterpret_cast<float*>(smem);  // [warps][16][D]
+    float* red_m = red_o + kWarps * 16 * D;         // [warps][16]
+    float* red_l = red_m + kWarps * 16;             // [warps][16]
+#pragma unroll
+    for (int mt = 0; mt < KS; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        red_o[(warp * 16 + 2 * qd + (e & 1)) * D + 16 * mt + g + 8 * (e >> 1)] = acc[mt][e];
+    if (g == 0) {
+      for (int h = 0; h < 2; ++h) {
+        red_m[warp * 16 + 2 * qd + h] = m_run[h];
+        red_l[warp * 16 + 2 * qd + h] = l_run[h];
+      }
+    }
+    __syncthreads();
+    store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
   }
-  __syncthreads();
-  store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
 }
 
 }  // namespace decode
