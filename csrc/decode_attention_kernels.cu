@@ -101,7 +101,11 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   const dim3 grid(static_cast<unsigned>(num_kv_heads * slices), static_cast<unsigned>(seqs),
                   static_cast<unsigned>(sub ? 1 : nsplit));
   const auto stream = current_stream();
+#if defined(COMPILE_OPS_EMULATE)
+  const bool pdl = false;
+#else
   const bool pdl = pdl_enabled(query.get_device());
+#endif
   const int hs = static_cast<int>(head);
   const bool bf16 = query.scalar_type() == at::kBFloat16;
   switch (kind) {
