@@ -393,7 +393,16 @@ def test_cuda_v1_v2(dtype, heads, kv_heads, bs, head, kv, gen):
         has = torch.tensor([n > i * PARTITION_SIZE for n in lens])
         assert_close(ml.cpu()[has, :, i], m[has], dtype=torch.float32)
         torch.testing.assert_close(es.cpu()[has, :, i], s[has], rtol=1e-4, atol=1e-5)
-        assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
+        if dtype == torch.float32:
+            # With ALiBi a partition far from the sequence's end has logits ~ -300, where one
+            # float32 ulp is 3e-5: the GPU's fused scale-and-bias rounding moves its normalized
+            # output by ~2e-5 from the reference's (measured on an H200; the output itself,
+            # dominated by logits near 0, stays within 1e-6 of float64). Allow that ulp.
+            ulp = 2.0 ** -23 * float(m[has].abs().max()) if bool(has.any()) else 0.0
+            torch.testing.assert_close(tmp.cpu()[has, :, i], o[has], rtol=1.3e-6,
+                                       atol=1e-5 + 2 * ulp)
+        else:
+            assert_close(tmp.cpu()[has, :, i], o[has].to(dtype))
         assert torch.isnan(ml.cpu()[~has, :, i]).all()  # partitions past a sequence: untouched
 
 
