@@ -26,6 +26,19 @@ def tolerance(dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
 
 
+def softmax_tolerance(dtype: torch.dtype, max_abs_logit: float) -> dict:
+    """TOLERANCES[dtype], widened for a softmax over logits of magnitude ``max_abs_logit``: a
+    logit is computed with a different rounding sequence in a kernel (base-2 scale, fused bias)
+    than in the reference, so each may differ by an ulp of the logit, i.e. a relative change of
+    2**-23 * |logit| in its weight. Negligible for logits near 0; with ALiBi, a v2 partition far
+    from the sequence's end has logits ~ -300, where float32's ulp is 3e-5 (measured: partition
+    outputs off by 1.85e-5 on an H200, the attention output itself within 1e-6 of float64).
+    Two such ulps are allowed on top of the dtype's atol."""
+    tol = dict(TOLERANCES[dtype])
+    tol["atol"] = tol["atol"] + 2 * 2.0 ** -23 * float(max_abs_logit)
+    return tol
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None,
                  msg: str = "") -> None:
     """Compare on the CPU with the tolerance of ``dtype`` (default: actual.dtype); NaN fails."""

@@ -907,7 +907,7 @@ __global__ void __launch_bounds__(kThreads)
 // slot 8 + s is token 4 (s / 2) + 2 + s % 2, so that a 4-byte word of a value row holds the 4
 // tokens one lane needs.
 template <typename QT, int KV, int D, bool WP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, KV != 0 && D <= 128 ? 4 : 1)  // FP8: 4 CTAs per SM
     paged_decode_narrow(const Args a) {
   using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
   constexpr int EB = KV == 0 ? 2 : 1;
