@@ -1,6 +1,7 @@
 """Attention family: ``merge_attn_states`` below, and ``paged_attention_v1`` / ``_v2`` (vLLM's
-schemas, references and checks at the end of this file; their CUDA path is the split-KV Triton
-kernel of ``compile_ops/decode_attention.py``).
+schemas, references and checks at the end of this file; their CUDA path is the split-KV decode
+attention of ``compile_ops/decode_attention.py``: a CUDA C++ kernel for float16 / bfloat16 queries,
+Triton kernels for the rest).
 
 ``merge_attn_states`` (vLLM's schema and semantics)::
 
@@ -453,7 +454,7 @@ def _(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_
 
 def _paged_cuda(op, out, query, key_cache, value_cache, num_kv_heads, scale, block_tables,
                 seq_lens, max_seq_len, alibi_slopes, kv_cache_dtype, k_scale, v_scale, v2=None):
-    """The CUDA path of both ops (the op's checks have run): Triton split-KV kernels."""
+    """The CUDA path of both ops (the op's checks have run): decode_attention.paged_decode."""
     from compile_ops import decode_attention
     from compile_ops.cache import _refuse_capture, _validating
 

@@ -1,8 +1,19 @@
 """Split-KV decode attention over vLLM's paged cache: the CUDA path of ``paged_attention_v1`` and
-``paged_attention_v2`` (Triton; ``compile_ops/attention.py`` holds the schemas, checks and the
-reference).
+``paged_attention_v2`` (``compile_ops/attention.py`` holds the schemas, checks and the reference).
 
-Design (issue 13):
+Two implementations, one contract (the output, v2's partition statistics, the bounds rules below):
+
+- CUDA C++ (``csrc/include/compile_ops/decode_attention.cuh``, planned by ``plan_cuda``) for
+  float16 / bfloat16 queries, head sizes that are multiples of 16 in [32, 256], pages laid out as a
+  fresh cache lays them out and value rows of at least 16 bytes: one CTA of 4 warps per (sequence,
+  KV head, split); each warp streams 16-token chunks through its own cp.async pipeline and
+  computes them with mma.sync (for GQA groups up to 8 the query heads are the MMAs' N: S^T = K Q^T
+  and O^T = V^T P^T). On an H200 it reads bf16 K/V at 98-103% of the copy bandwidth at batch >= 32
+  (bench/NOTES.md, session 5). ``COMPILE_OPS_DECODE_ATTENTION=triton`` turns it off.
+- Triton (``compile_ops/_decode_attention_kernels.py``, planned by ``plan``) for everything else
+  (float32 queries, head size 120, FP8 caches with blocks of 8 tokens, strided pages), as below.
+
+The Triton kernels (issue 13, session 4):
 
 - One program per (sequence, KV head, slice of up to 64 of its query heads, split of the
   sequence). It computes every query head of its GQA slice, so each K/V byte is read once per
