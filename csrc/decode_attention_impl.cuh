@@ -12,6 +12,8 @@
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
+
+#include "compile_ops/launch.cuh"
 #endif
 
 namespace compile_ops {
@@ -28,7 +30,7 @@ struct Kernel {
     if constexpr (NARROW)
       return paged_decode_narrow<QT, KV, D, WP>;
     else
-      return paged_decode_kernel<QT, KV, D, false>;
+      return paged_decode_kernel<QT, KV, D>;
   }
   static void prepare() {
 #if !defined(COMPILE_OPS_EMULATE)
@@ -46,17 +48,7 @@ struct Kernel {
     (void)pdl;
     launch_kernel(fn(), grid, dim3(kThreads), stream, 0, a);
 #else
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = kSmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, fn(), a));
+    C10_CUDA_CHECK(launch_ex(fn(), grid, dim3(kThreads), kSmem, stream, pdl, a));
 #endif
   }
   static int blocks_per_sm() {

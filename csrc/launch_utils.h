@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "compile_ops/launch.cuh"
 #endif
 
 #include <cuda_runtime.h>
@@ -133,42 +135,9 @@ inline bool pdl_enabled(int device) {
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                    int device, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled(device) ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
+  C10_CUDA_CHECK(launch_ex(kernel, grid, block, 0, stream, pdl_enabled(device), args...));
 }
 #endif  // COMPILE_OPS_EMULATE
-
-// launch_kernel with `smem` bytes of dynamic shared memory (the caller has raised the kernel's
-// cudaFuncAttributeMaxDynamicSharedMemorySize where it needs more than 48 KiB).
-template <typename... Params, typename... Args>
-void launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                        cudaStream_t stream, int device, Args... args) {
-#if defined(COMPILE_OPS_EMULATE)
-  (void)smem;
-  launch_kernel(kernel, grid, block, stream, device, args...);
-#else
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled(device) ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
-#endif
-}
 
 inline bool all_multiple(std::initializer_list<int64_t> values, int64_t w) {
   for (int64_t v : values)

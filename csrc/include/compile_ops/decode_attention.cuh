@@ -615,12 +615,12 @@ __device__ __forceinline__ void store_merged(const Args& a, const Cta& c, const 
 
 // ---------------------------------------------------------------------------------------------
 // QT: the query / output type. KV: 0 = 16-bit cache (QT), 1 = e4m3, 2 = e5m2. D: head size, a
-// multiple of 16 in [32, 256]. WP: warp partials (Args::sub > 0; a template parameter because
-// the partial-writing epilogue inside the loop costs ~40 registers where it is compiled in).
+// multiple of 16 in [32, 256]. WP (narrow kernel only): warp partials (Args::sub > 0; a template
+// parameter because the partial-writing epilogue costs ~40 registers where it is compiled in).
 //
 // The wide kernel: up to 16 query heads per CTA as the 16 rows of M (S = Q K^T, O = P V);
 // GQA groups above 8 (paged_decode_narrow takes the others).
-template <typename QT, int KV, int D, bool WP>
+template <typename QT, int KV, int D>
 __global__ void __launch_bounds__(kThreads)
     paged_decode_kernel(const Args a) {
   using MT = typename std::conditional<KV == 0, QT, __half>::type;  // MMA input type
@@ -629,13 +629,13 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int NST = S::kStages;
   constexpr int KS = D / 16;          // k-steps of S = Q K^T
   constexpr int ND = D / 8;           // n-tiles of O
-  using Pp = Pipe<KV, D, NST, WP>;
+  using Pp = Pipe<KV, D, NST, false>;
   constexpr int CB = Pp::CB;
   constexpr bool K128 = Pp::K128;
   COMPILE_OPS_DECODE_SMEM(S)
 
   pdl_wait();
-  const Cta c = cta_setup<WP>(a);
+  const Cta c = cta_setup<false>(a);
   if (c.skip) return;
   const int warp = threadIdx.x / 32, lane = lane_id();
   const int g = lane >> 2, qd = lane & 3;
@@ -833,69 +833,34 @@ __global__ void __launch_bounds__(kThreads)
         if (a.p_split) mma<MT>(acc[n], pl, b0, b1);
       }
     }
-    if (WP && pipe.sub_ends(k)) {
-      // The end of one of this warp's sub-splits: its partial, then a fresh softmax state.
-      const int j = warp + kWarps * pipe.sub_of(k);
-      float l_tot[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        l_tot[r] = l_run[r] + shfl_xor(l_run[r], 1);
-        l_tot[r] += shfl_xor(l_tot[r], 2);
-      }
-      const float vsc = KV != 0 ? *a.vs : 1.f;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = g + 8 * r;
-        if (row < rows) {
-          const int64_t head = head0 + row;
-          const int64_t prow = (c.seq * a.heads + head) * a.nsplit + j;
-          const float inv = vsc / (l_tot[r] > 0.f ? l_tot[r] : 1.f);
-          float* po = a.po + prow * D + 2 * qd;
-#pragma unroll
-          for (int n = 0; n < ND; ++n)
-            *reinterpret_cast<float2*>(po + 8 * n) =
-                make_float2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
-          if (qd == 0) {
-            a.pm[prow] = m_run[r];  // base 2 (merged with exp2: no rounding of ln 2)
-            a.pl[prow] = l_tot[r];
-          }
-        }
-        m_run[r] = -INFINITY;
-        l_run[r] = 0.f;
-      }
-#pragma unroll
-      for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    }
     syncwarp();  // the slot is refilled by the next iteration's issue
   }
   cp_async_wait_all();
-  if constexpr (!WP) {  // one partial per CTA, or the output
-    // ---- merge the warps: (max, sum, O) per row through shared memory ----
+  // ---- merge the warps: (max, sum, O) per row through shared memory ----
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_run[r] += shfl_xor(l_run[r], 1);
-      l_run[r] += shfl_xor(l_run[r], 2);
-    }
-    __syncthreads();  // every warp is done with its slots
-    float* red_o = reinterpret_cast<float*>(smem);    // [warps][16][D]
-    float* red_m = red_o + kWarps * 16 * D;           // [warps][16]
-    float* red_l = red_m + kWarps * 16;               // [warps][16]
-#pragma unroll
-    for (int n = 0; n < ND; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = g + 8 * (e >> 1), d = 8 * n + 2 * qd + (e & 1);
-        red_o[(warp * 16 + row) * D + d] = acc[n][e];
-      }
-    if (qd == 0) {
-      for (int r = 0; r < 2; ++r) {
-        red_m[warp * 16 + g + 8 * r] = m_run[r];
-        red_l[warp * 16 + g + 8 * r] = l_run[r];
-      }
-    }
-    __syncthreads();
-    store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += shfl_xor(l_run[r], 1);
+    l_run[r] += shfl_xor(l_run[r], 2);
   }
+  __syncthreads();  // every warp is done with its slots
+  float* red_o = reinterpret_cast<float*>(smem);    // [warps][16][D]
+  float* red_m = red_o + kWarps * 16 * D;           // [warps][16]
+  float* red_l = red_m + kWarps * 16;               // [warps][16]
+#pragma unroll
+  for (int n = 0; n < ND; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e >> 1), d = 8 * n + 2 * qd + (e & 1);
+      red_o[(warp * 16 + row) * D + d] = acc[n][e];
+    }
+  if (qd == 0) {
+    for (int r = 0; r < 2; ++r) {
+      red_m[warp * 16 + g + 8 * r] = m_run[r];
+      red_l[warp * 16 + g + 8 * r] = l_run[r];
+    }
+  }
+  __syncthreads();
+  store_merged<QT, KV, D>(a, c, red_o, red_m, red_l, rows, head0);
 }
 
 // The narrow kernel: GQA groups of up to 8 query heads, which go in as the N = 8 columns of the
