@@ -87,14 +87,16 @@ def check_no_partial_overlap(op: str, name: str, t: torch.Tensor, other_name: st
 
 def _row_geometry(t: torch.Tensor):
     """(row stride, row length) in elements when t is rows over dim 0 with everything after dim 0
-    packed contiguously (e.g. a column slice of a wider 2-D tensor); else None."""
+    one dense block, in any order of its dims (a column slice of a wider 2-D tensor; a permuted
+    view such as FlashInfer's HND key and value halves of one [blocks, 2, heads, block, head]
+    cache); else None."""
     if t.dim() < 2:
         return None
     expect = 1
-    for d in range(t.dim() - 1, 0, -1):
-        if t.size(d) != 1 and t.stride(d) != expect:
+    for st, sz in sorted((t.stride(d), t.size(d)) for d in range(1, t.dim()) if t.size(d) != 1):
+        if st != expect:
             return None
-        expect *= t.size(d)
+        expect *= sz
     return t.stride(0), expect
 
 
@@ -127,6 +129,8 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def check_weight(op: str, weight, input: torch.Tensor) -> None:
     check_like(op, "weight", weight, input, shape=False)
+    if input.dim() < 1:  # before size(-1): a 0-d input has no hidden size to check against
+        fail(op, "input must have at least one dimension, got a 0-d tensor")
     hidden = input.size(-1)
     if weight.dim() != 1 or weight.size(0) != hidden:
         fail(op, f"weight must be a 1-D tensor of size {hidden} (input.size(-1)), "

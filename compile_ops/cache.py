@@ -672,6 +672,16 @@ def _check_cp_gather(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_s
     _check_gather(op, src_cache, dst, block_table, cu_seq_lens, seq_starts, batch_size, None)
 
 
+def _check_cu_values(op: str, cu: torch.Tensor) -> None:
+    """cu_seq_lens (the batch's offsets, int64 here) start at >= 0 and never decrease."""
+    if cu.numel() and int(cu[0]) < 0:
+        C.fail(op, f"cu_seq_lens[0] = {int(cu[0])} is negative", IndexError)
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        i = int(torch.argmax((cu[1:] < cu[:-1]).int()))
+        C.fail(op, f"cu_seq_lens must not decrease, got cu_seq_lens[{i + 1}] = {int(cu[i + 1])} "
+                   f"< cu_seq_lens[{i}] = {int(cu[i])}", IndexError)
+
+
 def _seq_of_rows(cu: torch.Tensor, rows: int) -> torch.Tensor:
     """For rows 0..rows-1 of a packed batch: its sequence (rows past the end map to batch)."""
     t = torch.arange(rows, device=cu.device, dtype=torch.int64)
@@ -689,6 +699,7 @@ def _cp_gather_cache(src_cache: torch.Tensor, dst: torch.Tensor, block_table: to
     if batch_size == 0:
         return
     cu = cu_seq_lens[: batch_size + 1].long()
+    _check_cu_values(op, cu)
     total = int(cu[-1])
     if total > dst.shape[0]:
         C.fail(op, f"cu_seq_lens[batch_size] = {total} tokens do not fit dst's "
@@ -736,6 +747,7 @@ if _C is not None:
         if _validating():
             _refuse_capture(op, "cu_seq_lens and block_table")
             cu = cu_seq_lens[: batch_size + 1].long()
+            _check_cu_values(op, cu)
             total = int(cu[-1])
             if total > dst.shape[0]:
                 C.fail(op, f"cu_seq_lens[batch_size] = {total} tokens do not fit dst's "

@@ -41,7 +41,8 @@ OP = "fused_rope_and_cache_flash"
 def _key_rows(key: torch.Tensor, positions: torch.Tensor, head_size: int) -> torch.Tensor:
     """The key as [tokens, num_kv_heads, head_size] (a view: heads are packed per token)."""
     tokens = math.prod(positions.shape)
-    return key.reshape(tokens, -1, head_size)
+    lead = positions.dim()  # heads explicitly: with 0 tokens a -1 would be ambiguous
+    return key.reshape(tokens, math.prod(key.shape[lead:]) // head_size, head_size)
 
 
 def _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,

@@ -40,7 +40,8 @@ OP = "rotary_embedding"
 def _heads_view(x: torch.Tensor, lead: int, head_size: int) -> torch.Tensor:
     """[tokens, heads, head_size] view (or copy) of a query/key."""
     tokens = math.prod(x.shape[:lead])
-    return x.reshape(tokens, -1, head_size)
+    # heads explicitly: with 0 tokens a -1 would be ambiguous (nothing to infer it from)
+    return x.reshape(tokens, math.prod(x.shape[lead:]) // head_size, head_size)
 
 
 def rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox):

@@ -58,3 +58,16 @@ def test_separate_storages_and_same_view():
     with pytest.raises(ValueError, match="a and b overlap in memory"):
         C.check_no_partial_overlap("op", "a", a, "b", a, allow_same=False)
     C.check_no_partial_overlap("op", "a", a, "b", a, allow_same=True)  # in place is allowed
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 4), a=st.integers(1, 4), b=st.integers(1, 5), data=st.data())
+def test_permuted_halves_of_one_buffer(n, a, b, data):
+    """FlashInfer's HND caches: key = kv[:, 0] and value = kv[:, 1] of one [n, 2, a, b] buffer,
+    each with its inner dims permuted or not (issue 15: rejected as overlapping before); the same
+    half twice does overlap."""
+    kv = torch.zeros(n, 2, a, b)
+    i, j = data.draw(st.integers(0, 1)), data.draw(st.integers(0, 1))
+    pa, pb = data.draw(st.permutations([1, 2])), data.draw(st.permutations([1, 2]))
+    x, y = kv[:, i].permute(0, *pa), kv[:, j].permute(0, *pb)
+    assert _raises(x, y) == bool(_elements(x) & _elements(y))

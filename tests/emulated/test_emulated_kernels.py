@@ -46,6 +46,9 @@ def flash_caches(nb, bs, heads, hk, hv, dtype, layout):
     if layout == "kv_split":
         kv = torch.zeros(nb, 2, bs, heads, hk, dtype=dtype)
         return kv[:, 0], kv[:, 1]
+    if layout == "kv_split_hnd":  # FlashInfer's [blocks, 2, heads, block, head], HND halves
+        kv = torch.zeros(nb, 2, heads, bs, hk, dtype=dtype)
+        return kv[:, 0].permute(0, 2, 1, 3), kv[:, 1].permute(0, 2, 1, 3)
     return (torch.zeros(nb, bs, heads, hk, dtype=dtype),
             torch.zeros(nb, bs, heads, hv, dtype=dtype))
 
@@ -62,8 +65,8 @@ def cache_dtype(kv, dtype, storage):
 SHAPES = [(inputs, hk, hv, layout)
           for inputs, hk, hv in [("plain", 128, 128), ("odd", 64, 64), ("qkv", 80, 80),
                                  ("plain", 64, 32)]
-          for layout in ["NHD", "HND", "kv_split"]
-          if layout != "kv_split" or hk == hv]  # one [blocks, 2, ...] tensor: equal sizes
+          for layout in ["NHD", "HND", "kv_split", "kv_split_hnd"]
+          if not layout.startswith("kv_split") or hk == hv]  # one [blocks, 2, ...]: equal sizes
 
 
 @pytest.mark.parametrize("inputs,hk,hv,layout", SHAPES)
