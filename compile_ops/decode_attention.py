@@ -8,8 +8,10 @@ Two implementations, one contract (the output, v2's partition statistics, the bo
   fresh cache lays them out and value rows of at least 16 bytes: one CTA of 4 warps per (sequence,
   KV head, split); each warp streams 16-token chunks through its own cp.async pipeline and
   computes them with mma.sync (for GQA groups up to 8 the query heads are the MMAs' N: S^T = K Q^T
-  and O^T = V^T P^T). On an H200 it reads bf16 K/V at 98-103% of the copy bandwidth at batch >= 32
-  (bench/NOTES.md, session 5). ``COMPILE_OPS_DECODE_ATTENTION=triton`` turns it off.
+  and O^T = V^T P^T). Splits are merged by the Triton merge kernel below, except v2's warp
+  partials (one CTA per sequence and KV head, each warp writing whole partitions), which the CTA
+  merges itself. On an H200 it reads bf16 K/V at 98-103% of the copy bandwidth at batch >= 32
+  (bench/NOTES.md, sessions 5-6). ``COMPILE_OPS_DECODE_ATTENTION=triton`` turns it off.
 - Triton (``compile_ops/_decode_attention_kernels.py``, planned by ``plan``) for everything else
   (float32 queries, head size 120, FP8 caches with blocks of 8 tokens, strided pages), as below.
 
@@ -115,8 +117,9 @@ def plan_cuda(seqs: int, heads: int, kv_heads: int, max_seq_len: int, sms: int, 
     bench/NOTES.md). When the (sequence, KV head, slice) pairs spread evenly over the SMs
     (``fill`` of the SMs' CTA slots busy in the last round), one CTA per pair over the whole
     sequence: no merge for v1; for v2 longer than one 512-token partition each warp writes the
-    partials of its own sub-splits (``sub``: 512, 256 or 128 tokens, enough for every warp), merged
-    per partition (GQA groups up to 8; larger ones take 512-token splits). Otherwise splits of
+    partials of its own sub-splits (``sub``: 512, 256 or 128 tokens, enough for every warp), which
+    the CTA then merges itself into v2's partitions and the output, no merge kernel (GQA groups up
+    to 8; larger ones take 512-token splits). Otherwise splits of
     512 tokens, halved while that leaves fewer than
     ``min_ctas`` CTAs (down to 64: a chunk of 16 tokens per warp). ``split`` / ``sub`` force a
     plan (v2 needs splits that divide 512 tokens). ``f16_mma`` (float16 queries, FP8 caches):
@@ -249,7 +252,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     dev = query.device
     if p.direct:
         po = pm = pl = out  # unused
-    else:
+    else:  # float32 partials (warp partials: a scratch the CUDA kernel merges itself)
         po = torch.empty(seqs, heads, p.nsplit, head, dtype=torch.float32, device=dev)
         pm = torch.empty(seqs, heads, p.nsplit, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
@@ -268,7 +271,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         _C.paged_decode_attention(
             out, query, key_cache, value_cache, block_tables, seq_lens, alibi_slopes,
             k_scale, v_scale, None if p.direct else po, None if p.direct else pm,
-            None if p.direct else pl, *((ml, es, tmp) if v2 is not None and p.direct
+            None if p.direct else pl, *((ml, es, tmp) if v2 is not None and (p.direct or p.sub)
                                         else (None, None, None)),
             float(scale), kv, p.split, p.nsplit, num_kv_heads, p.sub, p.p_split)
     else:
@@ -276,7 +279,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                       alibi, k_scale, v_scale, out, po, pm, pl, ml, es, tmp, scale, p, nb,
                       ml_s, ml_h, tmp_s, tmp_h, tmp_p, group, heads, head, block_d, x, bs, kv,
                       alibi_slopes is not None, v2 is not None)
-    if not p.direct:
+    if not p.direct and not (use_cuda and p.sub):  # warp partials: merged in the kernel
         assert v2 is None or PARTITION % p.split == 0, "v2 needs splits that tile 512 tokens"
         fine = PARTITION // p.split if v2 is not None else 1
         pch = max(1, min(triton_next_pow2(p.nsplit), 16) // fine)

@@ -47,7 +47,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
                   (block_tables.size(1) <= 1 || block_tables.stride(1) == 1),
               op, ": int32 block_tables (contiguous rows) and seq_lens");
   TORCH_CHECK(split % 32 == 0 && split > 0 && nsplit >= 1, op, ": bad split");
-  TORCH_CHECK(sub == 0 || (sub % 16 == 0 && sub == split), op, ": bad sub-split");
+  TORCH_CHECK(sub == 0 || (sub >= 16 && sub <= 512 && (sub & (sub - 1)) == 0 && sub == split),
+              op, ": bad sub-split");
   TORCH_CHECK((nsplit == 1 && sub == 0) || (partial_out && partial_max && partial_sum), op,
               ": several splits need the partial buffers");
   if (seqs == 0 || heads == 0) return;
@@ -78,6 +79,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
   a.slices = static_cast<int>(slices);
   a.heads = static_cast<int>(heads);
   a.sub = static_cast<int>(sub);
+  a.sub_shift = 0;
+  while (sub > 0 && (int64_t(1) << a.sub_shift) < sub) ++a.sub_shift;
   a.p_split = p_split;
   a.q_s = query.stride(0);
   a.q_h = query.stride(1);
@@ -96,6 +99,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::
     a.ml_h = max_logits->stride(1);
     a.tmp_s = tmp_out->stride(0);
     a.tmp_h = tmp_out->stride(1);
+    a.tmp_p = tmp_out->stride(2);
   }
   const DeviceGuard guard(query.device());
   const dim3 grid(static_cast<unsigned>(num_kv_heads * slices), static_cast<unsigned>(seqs),

@@ -23,7 +23,8 @@ from tests.ops.test_paged_attention import setup
 
 def run_kernel(emu, c, split, nsplit, v2=False, sub=0, p_split=True):
     """Call the emulated launcher with the plan (split, nsplit); merge the partials in float64
-    as decode_attention.py's merge kernel does. Returns (out, v2 buffers or None)."""
+    as decode_attention.py's merge kernel does (warp partials: the kernel merges them). Returns
+    (out, v2 buffers or None)."""
     q = c["query"]
     seqs, heads, head = q.shape
     kvh = c["num_kv_heads"]
@@ -36,13 +37,13 @@ def run_kernel(emu, c, split, nsplit, v2=False, sub=0, p_split=True):
     ml = torch.full((seqs, heads, parts), float("nan"))
     es = torch.full((seqs, heads, parts), float("nan"))
     tmp = torch.full((seqs, heads, parts, head), float("nan"), dtype=q.dtype)
-    bufs = (ml, es, tmp) if (v2 and direct) else (None, None, None)
+    bufs = (ml, es, tmp) if (v2 and (direct or sub)) else (None, None, None)
     emu.paged_decode_attention(
         out, q, c["key_cache"], c["value_cache"], c["block_tables"], c["seq_lens"],
         c["alibi_slopes"], c["k_scale"], c["v_scale"], None if direct else po,
         None if direct else pm, None if direct else pl, *bufs, c["scale"],
         _KV_CODE[c["kv_cache_dtype"]], split, nsplit, kvh, sub, p_split)
-    if direct:
+    if direct or sub:  # warp partials: the kernel merges them itself
         return out, ((ml, es, tmp) if v2 else None)
     lens = c["seq_lens"].clamp(min=0)
     for s in range(seqs):
@@ -152,6 +153,27 @@ def test_decode_kernel_warp_partials(coop, kv, dtype, bs):
     want, _ = reference(c)
     got, _ = run_kernel(coop, c, 32, 3, sub=32)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("kv,dtype,sub", [("auto", torch.bfloat16, 128),
+                                          ("fp8_e5m2", torch.float16, 256)])
+def test_decode_kernel_warp_partials_v2(coop, kv, dtype, sub):
+    """v2 with warp partials, merged by the CTA itself: each 512-token partition (its sub-splits
+    come from several warps) gets max_logits / exp_sums / tmp_out as the reference has them,
+    partitions past a sequence's end keep their values, an empty sequence's output is 0."""
+    gen = torch.Generator().manual_seed(17)
+    c = setup([1100, 0, 513], 4, 2, 32, 16, dtype, kv, gen=gen, alibi=True)
+    want, parts = reference(c)
+    got, (ml, es, tmp) = run_kernel(coop, c, sub, math.ceil(1100 / sub), v2=True, sub=sub)
+    assert_close(got, want)
+    assert (got[1] == 0).all()
+    assert len(parts) == 3
+    for i, (o, m, s) in enumerate(parts):
+        has = c["seq_lens"] > i * PARTITION_SIZE
+        assert_close(tmp[has, :, i], o[has].to(dtype))
+        torch.testing.assert_close(ml[has, :, i], m[has], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(es[has, :, i], s[has], rtol=1e-4, atol=1e-5)
+        assert torch.isnan(ml[~has, :, i]).all() and torch.isnan(tmp[~has, :, i]).all()
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8_e5m2"])

@@ -50,6 +50,8 @@ namespace decode {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunk = 16;  // tokens per warp step
+constexpr int kChunkShift = 4;
+constexpr int kPartition = 512;  // vLLM's v2 partition
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -66,7 +68,7 @@ struct Args {
   float* po;  // [seqs, heads, nsplit, head] float32 partials (nsplit > 1)
   float* pm;  // [seqs, heads, nsplit] max logit, base 2 (log2(e) x the natural-log logit)
   float* pl;  // [seqs, heads, nsplit] exp sum
-  float* ml;  // v2, one split: max_logits / exp_sums / tmp_out of partition 0
+  float* ml;  // v2 (one split or warp partials): max_logits / exp_sums / tmp_out
   float* es;
   void* tmp;
   float scale;
@@ -74,14 +76,16 @@ struct Args {
   // sub > 0: warp partials. One CTA per (sequence, KV head, slice) covers the sequence; warp w
   // takes the sub-splits j = w, w + 4, ... of `sub` tokens ([j sub, (j + 1) sub), the last of
   // the nsplit sub-splits running to the sequence's end) and writes each one's partial at
-  // split index j (po / pm / pl with nsplit entries per head): the merge kernel then sees
-  // splits of `sub` tokens, e.g. v2's 512-token partitions, without one CTA per partition.
-  int sub;
+  // split index j (po / pm / pl with nsplit entries per head, a scratch); then the CTA merges
+  // them itself (merge_warp_partials): the output and, for v2, each 512-token partition's
+  // statistics (sub divides 512) without a merge kernel or one CTA per partition. sub is a
+  // power of two >= 16 (sub_shift = log2(sub)).
+  int sub, sub_shift;
   bool p_split;  // P V with P as hi + lo 16-bit parts (else one part)
   int64_t q_s, q_h, o_s, o_h;      // elements
   int64_t kc_b, kc_h, vc_b, vc_h;  // bytes
   int64_t bt_s;
-  int64_t ml_s, ml_h, tmp_s, tmp_h;  // elements
+  int64_t ml_s, ml_h, tmp_s, tmp_h, tmp_p;  // elements
   bool v2;
 };
 
@@ -381,7 +385,8 @@ __device__ __forceinline__ Cta cta_setup(const Args& a) {
   c.length = imax(a.lens[c.seq], 0);
   c.direct = a.nsplit == 1 && !WP;
   c.start = WP ? 0 : c.split * a.split;
-  c.skip = c.start >= c.length + (c.direct ? 1 : 0);  // nothing for this CTA (uniform)
+  // Nothing for this CTA (uniform); a CTA that writes the output runs for empty sequences too.
+  c.skip = c.start >= c.length + ((c.direct || WP) ? 1 : 0);
   c.end = (WP || c.split == a.nsplit - 1) ? c.length : imin(c.length, c.start + a.split);
   return c;
 }
@@ -404,11 +409,11 @@ struct Pipe {
   const uint8_t* kc;
   const uint8_t* vc;
   const int* bt_row;
-  int warp, lane, start, end, bs, E, KPR, nk, n_sub, cps, blkreg;
+  int warp, lane, start, end, bs, E, KPR, nk, n_sub, cps_shift, blkreg;
   uint64_t masks;  // token validity of each slot's chunk, 16 bits per slot
 
   __device__ __forceinline__ Pipe(const Args& args, const Cta& c, uint8_t* smem, int w, int l)
-      : a(args), warp(w), lane(l), start(c.start), end(c.end), n_sub(0), cps(1), blkreg(-1),
+      : a(args), warp(w), lane(l), start(c.start), end(c.end), n_sub(0), cps_shift(0), blkreg(-1),
         masks(0) {
     wbase = smem + warp * NST * 2 * CB;
     kc = a.kc + int64_t(c.kvh) * a.kc_h;
@@ -420,14 +425,14 @@ struct Pipe {
     E = bs == 8 ? 2 : 1;
     KPR = 32 / E;
     if constexpr (WP) {
-      cps = a.sub / kChunk;
-      const int nsub = imin(a.nsplit, (c.length + a.sub - 1) / a.sub);
+      cps_shift = a.sub_shift - kChunkShift;  // sub-splits are powers of two: no division
+      const int nsub = imin(a.nsplit, (c.length + a.sub - 1) >> a.sub_shift);
       n_sub = nsub > warp ? (nsub - warp + kWarps - 1) / kWarps : 0;
       if (n_sub > 0) {
         const int j_last = warp + kWarps * (n_sub - 1);
         const int e_last =
             j_last == a.nsplit - 1 ? c.length : imin(c.length, (j_last + 1) * a.sub);
-        nk = (n_sub - 1) * cps + (e_last - j_last * a.sub + kChunk - 1) / kChunk;
+        nk = ((n_sub - 1) << cps_shift) + (e_last - j_last * a.sub + kChunk - 1) / kChunk;
       } else {
         nk = 0;
       }
@@ -436,17 +441,18 @@ struct Pipe {
       nk = n_ch > warp ? (n_ch - warp + kWarps - 1) / kWarps : 0;
     }
   }
-  __device__ __forceinline__ int sub_of(int k) const { return imin(k / cps, n_sub - 1); }
+  __device__ __forceinline__ int sub_of(int k) const { return imin(k >> cps_shift, n_sub - 1); }
   __device__ __forceinline__ int chunk_t0(int k) const {
     if constexpr (WP) {
       const int i = sub_of(k);
-      return (warp + kWarps * i) * a.sub + kChunk * (k - i * cps);
+      return ((warp + kWarps * i) << a.sub_shift) + kChunk * (k - (i << cps_shift));
     }
     return start + kChunk * (warp + kWarps * k);
   }
   // Warp partials: whether chunk k is the last of one of the warp's sub-splits.
   __device__ __forceinline__ bool sub_ends(int k) const {
-    return k == nk - 1 || ((k + 1) % cps == 0 && k / cps < n_sub - 1);
+    return k == nk - 1 ||
+           (((k + 1) & ((1 << cps_shift) - 1)) == 0 && (k >> cps_shift) < n_sub - 1);
   }
   __device__ __forceinline__ void load_round(int k0) {
     const int k = k0 + lane / E, sub = lane % E;
@@ -465,9 +471,10 @@ struct Pipe {
     const int tok_k = lane & 15;
     const int half_v = lane & 1;
     const int slot = k % NST;
-    if (k % KPR == 0 && k > 0) load_round(k);
+    const int kr = k & (KPR - 1);  // KPR: 16 or 32
+    if (kr == 0 && k > 0) load_round(k);
     const int t0 = chunk_t0(k);
-    const int base = (k % KPR) * E;
+    const int base = kr * E;
     const int blk_k = static_cast<int>(shfl(uint32_t(blkreg), base + (E == 2 ? tok_k >> 3 : 0)));
     const bool ok_k = blk_k >= 0 && blk_k < a.num_blocks;
     const uint32_t m = ballot(ok_k && t0 + tok_k < end) & 0xffffu;
@@ -601,6 +608,86 @@ __device__ __forceinline__ void store_merged(const Args& a, const Cta& c, const 
         a.pl[prow] = l;
       }
     }
+  }
+}
+
+// Warp partials: after every warp wrote its sub-splits' (normalized O, max in base 2, sum) to
+// po / pm / pl and a CTA barrier made them visible, each thread takes 4 head dims of one query
+// head and merges that head's sub-splits in order, online: per 512-token partition (v2:
+// tmp_out, max_logits in natural-log units and exp_sums, as the reference has them) and over
+// the whole sequence (the output; 0 for an empty sequence). Loads go out kU sub-splits at a
+// time so that the L2 round trips overlap.
+template <typename QT, int D>
+__device__ __forceinline__ void merge_warp_partials(const Args& a, const Cta& c, int rows,
+                                                    int64_t head0) {
+  constexpr int D4 = D / 4;
+  constexpr int kU = 8;
+  const int nsub = imin(a.nsplit, (c.length + a.sub - 1) >> a.sub_shift);
+  const int fine_mask = (kPartition >> a.sub_shift) - 1;  // sub-splits per partition - 1
+  for (int idx = threadIdx.x; idx < rows * D4; idx += kThreads) {
+    const int row = idx / D4, d = (idx % D4) * 4;
+    const int64_t head = head0 + row;
+    const int64_t prow = (c.seq * a.heads + head) * a.nsplit;
+    float mp = -INFINITY, lp = 0.f, t[4] = {0.f, 0.f, 0.f, 0.f};  // the open partition
+    float mg = -INFINITY, lg = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};  // the closed ones
+#pragma unroll 1
+    for (int j0 = 0; j0 < nsub; j0 += kU) {
+      float4 v[kU];
+      float mj[kU], lj[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int j = j0 + u;
+        const bool ok = j < nsub;
+        v[u] = ok ? *reinterpret_cast<const float4*>(a.po + (prow + j) * D + d)
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
+        mj[u] = ok ? a.pm[prow + j] : -INFINITY;
+        lj[u] = ok ? a.pl[prow + j] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int j = j0 + u;
+        if (j >= nsub) break;
+        const float m_new = fmaxf(mp, mj[u]);
+        const float mu = m_new == -INFINITY ? 0.f : m_new;
+        const float al = exp2_approx(mp - mu), w = lj[u] * exp2_approx(mj[u] - mu);
+        lp = lp * al + w;
+        t[0] = t[0] * al + w * v[u].x;
+        t[1] = t[1] * al + w * v[u].y;
+        t[2] = t[2] * al + w * v[u].z;
+        t[3] = t[3] * al + w * v[u].w;
+        mp = m_new;
+        if (((j + 1) & fine_mask) != 0 && j != nsub - 1) continue;
+        // partition j / fine is complete
+        const float mup = mp == -INFINITY ? 0.f : mp;
+        if (a.v2) {
+          const int64_t part = j >> (9 - a.sub_shift);  // kPartition = 2^9
+          const float inv = 1.f / (lp > 0.f ? lp : 1.f);
+          QT* tp = static_cast<QT*>(a.tmp) + c.seq * a.tmp_s + head * a.tmp_h + part * a.tmp_p + d;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) tp[i] = from_float<QT>(t[i] * inv);
+          if (d == 0) {
+            a.ml[c.seq * a.ml_s + head * a.ml_h + part] = mup * kLn2;
+            a.es[c.seq * a.ml_s + head * a.ml_h + part] = lp;
+          }
+        }
+        const float g_new = fmaxf(mg, mp);
+        const float gu = g_new == -INFINITY ? 0.f : g_new;
+        const float a1 = exp2_approx(mg - gu), a2 = exp2_approx(mp - gu);
+        lg = lg * a1 + lp * a2;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          o[i] = o[i] * a1 + t[i] * a2;
+          t[i] = 0.f;
+        }
+        mg = g_new;
+        mp = -INFINITY;
+        lp = 0.f;
+      }
+    }
+    const float inv = 1.f / (lg > 0.f ? lg : 1.f);
+    QT* op = static_cast<QT*>(a.out) + c.seq * a.o_s + head * a.o_h + d;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) op[i] = from_float<QT>(o[i] * inv);
   }
 }
 
@@ -1086,7 +1173,10 @@ __global__ void __launch_bounds__(kThreads, KV != 0 && D <= 128 ? 4 : 1)  // FP8
     syncwarp();  // the slot is refilled by the next iteration's issue
   }
   cp_async_wait_all();
-  if constexpr (!WP) {  // one partial per CTA, or the output
+  if constexpr (WP) {
+    __syncthreads();  // every warp's partials written (global memory, visible to the CTA)
+    merge_warp_partials<QT, D>(a, c, rows, head0);
+  } else {  // one partial per CTA, or the output
     // ---- merge the warps through shared memory ----
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
