@@ -9,7 +9,11 @@ bench/results/cache_<device>_<section>.{json,md,png}:
   at (block, offset) for the strided HND view), fp8 rows quantized first. torch.compile of it
   mutates the cache input (Inductor may copy the whole cache: measured as it is).
   Bytes: key + value read, cache entries written, slot_mapping read.
-- paged: reshape_and_cache (x-packed key cache), auto and fp8, vs eager advanced indexing.
+- paged: reshape_and_cache (x-packed key cache), auto and fp8, vs eager advanced indexing; slots
+  random (as flash's) or in runs (a prefill's write: consecutive slots filling pages taken in a
+  random order). With random slots each token's value column lands in its own 32-byte sectors of
+  the [head, d, page] rows (2 of their 32 bytes per token and sector), so no kernel gets near the
+  copy rate there; runs are the case a kernel can coalesce.
 - gather: gather_and_maybe_dequant_cache (auto; fp8 -> model dtype) and cp_gather_cache over
   min(8, tokens) sequences whose lengths sum to tokens, random block tables. Native: per-token
   sequence, block and offset computed on the device, src_cache[blk, off] (+ dequant).
@@ -124,10 +128,15 @@ def paged_caches(nb, bs, h, d, dtype, device):
             torch.zeros(nb, h, d, bs, dtype=dtype, device=device)]
 
 
-def write_inputs(tokens, h, d, dtype, num_slots, device):
-    """key, value (a few values saturate fp8 at the scales used) and distinct random slots."""
+def write_inputs(tokens, h, d, dtype, num_slots, device, runs_of=0):
+    """key, value (a few values saturate fp8 at the scales used) and distinct random slots, or
+    (runs_of = block size) consecutive slots filling pages taken in a random order."""
     key = torch.randn(tokens, h, d, dtype=dtype, device=device) * 3
     value = torch.randn(tokens, h, d, dtype=dtype, device=device) * 3
+    if runs_of:
+        pages = torch.randperm(num_slots // runs_of, device=device)[:-(-tokens // runs_of)]
+        slots = (pages[:, None] * runs_of + torch.arange(runs_of, device=device)).flatten()
+        return key, value, slots[:tokens].contiguous()
     return key, value, torch.randperm(num_slots, device=device)[:tokens]
 
 
@@ -205,14 +214,16 @@ def check(device, dtype, tokens, h, d, bs, nb, slack):
             assert not torch.equal(b, before), f"flash {kv} {layout}: native wrote nothing"
             expect_same(a, b, f"flash {kv} {layout} {name}_cache: compile_ops vs eager_native")
             expect_same(c, b, f"flash {kv} {layout} {name}_cache: compiled vs eager", slack)
+    runs = write_inputs(tokens, h, d, dtype, nb * bs, device, runs_of=bs)[2]
     for kv in ("auto", "fp8"):
-        base = [fill_random(c) for c in
-                paged_caches(nb, bs, h, d, torch.uint8 if kv == "fp8" else dtype, device)]
-        ours, eager = ([c.clone() for c in base] for _ in range(2))
-        ops.reshape_and_cache(key, value, *ours, slots, kv, k_scale, v_scale)
-        native_paged_write(key, value, *eager, slots, k_scale, v_scale, kv == "fp8")
-        for name, a, b in zip(("key", "value"), ours, eager):
-            expect_same(a, b, f"paged {kv} {name}_cache: compile_ops vs eager_native")
+        for sl, sl_name in ((slots, "random"), (runs, "runs")):
+            base = [fill_random(c) for c in
+                    paged_caches(nb, bs, h, d, torch.uint8 if kv == "fp8" else dtype, device)]
+            ours, eager = ([c.clone() for c in base] for _ in range(2))
+            ops.reshape_and_cache(key, value, *ours, sl, kv, k_scale, v_scale)
+            native_paged_write(key, value, *eager, sl, k_scale, v_scale, kv == "fp8")
+            for name, a, b in zip(("key", "value"), ours, eager):
+                expect_same(a, b, f"paged {kv} {sl_name} {name}_cache: compile_ops vs eager")
 
     src = torch.randn(nb, bs, h, d, dtype=dtype, device=device)
     src8 = native_quant(src * 3, k_scale)
@@ -341,11 +352,14 @@ def bench_write(args, dtype, copy_bw, section):
     h, d, bs, nb = args.heads, args.head_size, args.block_size, args.num_blocks
     flash = section == "flash"
     rep = harness.Report("reshape_and_cache_flash" if flash else "reshape_and_cache", copy_bw,
-                         "compiled_native" if flash else "eager_native", ["kv", "layout", "tokens"])
+                         "compiled_native" if flash else "eager_native",
+                         ["kv", "layout", "slots", "tokens"])
     ks, vs = torch.tensor([0.05], device="cuda"), torch.tensor([0.07], device="cuda")
     native = native_flash_write if flash else native_paged_write
     op = ops.reshape_and_cache_flash if flash else ops.reshape_and_cache
-    for kv, layout in FLASH_CASES if flash else (("auto", "paged"), ("fp8", "paged")):
+    cases = [(kv, layout, "random") for kv, layout in FLASH_CASES] if flash else \
+        [(kv, "paged", sl) for kv in ("auto", "fp8") for sl in ("random", "runs")]
+    for kv, layout, slot_kind in cases:
         fp8, cdtype = kv == "fp8", torch.uint8 if kv == "fp8" else dtype
         kc, vc = (flash_caches(nb, bs, h, d, cdtype, layout, "cuda") if flash
                   else paged_caches(nb, bs, h, d, cdtype, "cuda"))
@@ -357,9 +371,11 @@ def bench_write(args, dtype, copy_bw, section):
             del fns["compiled_native"]
         for tokens in args.tokens:
             nbytes = 2 * tokens * h * d * (elem(dtype) + elem(cdtype)) + 8 * tokens
-            measure_variants(rep, {"kv": kv, "layout": layout, "tokens": tokens}, nbytes,
-                             lambda: write_inputs(tokens, h, d, dtype, nb * bs, "cuda"), fns)
-    return rep, dict(plot_x="tokens", plot_group=["kv", "layout"])
+            runs = bs if slot_kind == "runs" else 0
+            measure_variants(rep, {"kv": kv, "layout": layout, "slots": slot_kind,
+                                   "tokens": tokens}, nbytes,
+                             lambda: write_inputs(tokens, h, d, dtype, nb * bs, "cuda", runs), fns)
+    return rep, dict(plot_x="tokens", plot_group=["kv", "layout", "slots"])
 
 
 def bench_gather(args, dtype, copy_bw):

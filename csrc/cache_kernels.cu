@@ -17,6 +17,7 @@ namespace compile_ops {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kCacheWriteThreads = 128;  // reshape_and_cache: 4 warps of 32 tokens
 
 void check_heads(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 3, op, ": ", name, " must be [tokens, num_heads, head_size]");
@@ -177,8 +178,9 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   check_scale(op, "k_scale", k_scale, key, heads);
   check_scale(op, "v_scale", v_scale, key, heads);
   const int64_t block_size = key_cache.size(3), num_slots = key_cache.size(0) * block_size;
-  TORCH_CHECK(block_size <= std::numeric_limits<int>::max() && heads * hs <= (1 << 24), op,
-              ": sizes out of range");
+  TORCH_CHECK(block_size <= std::numeric_limits<int>::max() && heads * hs <= (1 << 24) &&
+                  heads <= 65535,
+              op, ": sizes out of range");
   if (n == 0 || heads == 0 || num_slots == 0) return;
   const DeviceGuard guard(key.device());
   const auto stream = current_stream();
@@ -209,17 +211,23 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                      all_multiple({key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                                    key_cache.stride(3)},
                                   x);
-    const dim3 grid(static_cast<unsigned>(n)), block(kThreads);
+    // Tiles of up to 32 consecutive tokens (fewer for short calls: a decode step's few
+    // tokens keep every lane busy), one head per CTA row.
+    int tile_shift = 0;
+    while (tile_shift < 5 && (int64_t(1) << tile_shift) < n) ++tile_shift;
+    const dim3 grid(static_cast<unsigned>((n + (int64_t(1) << tile_shift) - 1) >> tile_shift),
+                    static_cast<unsigned>(heads)),
+        block(kCacheWriteThreads);
     auto* slots = slot_mapping.data_ptr<int64_t>();
     const auto ks = side(key, key_cache, k_scale), vs = side(value, value_cache, v_scale);
     if (vec)
-      launch_kernel(reshape_and_cache_kernel<T, C, KV, true>, grid, block, stream, dev, slots,
-                    num_slots, static_cast<int>(block_size), static_cast<int>(heads),
-                    static_cast<int>(hs), ks, vs);
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4>, grid, block, stream, dev, slots,
+                    n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),
+                    tile_shift, ks, vs);
     else
-      launch_kernel(reshape_and_cache_kernel<T, C, KV, false>, grid, block, stream, dev, slots,
-                    num_slots, static_cast<int>(block_size), static_cast<int>(heads),
-                    static_cast<int>(hs), ks, vs);
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, false, 4>, grid, block, stream, dev,
+                    slots, n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),
+                    tile_shift, ks, vs);
   });
 }
 

@@ -107,6 +107,31 @@ def test_reshape_and_cache(emu, dtype, kv, head_size, inputs, gen):
     assert torch.equal(kc, rk) and torch.equal(vc, rv)
 
 
+@pytest.mark.parametrize("inputs", ["plain", "odd"])
+@pytest.mark.parametrize("bs", [8, 32])
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reshape_and_cache_consecutive_slots(emu, dtype, kv, bs, inputs, gen):
+    """A prefill's write: runs of consecutive slots in shuffled pages (the case the kernel's
+    token tiles coalesce), more tokens than one 32-token tile, padding slots inside a run."""
+    heads, hs, nb, tokens = 3, 64, 12, 70
+    key, value = kv_pair(tokens, heads, hs, hs, dtype, gen, inputs)
+    pages = torch.randperm(nb, generator=gen)
+    slots = (pages[:, None] * bs + torch.arange(bs)).flatten()[:tokens].clone()
+    slots[5] = -1
+    slots[40:43] = -1
+    cdt = cache_dtype(kv, dtype, "uint8")
+    x = 16 // torch.empty(0, dtype=cdt).element_size()
+    kc = torch.zeros(nb, heads, hs // x, bs, x, dtype=cdt)
+    vc = torch.zeros(nb, heads, hs, bs, dtype=cdt)
+    rk, rv = kc.clone(), vc.clone()
+    s = torch.tensor([0.5, 1.0, 2.0])  # per-head scales
+    emu.reshape_and_cache(key, value, kc, vc, slots, _KV_KIND[kv], s, s)
+    ops.reshape_and_cache(key, value, rk, rv, slots, kv, s, s)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+    assert rv.abs().sum() > 0
+
+
 def test_out_of_range_slots_are_skipped(emu, gen):
     heads, hs, nb, bs = 2, 64, 4, 16
     key, value = kv_pair(5, heads, hs, hs, torch.bfloat16, gen, "plain")

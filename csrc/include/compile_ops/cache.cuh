@@ -105,51 +105,76 @@ struct PagedSide {
   int scale_per_head;
 };
 
+// A CTA takes `tile` consecutive entries of slot_mapping (a power of two <= 32; lane l of a warp
+// is token l % tile) and one head (blockIdx.y). Its items are (chunk, token): chunks of X head
+// dims (one 16-byte key chunk of the cache), keys first, then values; a thread loads U items
+// before it stores any. Consecutive lanes are consecutive tokens, so when their slots are
+// consecutive in a page (a prefill's write) a warp's key stores are one contiguous run of 16-byte
+// chunks and each value store instruction fills whole runs of a value row ([head, d, page]: the
+// page's tokens are adjacent there), instead of one 2-byte store per 32-byte sector per token.
 // VEC: 16-byte loads of the input and one 16-byte store per key chunk (the launcher checked the
 // alignment of every address); otherwise element accesses.
-template <typename T, typename C, int KV, bool VEC>
+template <typename T, typename C, int KV, bool VEC, int U>
 __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mapping,
-                                         int64_t num_slots, int block_size, int heads,
-                                         int head_size, PagedSide k, PagedSide v) {
+                                         int64_t num_tokens, int64_t num_slots, int block_size,
+                                         int head_size, int tile_shift, PagedSide k,
+                                         PagedSide v) {
   constexpr int X = 16 / static_cast<int>(sizeof(C));  // elements per key-cache chunk
   constexpr int VW = VEC ? kVecWidth<T> : 1;            // input elements per load
+  static_assert(X % kVecWidth<T> == 0 || !VEC, "a chunk is whole 16-byte input vectors");
   pdl_wait();
-  const int64_t t = blockIdx.x;
-  const int64_t slot = slot_mapping[t];
-  if (slot < 0 || slot >= num_slots) return;
-  const int64_t blk = slot / block_size, off = slot - blk * block_size;
-  const int chunks = head_size / X, vecs = head_size / VW;
-  const int key_items = heads * chunks, items = key_items + heads * vecs;
-  for (int i = threadIdx.x; i < items; i += blockDim.x) {
-    if (i < key_items) {
-      const int h = i / chunks, c = i - h * chunks;
-      const T* src = static_cast<const T*>(k.src) + t * k.src_stride + h * head_size + c * X;
-      C* dst = static_cast<C*>(k.cache) + blk * k.s_block + h * k.s_head + c * k.s_dim +
-               off * k.s_page;
-      const float sc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
-      Pack<T, X> in;
+  const int tile = 1 << tile_shift;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) << tile_shift;
+  const int h = blockIdx.y;
+  const int chunks = head_size / X;
+  const int items = (2 * chunks) << tile_shift;
+  const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
+  const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
+  for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
+    Pack<T, X> in[U];
+    int64_t slot[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      slot[u] = -1;
+      const int i = base + u * blockDim.x;
+      const int64_t t = t0 + (i & (tile - 1));
+      if (i >= items || t >= num_tokens) continue;
+      const int64_t s = slot_mapping[t];
+      if (s < 0 || s >= num_slots) continue;
+      slot[u] = s;
+      const int c = i >> tile_shift;
+      const bool key = c < chunks;
+      const T* src = static_cast<const T*>(key ? k.src : v.src) +
+                     t * (key ? k.src_stride : v.src_stride) + h * head_size +
+                     (key ? c : c - chunks) * X;
 #pragma unroll
       for (int p = 0; p < X / VW; ++p)
-        *reinterpret_cast<Pack<T, VW>*>(&in.v[p * VW]) =
+        *reinterpret_cast<Pack<T, VW>*>(&in[u].v[p * VW]) =
             *reinterpret_cast<const Pack<T, VW>*>(src + p * VW);
-      Pack<C, X> out;
+    }
 #pragma unroll
-      for (int w = 0; w < X; ++w) out.v[w] = cache_encode<KV, C>(in.v[w], sc);
-      if constexpr (VEC) {
-        *reinterpret_cast<Pack<C, X>*>(dst) = out;
+    for (int u = 0; u < U; ++u) {
+      if (slot[u] < 0) continue;
+      const int c = (base + u * blockDim.x) >> tile_shift;
+      const int64_t blk = slot[u] / block_size, off = slot[u] - blk * block_size;
+      if (c < chunks) {
+        Pack<C, X> out;
+#pragma unroll
+        for (int w = 0; w < X; ++w) out.v[w] = cache_encode<KV, C>(in[u].v[w], ksc);
+        C* dst = static_cast<C*>(k.cache) + blk * k.s_block + h * k.s_head + c * k.s_dim +
+                 off * k.s_page;
+        if constexpr (VEC) {
+          *reinterpret_cast<Pack<C, X>*>(dst) = out;
+        } else {
+#pragma unroll
+          for (int w = 0; w < X; ++w) dst[w] = out.v[w];
+        }
       } else {
+        C* dst = static_cast<C*>(v.cache) + blk * v.s_block + h * v.s_head +
+                 int64_t(c - chunks) * X * v.s_dim + off * v.s_page;
 #pragma unroll
-        for (int w = 0; w < X; ++w) dst[w] = out.v[w];
+        for (int w = 0; w < X; ++w) dst[w * v.s_dim] = cache_encode<KV, C>(in[u].v[w], vsc);
       }
-    } else {
-      const int j = i - key_items;
-      const int h = j / vecs, d = (j - h * vecs) * VW;
-      const auto in = *reinterpret_cast<const Pack<T, VW>*>(
-          static_cast<const T*>(v.src) + t * v.src_stride + h * head_size + d);
-      const float sc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
-      C* dst = static_cast<C*>(v.cache) + blk * v.s_block + h * v.s_head + off * v.s_page;
-#pragma unroll
-      for (int w = 0; w < VW; ++w) dst[(d + w) * v.s_dim] = cache_encode<KV, C>(in.v[w], sc);
     }
   }
 }
