@@ -31,7 +31,7 @@ from compile_ops.mla import (
     indexer_k_quant_and_cache,
 )
 from compile_ops.norm import fused_add_rms_norm, rms_norm
-from compile_ops.rope_cache import fused_rope_and_cache_flash
+from compile_ops.rope_cache import fused_rope_and_cache, fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
 
 __version__ = "0.1.0"
@@ -59,6 +59,7 @@ __all__ = [
     "gather_and_maybe_dequant_cache",
     "cp_gather_cache",
     "fused_rope_and_cache_flash",
+    "fused_rope_and_cache",
     "merge_attn_states",
     "concat_and_cache_mla",
     "concat_and_cache_mla_rope_fused",

@@ -1,10 +1,17 @@
-"""Fused RoPE + paged KV-cache write (our op; what ``rotary_embedding`` followed by
-``reshape_and_cache_flash`` on the rotated key computes, in one pass over the data)::
+"""Fused RoPE + paged KV-cache write (our ops; what ``rotary_embedding`` followed by
+``reshape_and_cache_flash`` / ``reshape_and_cache`` on the rotated key computes, in one pass over
+the data)::
 
     torch.ops.compile_ops.fused_rope_and_cache_flash(
         positions, query, key, value, head_size, cos_sin_cache, is_neox,
         key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
         write_key=True) -> None
+    torch.ops.compile_ops.fused_rope_and_cache(...same arguments...) -> None
+
+``fused_rope_and_cache_flash`` writes the flash layout (``reshape_and_cache_flash``'s caches),
+``fused_rope_and_cache`` vLLM's paged layout (``reshape_and_cache``'s: keys x-packed
+``[num_blocks, num_kv_heads, head_size / x, block_size, x]``, values ``[num_blocks, num_kv_heads,
+head_size, block_size]``; the value's head size is the key's).
 
 - ``positions``, ``query``, ``key``, ``head_size``, ``cos_sin_cache``, ``is_neox``: exactly as
   ``rotary_embedding`` (``compile_ops/rotary.py``): query is rotated in place; key is rotated and,
@@ -12,7 +19,7 @@
   rotated key: the fusion pass decides; the key is then only read).
 - ``value``: ``[tokens, num_kv_heads, head_size_v]`` as ``reshape_and_cache_flash`` takes it.
 - ``key_cache``, ``value_cache``, ``slot_mapping``, ``kv_cache_dtype``, ``k_scale``,
-  ``v_scale``: exactly as ``reshape_and_cache_flash`` (``compile_ops/cache.py``), the key seen as
+  ``v_scale``: exactly as the cache write (``compile_ops/cache.py``), the key seen as
   ``[tokens, num_kv_heads, head_size]``; only the first ``len(slot_mapping)`` tokens are written,
   slots < 0 are padding.
 
@@ -34,8 +41,10 @@ from compile_ops import cache as _cache
 from compile_ops import rotary as _rotary
 from compile_ops._extension import _C
 
-__all__ = ["fused_rope_and_cache_flash", "fused_rope_and_cache_flash_ref"]
+__all__ = ["fused_rope_and_cache_flash", "fused_rope_and_cache_flash_ref", "fused_rope_and_cache",
+           "fused_rope_and_cache_ref"]
 OP = "fused_rope_and_cache_flash"
+OP_PAGED = "fused_rope_and_cache"
 
 
 def _key_rows(key: torch.Tensor, positions: torch.Tensor, head_size: int) -> torch.Tensor:
@@ -46,20 +55,20 @@ def _key_rows(key: torch.Tensor, positions: torch.Tensor, head_size: int) -> tor
 
 
 def _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
-           value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key):
+           value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key, op=OP):
     if key is None:
-        C.fail(OP, "key is required (its rotated rows are what the cache receives)")
+        C.fail(op, "key is required (its rotated rows are what the cache receives)")
     if not isinstance(write_key, bool):
-        C.fail(OP, f"write_key must be a bool, got {type(write_key).__name__}", TypeError)
+        C.fail(op, f"write_key must be a bool, got {type(write_key).__name__}", TypeError)
     _rotary._check(positions, query, key, head_size, cos_sin_cache, is_neox)
     k3 = _key_rows(key, positions, head_size)
-    fmt = _cache._check_write(OP, k3, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-                              k_scale, v_scale, flash=True)
+    fmt = _cache._check_write(op, k3, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+                              k_scale, v_scale, flash=op == OP)
     if value.shape[0] != k3.shape[0]:
-        C.fail(OP, f"value must have one row per position ({k3.shape[0]}), got "
+        C.fail(op, f"value must have one row per position ({k3.shape[0]}), got "
                    f"{tuple(value.shape)}")
     for name, t in (("query", query), ("key", key)):
-        C.check_no_partial_overlap(OP, name, t, "value", value, allow_same=False)
+        C.check_no_partial_overlap(op, name, t, "value", value, allow_same=False)
     return fmt
 
 
@@ -136,5 +145,83 @@ def fused_rope_and_cache_flash(positions, query, key, value, head_size, cos_sin_
     """Calls the op (in place); scales default to 1.0 (float32 tensors on the cache's device)."""
     k_scale, v_scale = _cache._default_scales(key_cache, k_scale, v_scale)
     torch.ops.compile_ops.fused_rope_and_cache_flash(
+        positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache, value_cache,
+        slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged layout (reshape_and_cache's caches)
+# ---------------------------------------------------------------------------------------------
+def fused_rope_and_cache_ref(positions, query, key, value, head_size, cos_sin_cache, is_neox,
+                             key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+                             v_scale, write_key=True):
+    """The reference: rotary_embedding's and reshape_and_cache's references, one after the other
+    (mutates like the op)."""
+    q, k = _rotary.rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
+    torch.ops.compile_ops.reshape_and_cache(_key_rows(k, positions, head_size), value, key_cache,
+                                            value_cache, slot_mapping, kv_cache_dtype, k_scale,
+                                            v_scale)
+    query.copy_(q)
+    if write_key:
+        key.copy_(k)
+
+
+@torch.library.custom_op(
+    "compile_ops::fused_rope_and_cache",
+    mutates_args=("query", "key", "key_cache", "value_cache"),
+    schema="(Tensor positions, Tensor(a1!) query, Tensor(a2!) key, Tensor value, int head_size, "
+           "Tensor cos_sin_cache, bool is_neox, Tensor(a3!) key_cache, Tensor(a4!) value_cache, "
+           "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale, "
+           "bool write_key=True) -> ()")
+def _fused_rope_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor,
+                          is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, kv_cache_dtype: str, k_scale: torch.Tensor,
+                          v_scale: torch.Tensor, write_key: bool = True) -> None:
+    """RoPE on query and key, then the rotated key and the value into vLLM's paged cache."""
+    _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
+           value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key, OP_PAGED)
+    fused_rope_and_cache_ref(positions, query, key, value, head_size, cos_sin_cache, is_neox,
+                             key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+                             v_scale, write_key)
+
+
+@_fused_rope_and_cache.register_fake
+def _(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache, value_cache,
+      slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key=True):
+    _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
+           value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key, OP_PAGED)
+
+
+if _C is not None:
+
+    @_fused_rope_and_cache.register_kernel("cuda")
+    def _(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
+          value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key=True):
+        _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
+               value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key, OP_PAGED)
+        if _cache._validating():
+            _rotary._validate_positions(positions, cos_sin_cache)
+            _cache._validate_slots(OP_PAGED, slot_mapping, key_cache.shape[0] * key_cache.shape[3])
+        fused = _C.fused_rope_and_cache(
+            positions.contiguous(), query, key, value, head_size, cos_sin_cache, is_neox,
+            key_cache, value_cache, slot_mapping.contiguous(), _cache._KV_KIND[kv_cache_dtype],
+            k_scale, v_scale, write_key)
+        if fused:
+            return
+        k = key if write_key else key.clone()
+        _C.rotary_embedding(positions, query, k, head_size, cos_sin_cache, is_neox)
+        _C.reshape_and_cache(_key_rows(k, positions, head_size), value, key_cache, value_cache,
+                             slot_mapping.contiguous(), _cache._KV_KIND[kv_cache_dtype], k_scale,
+                             v_scale)
+
+
+def fused_rope_and_cache(positions, query, key, value, head_size, cos_sin_cache, is_neox,
+                         key_cache, value_cache, slot_mapping, kv_cache_dtype="auto",
+                         k_scale=None, v_scale=None, write_key: bool = True) -> Optional[None]:
+    """Calls the paged-layout op (in place); scales default to 1.0 (float32 tensors on the
+    cache's device)."""
+    k_scale, v_scale = _cache._default_scales(key_cache, k_scale, v_scale)
+    torch.ops.compile_ops.fused_rope_and_cache(
         positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache, value_cache,
         slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key)

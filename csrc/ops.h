@@ -37,6 +37,11 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
                                 const at::Tensor& slot_mapping, int64_t kind,
                                 const at::Tensor& k_scale, const at::Tensor& v_scale,
                                 bool write_key);
+bool fused_rope_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                          const at::Tensor& value, int64_t head_size,
+                          const at::Tensor& cos_sin_cache, bool is_neox, at::Tensor& key_cache,
+                          at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                          const at::Tensor& k_scale, const at::Tensor& v_scale, bool write_key);
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
                        const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);

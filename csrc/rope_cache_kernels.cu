@@ -1,6 +1,7 @@
-// Launcher of fused_rope_and_cache_flash: checks, device guard, current stream, dispatch over the
-// model dtype, the cos/sin dtype, the cache kind and NeoX/GPT-J. Returns false (and does nothing)
-// for layouts the one-pass kernel does not take; the Python side then runs the two kernels.
+// Launchers of fused_rope_and_cache_flash (flash layout) and fused_rope_and_cache (vLLM's paged
+// layout): checks, device guard, current stream, dispatch over the model dtype, the cos/sin
+// dtype, the cache kind and NeoX/GPT-J. Return false (and do nothing) for layouts the one-pass
+// kernel does not take; the Python side then runs the two kernels.
 #include <torch/all.h>
 
 #include <algorithm>
@@ -12,17 +13,11 @@
 namespace compile_ops {
 namespace {
 
-constexpr const char* kOp = "fused_rope_and_cache_flash";
-
-}  // namespace
-
-bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
-                                const at::Tensor& value, int64_t head_size,
-                                const at::Tensor& cos_sin_cache, bool is_neox,
-                                at::Tensor& key_cache, at::Tensor& value_cache,
-                                const at::Tensor& slot_mapping, int64_t kind,
-                                const at::Tensor& k_scale, const at::Tensor& v_scale,
-                                bool write_key) {
+bool rope_cache(const char* kOp, bool paged, const at::Tensor& positions, at::Tensor& query,
+                at::Tensor& key, const at::Tensor& value, int64_t head_size,
+                const at::Tensor& cos_sin_cache, bool is_neox, at::Tensor& key_cache,
+                at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                const at::Tensor& k_scale, const at::Tensor& v_scale, bool write_key) {
   check_float_type(kOp, "query", query);
   check_same_type(kOp, "key", key, query);
   check_same_type(kOp, "value", value, query);
@@ -50,12 +45,25 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
                   (nk <= 1 || value.stride(1) == value.size(2)),
               kOp, ": value must be [tokens, num_kv_heads, head_size_v] with heads packed");
   const int64_t hv = value.size(2);
-  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4 && key_cache.size(2) == nk &&
-                  key_cache.size(3) == head_size && value_cache.size(2) == nk &&
-                  value_cache.size(3) == hv && key_cache.size(0) == value_cache.size(0) &&
-                  key_cache.size(1) == value_cache.size(1) && key_cache.stride(3) == 1 &&
-                  value_cache.stride(3) == 1,
-              kOp, ": caches must be [num_blocks, block_size, num_kv_heads, head_size]");
+  const int64_t cx = 16 / key_cache.element_size();  // paged: elements per key chunk
+  if (paged) {
+    TORCH_CHECK(key_cache.dim() == 5 && value_cache.dim() == 4 && key_cache.size(1) == nk &&
+                    key_cache.size(2) * cx == head_size && key_cache.size(4) == cx &&
+                    key_cache.stride(4) == 1 && value_cache.size(1) == nk &&
+                    value_cache.size(2) == hv && hv == head_size &&
+                    key_cache.size(0) == value_cache.size(0) &&
+                    key_cache.size(3) == value_cache.size(3),
+                kOp, ": caches must be [num_blocks, num_kv_heads, head_size / x, block_size, x] "
+                     "and [num_blocks, num_kv_heads, head_size, block_size]");
+  } else {
+    TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4 && key_cache.size(2) == nk &&
+                    key_cache.size(3) == head_size && value_cache.size(2) == nk &&
+                    value_cache.size(3) == hv && key_cache.size(0) == value_cache.size(0) &&
+                    key_cache.size(1) == value_cache.size(1) && key_cache.stride(3) == 1 &&
+                    value_cache.stride(3) == 1,
+                kOp, ": caches must be [num_blocks, block_size, num_kv_heads, head_size]");
+  }
+  const int64_t block_size = paged ? key_cache.size(3) : key_cache.size(1);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.is_contiguous() && slot_mapping.size(0) <= tokens,
               kOp, ": slot_mapping must be a contiguous int64 tensor of at most tokens slots");
@@ -66,7 +74,7 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
     TORCH_CHECK(s->scalar_type() == at::kFloat && (s->numel() == 1 || s->numel() == nk) &&
                     s->is_contiguous(),
                 kOp, ": scales must be float32 with one value or one per KV head");
-  TORCH_CHECK(nq + nk <= (1 << 16) && key_cache.size(1) <= std::numeric_limits<int>::max(), kOp,
+  TORCH_CHECK(nq + nk <= (1 << 16) && block_size <= std::numeric_limits<int>::max(), kOp,
               ": sizes out of range");
 
   const int64_t esize = query.element_size();
@@ -76,11 +84,16 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
       if (x % W) return false;
     return true;
   };
+  // Flash: every cache stride but the head's keeps a W-vector's store aligned; paged: the key
+  // chunks' strides (a W-vector is inside one chunk), values are stored element by element.
+  const bool cache_ok =
+      paged ? all_mult({key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                        key_cache.stride(3)})
+            : all_mult({key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2)});
   const bool eligible =
       (is_neox ? (rot_dim / 2) % W == 0 : rot_dim % W == 0) &&
-      all_mult({head_size, hv, q_stride, k_stride, value.stride(0), key_cache.stride(0),
-                key_cache.stride(1), key_cache.stride(2), value_cache.stride(0),
-                value_cache.stride(1), value_cache.stride(2)}) &&
+      all_mult({head_size, hv, q_stride, k_stride, value.stride(0)}) && cache_ok &&
       is_aligned(query.data_ptr(), 16) && is_aligned(key.data_ptr(), 16) &&
       is_aligned(value.data_ptr(), 16) && is_aligned(key_cache.data_ptr(), cw) &&
       is_aligned(value_cache.data_ptr(), cw);
@@ -105,17 +118,28 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
   a.rot_dim = static_cast<int>(rot_dim);
   a.head_size = static_cast<int>(head_size);
   a.key_cache = key_cache.data_ptr();
-  a.kc_block = key_cache.stride(0);
-  a.kc_page = key_cache.stride(1);
-  a.kc_head = key_cache.stride(2);
   a.value_cache = value_cache.data_ptr();
+  a.kc_block = key_cache.stride(0);
   a.vc_block = value_cache.stride(0);
-  a.vc_page = value_cache.stride(1);
-  a.vc_head = value_cache.stride(2);
+  if (paged) {
+    a.kc_head = key_cache.stride(1);
+    a.kc_dim = key_cache.stride(2);
+    a.kc_page = key_cache.stride(3);
+    a.vc_head = value_cache.stride(1);
+    a.vc_dim = value_cache.stride(2);
+    a.vc_page = value_cache.stride(3);
+  } else {
+    a.kc_page = key_cache.stride(1);
+    a.kc_head = key_cache.stride(2);
+    a.kc_dim = 0;
+    a.vc_page = value_cache.stride(1);
+    a.vc_head = value_cache.stride(2);
+    a.vc_dim = 1;
+  }
   a.slots = slot_mapping.data_ptr<int64_t>();
   a.num_mapped = slot_mapping.size(0);
-  a.block_size = static_cast<int>(key_cache.size(1));
-  a.num_slots = key_cache.size(0) * key_cache.size(1);
+  a.block_size = static_cast<int>(block_size);
+  a.num_slots = key_cache.size(0) * block_size;
   a.k_scale = k_scale.data_ptr<float>();
   a.k_per_head = k_scale.numel() > 1;
   a.v_scale = v_scale.data_ptr<float>();
@@ -132,12 +156,21 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
     using CosT = decltype(cos_t);
     using C = decltype(c);
     constexpr int KV = decltype(kv)::value;
-    if (is_neox)
-      launch_kernel(fused_rope_and_cache_flash_kernel<T, CosT, C, KV, true>, grid, block, stream,
-                    dev, a);
-    else
-      launch_kernel(fused_rope_and_cache_flash_kernel<T, CosT, C, KV, false>, grid, block,
-                    stream, dev, a);
+    if (paged) {
+      if (is_neox)
+        launch_kernel(fused_rope_and_cache_kernel<T, CosT, C, KV, true, true>, grid, block,
+                      stream, dev, a);
+      else
+        launch_kernel(fused_rope_and_cache_kernel<T, CosT, C, KV, false, true>, grid, block,
+                      stream, dev, a);
+    } else {
+      if (is_neox)
+        launch_kernel(fused_rope_and_cache_kernel<T, CosT, C, KV, true, false>, grid, block,
+                      stream, dev, a);
+      else
+        launch_kernel(fused_rope_and_cache_kernel<T, CosT, C, KV, false, false>, grid, block,
+                      stream, dev, a);
+    }
   };
   auto with_kind = [&](auto t, auto cos_t) {
     using T = decltype(t);
@@ -160,6 +193,30 @@ bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, 
     default: TORCH_CHECK(false, kOp, ": unsupported dtype");
   }
   return true;
+}
+
+}  // namespace
+
+bool fused_rope_and_cache_flash(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, int64_t head_size,
+                                const at::Tensor& cos_sin_cache, bool is_neox,
+                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                const at::Tensor& slot_mapping, int64_t kind,
+                                const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                bool write_key) {
+  return rope_cache("fused_rope_and_cache_flash", false, positions, query, key, value, head_size,
+                    cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping, kind, k_scale,
+                    v_scale, write_key);
+}
+
+bool fused_rope_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                          const at::Tensor& value, int64_t head_size,
+                          const at::Tensor& cos_sin_cache, bool is_neox, at::Tensor& key_cache,
+                          at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
+                          const at::Tensor& k_scale, const at::Tensor& v_scale, bool write_key) {
+  return rope_cache("fused_rope_and_cache", true, positions, query, key, value, head_size,
+                    cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping, kind, k_scale,
+                    v_scale, write_key);
 }
 
 }  // namespace compile_ops

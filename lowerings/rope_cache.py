@@ -1,5 +1,6 @@
-"""Fusion: ``rotary_embedding`` then ``reshape_and_cache_flash`` of the rotated key ->
-one ``compile_ops.fused_rope_and_cache_flash``.
+"""Fusion: ``rotary_embedding`` then ``reshape_and_cache_flash`` (or ``reshape_and_cache``, vLLM's
+paged layout) of the rotated key -> one ``compile_ops.fused_rope_and_cache_flash`` (or
+``compile_ops.fused_rope_and_cache``).
 
 Matches, in the functionalized post-grad graph (both ops are auto_functionalized_v2 nodes whose
 mutable arguments are views of bases)::
@@ -9,8 +10,9 @@ mutable arguments are views of bases)::
                                 _all_bases=[qkv])
     qkv' = getitem(R, 1)
     K  = views of qkv' (split / getitem / slice / view / reshape)     # the rotated key rows
-    V  = any tensor, or views of qkv'
-    Cn = auto_functionalized_v2(compile_ops.reshape_and_cache_flash.default, key=K, value=V,
+    V  = any tensor, or views (and copies: ``.contiguous()``) of qkv'
+    Cn = auto_functionalized_v2(compile_ops.reshape_and_cache_flash.default (or
+                                compile_ops.reshape_and_cache.default), key=K, value=V,
                                 slot_mapping=.., kv_cache_dtype=s, k_scale=.., v_scale=..,
                                 _key_cache_*=.., _value_cache_*=.., _all_bases=[kc, vc])
 
@@ -49,11 +51,19 @@ def _val(n):
     return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
-def _chain_root(node: torch.fx.Node):
-    """Walk view ops (and getitem of a split) up to the first non-view: (root, [chain nodes])."""
+COPY_OPS = (aten.clone.default, aten._to_copy.default)
+
+
+def _chain_root(node: torch.fx.Node, copies: bool = False):
+    """Walk view ops (and getitem of a split; with `copies`, clones too) up to the first other
+    node: (root, [chain nodes, from `node` back])."""
     chain = []
     cur = node
     while isinstance(cur, torch.fx.Node) and cur.op == "call_function":
+        if copies and cur.target in COPY_OPS and isinstance(cur.args[0], torch.fx.Node):
+            chain.append(cur)
+            cur = cur.args[0]
+            continue
         if cur.target is operator.getitem and isinstance(cur.args[0], torch.fx.Node) and \
                 cur.args[0].target in (aten.split_with_sizes.default, aten.split.Tensor):
             chain.append(cur)
@@ -126,13 +136,11 @@ class RopeCachePass(FusionPass):
         for n in list(graph.nodes):
             if n.op != "call_function":
                 continue
-            if n.target is v1 and n.args[0] in (cache_op, rope_op):
+            if n.target is v1 and n.args[0] in (cache_op, paged_op, rope_op):
                 self.near_miss("auto_functionalized v1 node (needs auto_functionalized_v2)", n)
-            if n.target is AFV2 and n.args[0] is cache_op and self._try_fuse(graph, n):
+            if n.target is AFV2 and n.args[0] in (cache_op, paged_op) and \
+                    self._try_fuse(graph, n):
                 matches += 1
-            if n.target is AFV2 and n.args[0] is paged_op and _rotated(n.kwargs.get("key")):
-                self.near_miss("the rotated key goes to the paged reshape_and_cache (the fused "
-                               "op takes the flash layout only)", n)
         return matches
 
     def _try_fuse(self, graph: torch.fx.Graph, cn: torch.fx.Node) -> bool:
@@ -173,10 +181,14 @@ class RopeCachePass(FusionPass):
 
         order = {n: i for i, n in enumerate(graph.nodes)}
         value = kw.get("value")
-        v_root, v_chain = _chain_root(value)
+        v_root, v_chain = _chain_root(value, copies=True)
         rebuild_value = v_root is root
         if rebuild_value:
-            v_rows = _rows(_val(value), new_val)
+            src = value  # the view of the rotated base the value is read from (before copies)
+            for node in v_chain:
+                if node.target in COPY_OPS:
+                    src = node.args[0]
+            v_rows = _rows(_val(src), new_val)
             if v_rows is None or not _same((v_rows[2],), (want[2],)):
                 self.near_miss("value is a view of the rotated base in another layout", cn)
                 return False
@@ -185,8 +197,11 @@ class RopeCachePass(FusionPass):
                 self.near_miss("value overlaps the rotated query or key", cn)
                 return False
         elif isinstance(value, torch.fx.Node) and order[value] > order[r]:
-            self.near_miss("value is computed after rotary_embedding", cn)
-            return False
+            moved = self._hoist(value, r, order)
+            if moved is None:
+                self.near_miss("value is computed after rotary_embedding", cn)
+                return False
+            order = {n: i for i, n in enumerate(graph.nodes)}
         c_bases = list(kw["_all_bases"])
         for a in [kw.get("slot_mapping"), kw.get("k_scale"), kw.get("v_scale")] + c_bases:
             if isinstance(a, torch.fx.Node) and order[a] > order[r]:
@@ -217,8 +232,10 @@ class RopeCachePass(FusionPass):
                 if k.startswith(("_key_cache_", "_value_cache_")):
                     fkw[k] = v + shift if k.endswith("_base_index") else v
             fkw["_all_bases"] = bases + c_bases
-            fused = graph.call_function(
-                AFV2, (torch.ops.compile_ops.fused_rope_and_cache_flash.default,), fkw)
+            paged = cn.args[0] is torch.ops.compile_ops.reshape_and_cache.default
+            fused_op = torch.ops.compile_ops.fused_rope_and_cache.default if paged else \
+                torch.ops.compile_ops.fused_rope_and_cache_flash.default
+            fused = graph.call_function(AFV2, (fused_op,), fkw)
             outs = [graph.call_function(operator.getitem, (fused, i + 1))
                     for i in range(len(bases) + len(c_bases))]
         old_outs = {}
@@ -242,9 +259,32 @@ class RopeCachePass(FusionPass):
         graph.erase_node(cn)
         self._erase_dead(graph, k_chain + (v_chain if rebuild_value else []))
         graph.erase_node(r)
-        self.matched("rotary_embedding + reshape_and_cache_flash -> fused (write_key=%s)",
-                     write_key)
+        self.matched("rotary_embedding + %s -> %s (write_key=%s)",
+                     "reshape_and_cache" if paged else "reshape_and_cache_flash",
+                     fused_op.name(), write_key)
         return True
+
+    @staticmethod
+    def _hoist(value, r, order):
+        """Move the value's computation before R when it is only copies and views of tensors
+        that exist before R (e.g. ``v.reshape(...)`` of a non-contiguous split: a clone the
+        graph put after RoPE): the nodes moved, or None if it reads anything made at or after
+        R (then the fused node, which takes R's place, could not read it)."""
+        pure = set(VIEW_OPS) | {aten.clone.default, aten._to_copy.default,
+                                aten.contiguous.default}
+        todo, seen, after = [value], set(), []
+        while todo:
+            n = todo.pop()
+            if n in seen or not isinstance(n, torch.fx.Node) or order[n] < order[r]:
+                continue
+            seen.add(n)
+            if n is r or n.op != "call_function" or n.target not in pure or n.kwargs.get("out"):
+                return None
+            after.append(n)
+            todo.extend(n.all_input_nodes)
+        for n in sorted(after, key=order.__getitem__):
+            r.prepend(n)
+        return after
 
     @staticmethod
     def _overlap(a, b) -> bool:

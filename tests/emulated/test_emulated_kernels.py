@@ -359,6 +359,57 @@ def test_fused_rope_and_cache_flash(emu, dtype, hs, rot, is_neox, kv, layout, wr
     assert codes(kc).reshape(-1, *kc.shape[2:])[unused].float().abs().sum() == 0
 
 
+@pytest.mark.parametrize("write_key", [True, False])
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("hs,rot,bs", [(64, 64, 16), (128, 64, 8), (32, 16, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rope_and_cache_paged(emu, dtype, hs, rot, bs, is_neox, kv, write_key, gen):
+    """fused_rope_and_cache: vLLM's paged layout (x-packed keys, [blocks, heads, head, page]
+    values), against rotary_embedding + reshape_and_cache's references."""
+    nb, tokens, nq, nk = 12, 9, 4, 2
+    row = torch.randn(tokens, (nq + 2 * nk) * hs, generator=gen).to(dtype)
+    q, k = row[:, :nq * hs], row[:, nq * hs:(nq + nk) * hs]
+    v = row[:, (nq + nk) * hs:].view(tokens, nk, hs)
+    pos = torch.randint(-2, 70, (tokens,), generator=gen)
+    pos[0] = 5
+    cs = rope_cos_sin_cache(64, rot)
+    cdt = dtype if kv == "auto" else torch.uint8
+    x = 16 // torch.empty(0, dtype=cdt).element_size()
+    kc = torch.zeros(nb, nk, hs // x, bs, x, dtype=cdt)
+    vc = torch.zeros(nb, nk, hs, bs, dtype=cdt)
+    slots = torch.randperm(nb * bs, generator=gen)[:7]
+    slots[1::4] = -1
+    rrow, rkc, rvc = row.clone(), kc.clone(), vc.clone()
+    rq, rk = rrow[:, :nq * hs], rrow[:, nq * hs:(nq + nk) * hs]
+    rv = rrow[:, (nq + nk) * hs:].view(tokens, nk, hs)
+    s = torch.tensor([0.5, 2.0])
+    bad = (pos < 0) | (pos >= 64)
+    ref_pos = torch.where(bad, torch.zeros_like(pos), pos)
+    q0, k0 = q.clone(), k.clone()
+    assert emu.fused_rope_and_cache(pos, q, k, v, hs, cs, is_neox, kc, vc, slots, _KV_KIND[kv],
+                                    s, s, write_key)
+    ops.fused_rope_and_cache(ref_pos, rq, rk, rv, hs, cs, is_neox, rkc, rvc, slots, kv, s, s,
+                             write_key)
+    good = ~bad
+    assert torch.equal(q[good], rq[good]) and torch.equal(k[good], rk[good])
+    assert torch.equal(q[bad], q0[bad]) and torch.equal(k[bad], k0[bad])
+    written = 0
+    for t in range(slots.numel()):
+        if slots[t] < 0 or bad[t]:
+            continue
+        b, o = int(slots[t]) // bs, int(slots[t]) % bs
+        assert torch.equal(codes(kc[b, :, :, o]), codes(rkc[b, :, :, o]))
+        assert torch.equal(codes(vc[b, :, :, o]), codes(rvc[b, :, :, o]))
+        written += 1
+    assert written > 0
+    unused = torch.ones(nb * bs, dtype=torch.bool)
+    unused[slots[slots >= 0]] = False
+    kflat = codes(kc).permute(0, 3, 1, 2, 4).reshape(nb * bs, -1)
+    vflat = codes(vc).permute(0, 3, 1, 2).reshape(nb * bs, -1)
+    assert kflat[unused].float().abs().sum() == 0 and vflat[unused].float().abs().sum() == 0
+
+
 def test_fused_rope_and_cache_flash_leaves_bad_positions_unrotated(emu, gen):
     row, q, k, v, pos, cs, kc, vc, slots = rope_cache_case(4, 2, 1, 32, 32, torch.bfloat16,
                                                            "auto", "NHD", gen)

@@ -168,35 +168,70 @@ def test_does_not_fuse(variant, reason):
 
 
 class PagedAttn(torch.nn.Module):
-    """The same projection and RoPE, but the rotated key goes to the paged (x-packed)
-    reshape_and_cache: there is no fused kernel for that layout; the pass says so."""
+    """The same projection and RoPE, the rotated key into vLLM's paged (x-packed) cache with
+    reshape_and_cache, in the ways model code commonly writes it (`form`)."""
 
-    def __init__(self):
+    def __init__(self, form="plain", kv="auto", is_neox=True):
         super().__init__()
         self.inner = Attn()
+        self.form, self.kv, self.is_neox = form, kv, is_neox
 
     def forward(self, x, positions, cache, kc, vc, slots, scale):
-        q, k, v = (x @ self.inner.w).split([NQ * HD, NK * HD, NK * HD], dim=-1)
-        ops.rotary_embedding(positions, q, k, HD, cache, True)
-        ops.reshape_and_cache(k.view(-1, NK, HD), v.reshape(-1, NK, HD), kc, vc, slots, "auto",
-                              scale, scale)
+        qkv = x @ self.inner.w
+        if self.form == "heads3d":  # [tokens, heads, head_size] views of the projection
+            qkv3 = qkv.view(-1, NQ + 2 * NK, HD)
+            q, k, v = qkv3[:, :NQ], qkv3[:, NQ:NQ + NK], qkv3[:, NQ + NK:]
+        else:
+            q, k, v = qkv.split([NQ * HD, NK * HD, NK * HD], dim=-1)
+        if self.form == "contiguous":  # the split made contiguous first: copies
+            q, k = q.contiguous(), k.contiguous()
+        if self.form == "int32":
+            positions = positions.int()
+        ops.rotary_embedding(positions, q, k, HD, cache, self.is_neox)
+        value = v.contiguous() if self.form == "value_copy" else v.reshape(-1, NK, HD)
+        if self.form == "value_from_key":  # computed from the rotated key: must not fuse
+            value = k.reshape(-1, NK, HD) * 0.5
+        ops.reshape_and_cache(k.reshape(-1, NK, HD), value.view(-1, NK, HD), kc, vc, slots,
+                              self.kv, scale, scale)
         return q * 2
 
 
-def test_paged_cache_write_is_a_near_miss():
-    args = inputs()
-    x = 16 // 4  # float32 elements per 16 bytes
-    args[3] = torch.zeros(NB, NK, HD // x, BS, x)
-    args[4] = torch.zeros(NB, NK, HD, BS)
-    eager, ea, got, ca, code = run(PagedAttn(), args)
+def paged_inputs(kv="auto", tokens=6, seed=0):
+    args = inputs(tokens=tokens, kv=kv, seed=seed)
+    cdt = torch.float32 if kv == "auto" else torch.uint8
+    x = 16 // torch.empty(0, dtype=cdt).element_size()
+    args[3] = torch.zeros(NB, NK, HD // x, BS, x, dtype=cdt)
+    args[4] = torch.zeros(NB, NK, HD, BS, dtype=cdt)
+    return args
+
+
+@pytest.mark.parametrize("form", ["plain", "heads3d", "contiguous", "int32", "value_copy"])
+def test_paged_cache_write_fuses(form):
+    eager, ea, got, ca, code = run(PagedAttn(form), paged_inputs())
+    c = counts()
+    assert c.get("matched") == 1, c
+    assert_matches(eager, ea, got, ca)
+    assert "fused_rope_and_cache.default" in code
+    assert "rotary_embedding" not in code and "reshape_and_cache.default" not in code
+
+
+def test_paged_value_from_the_rotated_key_does_not_fuse():
+    eager, ea, got, ca, code = run(PagedAttn("value_from_key"), paged_inputs())
     c = counts()
     assert c.get("matched", 0) == 0, c
-    assert c.get("near_miss: the rotated key goes to the paged reshape_and_cache (the fused op "
-                 "takes the flash layout only)", 0) == 1, c
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
-    for e, g in zip(ea[3:5], ca[3:5]):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    assert "fused_rope_and_cache_flash" not in code
+    assert c.get("near_miss: value is computed after rotary_embedding", 0) == 1, c
+    assert "fused_rope_and_cache" not in code
+    assert_matches(eager, ea, got, ca)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_paged_fuses_and_matches_eager(is_neox, kv):
+    eager, ea, got, ca, code = run(PagedAttn(kv=kv, is_neox=is_neox), paged_inputs(kv))
+    assert counts().get("matched") == 1, counts()
+    assert_matches(eager, ea, got, ca)
+    line = next(ln for ln in code.splitlines() if "fused_rope_and_cache.default(" in ln)
+    assert f"'{kv}'" in line and line.rstrip().endswith("False)"), line
 
 
 class TestSnapshots(TestCase):
@@ -234,6 +269,25 @@ getitem
 getitem
 getitem
 getitem""")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paged_fused_matches_eager(kv, dtype):
+    model = PagedAttn(kv=kv).cuda().to(dtype)
+    args = [a.cuda() for a in paged_inputs(kv, tokens=33)]
+    args[0] = args[0].to(dtype)
+    if kv == "auto":  # caches in the model dtype
+        x = 16 // dtype.itemsize
+        args[3] = torch.zeros(NB, NK, HD // x, BS, x, dtype=dtype, device="cuda")
+        args[4] = torch.zeros(NB, NK, HD, BS, dtype=dtype, device="cuda")
+    eager, ea, got, ca, code = run(model, args)
+    assert counts().get("matched") == 1
+    assert "fused_rope_and_cache.default" in code
+    for e, g in zip(ea[3:5], ca[3:5]):
+        assert torch.equal(e.cpu(), g.cpu())
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

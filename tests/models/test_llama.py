@@ -155,9 +155,9 @@ def test_compile_ops_backend_matches_eager_and_fuses(fresh_compile):
     assert c["add_rms_norm"] == {
         "matched": 2 * 2 * layers,
         "near_miss: norm input is aten.embedding.default, not aten.add.Tensor": 2}, c
-    # rotary_embedding + the paged reshape_and_cache: the rope_cache pass only fuses the flash
-    # layout's cache write, so it matches nothing here (and records no near miss either)
-    assert "matched" not in c.get("rope_cache", {}), c
+    # rotary_embedding + the paged reshape_and_cache: one fused_rope_and_cache per layer and
+    # graph, no near miss
+    assert c["rope_cache"] == {"matched": 2 * layers}, c
     # GEMM -> silu_and_mul -> GEMM: the activation kernel is kept
     assert c["lower_activation"] == {
         "near_miss: kept the CUDA kernel: no pointwise neighbour to fuse with": 2 * layers}, c
@@ -166,10 +166,11 @@ def test_compile_ops_backend_matches_eager_and_fuses(fresh_compile):
         return sum(1 for o in ops if o == f"auto_functionalized(compile_ops.{name}.default)")
 
     assert count(decode_after, "fused_add_rms_norm") == 2 * layers
+    assert count(decode_after, "fused_rope_and_cache") == layers
+    assert count(decode_after, "rotary_embedding") == 0
+    assert count(decode_after, "reshape_and_cache") == 0
     assert count(decode_after, "rms_norm") == 1
     assert count(decode_after, "paged_attention_v2") == layers
-    assert count(decode_after, "rotary_embedding") == count(decode_after, "reshape_and_cache") \
-        == layers
     assert "aten.add.Tensor" not in decode_after
 
 
@@ -206,10 +207,12 @@ def test_main_command_runs_on_cpu():
                  "tokens agree: reference, eager, inductor, compile_ops (3 x 4 tokens)"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert out.count("add_rms_norm: matched 4 (expected 4") == 2, out
-    assert out.count("rope_cache: matched 0 (expected: the pass fuses rotary_embedding + "
-                     "reshape_and_cache_flash only") == 2, out
-    assert "compile_ops ops after the passes:  fused_add_rms_norm x4, paged_attention_v2 x2" in out
-    assert "compile_ops decode:  fused_add_rms_norm x4, paged_attention_v2 x2" in out
+    assert out.count("rope_cache: matched 2 (expected 2: rotary_embedding + reshape_and_cache "
+                     "-> fused_rope_and_cache per layer") == 2, out
+    assert "compile_ops ops after the passes:  fused_add_rms_norm x4, fused_rope_and_cache x2, " \
+           "paged_attention_v2 x2" in out
+    assert "compile_ops decode:  fused_add_rms_norm x4, fused_rope_and_cache x2, " \
+           "paged_attention_v2 x2" in out
     assert "inductor decode:     paged_attention_v2 x2, reshape_and_cache x2, rms_norm x5" in out
     for name in ("eager", "inductor", "compile_ops"):
         assert any(ln.split()[:1] == [name] and ln.rstrip().endswith(" ms")

@@ -1,4 +1,5 @@
-"""fused_rope_and_cache_flash: reference vs the two separate ops, opcheck, errors, CUDA."""
+"""fused_rope_and_cache_flash (flash layout) and fused_rope_and_cache (vLLM's paged layout):
+reference vs the two separate ops, opcheck, errors, CUDA."""
 
 import pytest
 import torch
@@ -24,7 +25,11 @@ def case(tokens, nq, nk, hs, rot, dtype, device, *, kv="auto", layout="NHD", gen
     positions = torch.randint(0, 64, (tokens,), generator=gen).to(device)
     cos_sin = make_cache(64, rot, device=device)
     cdt = dtype if kv == "auto" else torch.uint8
-    if layout == "HND":
+    if layout == "paged":  # reshape_and_cache's: x-packed keys, [blocks, heads, head, page]
+        x = 16 // torch.empty(0, dtype=cdt).element_size()
+        kc = torch.zeros(nb, nk, hs // x, bs, x, dtype=cdt, device=device)
+        vc = torch.zeros(nb, nk, hs, bs, dtype=cdt, device=device)
+    elif layout == "HND":
         kc = torch.zeros(nb, nk, bs, hs, dtype=cdt, device=device).permute(0, 2, 1, 3)
         vc = torch.zeros(nb, nk, bs, hs, dtype=cdt, device=device).permute(0, 2, 1, 3)
     else:
@@ -61,18 +66,22 @@ def unfused(c, is_neox):
     ops.rotary_embedding(d["positions"], d["query"], d["key"], d["head_size"],
                          d["cos_sin_cache"], is_neox)
     k3 = d["key"].view(d["key"].shape[0], -1, d["head_size"])
-    ops.reshape_and_cache_flash(k3, d["value"], d["key_cache"], d["value_cache"],
-                                d["slot_mapping"], d["kv_cache_dtype"], d["k_scale"],
-                                d["v_scale"])
+    write = ops.reshape_and_cache if paged(d) else ops.reshape_and_cache_flash
+    write(k3, d["value"], d["key_cache"], d["value_cache"], d["slot_mapping"],
+          d["kv_cache_dtype"], d["k_scale"], d["v_scale"])
     return d
+
+
+def paged(c):
+    return c["key_cache"].dim() == 5
 
 
 def fused(c, is_neox, write_key=True):
     d = clone_case(c)
-    ops.fused_rope_and_cache_flash(d["positions"], d["query"], d["key"], d["value"],
-                                   d["head_size"], d["cos_sin_cache"], is_neox, d["key_cache"],
-                                   d["value_cache"], d["slot_mapping"], d["kv_cache_dtype"],
-                                   d["k_scale"], d["v_scale"], write_key)
+    op = ops.fused_rope_and_cache if paged(d) else ops.fused_rope_and_cache_flash
+    op(d["positions"], d["query"], d["key"], d["value"], d["head_size"], d["cos_sin_cache"],
+       is_neox, d["key_cache"], d["value_cache"], d["slot_mapping"], d["kv_cache_dtype"],
+       d["k_scale"], d["v_scale"], write_key)
     return d
 
 
@@ -82,7 +91,7 @@ def assert_same(a, b, *, key=True):
         assert torch.equal(a[name].cpu(), b[name].cpu()), name
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("layout", ["NHD", "HND", "paged"])
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,12 +108,33 @@ def test_write_key_false_leaves_the_key(gen):
     assert_same(f, u, key=False)
 
 
-def test_opcheck(gen):
-    c = case(5, 2, 1, 16, 8, torch.bfloat16, "cpu", kv="fp8", layout="HND", gen=gen)
+@pytest.mark.parametrize("layout", ["HND", "paged"])
+def test_opcheck(layout, gen):
+    c = case(5, 2, 1, 16, 8, torch.bfloat16, "cpu", kv="fp8", layout=layout, gen=gen)
     args = (c["positions"], c["query"], c["key"], c["value"], 16, c["cos_sin_cache"], True,
             c["key_cache"], c["value_cache"], c["slot_mapping"], "fp8", c["k_scale"],
             c["v_scale"], False)
-    torch.library.opcheck(ops.fused_rope_and_cache_flash.default, args)
+    op = ops.fused_rope_and_cache if layout == "paged" else ops.fused_rope_and_cache_flash
+    torch.library.opcheck(op.default, args)
+
+
+def test_paged_errors(gen):
+    c = case(4, 2, 1, 16, 16, torch.float32, "cpu", layout="paged", gen=gen)
+
+    def call(**over):
+        d = {**c, **over}
+        return lambda: ops.fused_rope_and_cache(
+            d["positions"], d["query"], d["key"], d["value"], d["head_size"],
+            d["cos_sin_cache"], True, d["key_cache"], d["value_cache"], d["slot_mapping"],
+            d["kv_cache_dtype"], d["k_scale"], d["v_scale"], True)
+
+    assert_raises_eager_and_fake(call(key_cache=torch.zeros(16, 16, 1, 16)), ValueError,
+                                 r"fused_rope_and_cache: key_cache must be \[num_blocks, 1, 4, "
+                                 r"block_size, 4\]")
+    assert_raises_eager_and_fake(call(kv_cache_dtype="fp16"), ValueError,
+                                 "fused_rope_and_cache: unknown kv_cache_dtype 'fp16'")
+    with pytest.raises(IndexError, match="slot 9999"):
+        call(slot_mapping=torch.tensor([0, 9999, 1, 2]))()
 
 
 def test_errors(gen):
@@ -136,7 +166,7 @@ def test_errors(gen):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("pad", [0, 1])  # 1: unaligned rows -> the two-kernel path
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("layout", ["NHD", "HND", "paged"])
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("hs,rot", [(128, 128), (64, 32), (256, 128)])
@@ -158,3 +188,18 @@ def test_cuda_matches_cpu(dtype, hs, rot, is_neox, kv, layout, pad, write_key, g
         g[name] = (t._base if t._base is not None else t).cuda().as_strided(t.shape, t.stride())
     got = fused(g, is_neox, write_key)
     assert_same(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bs", [8, 32])
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_cuda_paged_block_sizes(bs, kv, gen):
+    """The paged kernel at other block sizes (the page stride of the value rows)."""
+    c = case(40, 4, 2, 64, 64, torch.bfloat16, "cpu", kv=kv, layout="paged", gen=gen, bs=bs)
+    want = fused(c, True)
+    g = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    row = c["query"]._base.cuda()
+    for name in ("query", "key", "value"):
+        t = c[name]
+        g[name] = row.as_strided(t.shape, t.stride(), t.storage_offset())
+    assert_same(fused(g, True), want)

@@ -1,7 +1,12 @@
-// Fused RoPE + paged KV-cache write (flash layout): one CTA per token rotates the token's query
-// heads in place, rotates its key heads and stores them into the cache (and back in place when
-// asked), and copies its value heads into the cache. 128-bit accesses only: the launcher sends
-// other layouts to the two separate kernels.
+// Fused RoPE + paged KV-cache write: one CTA per token rotates the token's query heads in place,
+// rotates its key heads and stores them into the cache (and back in place when asked), and copies
+// its value heads into the cache. Two cache layouts (PAGED): flash ([blocks, page, heads, head]
+// for both, any block/page/head strides) and vLLM's paged one (keys x-packed: [blocks, heads,
+// head / X, page, X] with X = 16 bytes of the cache type; values [blocks, heads, head, page]).
+// 128-bit accesses of the inputs only: the launcher sends other layouts to the two separate
+// kernels. A W-vector of the input (W = 16 bytes of T) is W contiguous cache elements in both
+// key layouts (X is a multiple of W); paged values are stored element by element (stride: the
+// page size).
 #pragma once
 
 #include "compile_ops/fp8.cuh"
@@ -25,9 +30,9 @@ struct RopeCacheArgs {
   int64_t max_pos;
   int rot_dim, head_size;
   void* key_cache;
-  int64_t kc_block, kc_page, kc_head;
+  int64_t kc_block, kc_page, kc_head, kc_dim;  // kc_dim: paged, the stride of the head / X dim
   void* value_cache;
-  int64_t vc_block, vc_page, vc_head;
+  int64_t vc_block, vc_page, vc_head, vc_dim;  // vc_dim: paged, the stride of the head dim
   const int64_t* slots;
   int64_t num_mapped;  // len(slot_mapping): tokens past it are rotated, not cached
   int64_t num_slots;   // num_blocks * block_size
@@ -39,9 +44,11 @@ struct RopeCacheArgs {
   int write_key;
 };
 
-template <typename T, typename CosT, typename C, int KV, bool NEOX>
-__global__ void fused_rope_and_cache_flash_kernel(RopeCacheArgs a) {
+template <typename T, typename CosT, typename C, int KV, bool NEOX, bool PAGED>
+__global__ void fused_rope_and_cache_kernel(RopeCacheArgs a) {
   constexpr int W = kVecWidth<T>;
+  constexpr int X = 16 / static_cast<int>(sizeof(C));  // paged: elements per key chunk
+  static_assert(X % W == 0, "a W-vector lies inside one key chunk");
   using P = Pack<T, W>;
   using PC = Pack<C, W>;
   pdl_wait();
@@ -94,8 +101,9 @@ __global__ void fused_rope_and_cache_flash_kernel(RopeCacheArgs a) {
     return out;
   };
   auto k_dst = [&](int h, int e) {
+    const int64_t inner = PAGED ? (e / X) * a.kc_dim + e % X : e;
     return reinterpret_cast<PC*>(static_cast<C*>(a.key_cache) + blk * a.kc_block +
-                                 off * a.kc_page + h * a.kc_head + e);
+                                 off * a.kc_page + h * a.kc_head + inner);
   };
 
   for (int it = threadIdx.x; it < total; it += blockDim.x) {
@@ -132,9 +140,15 @@ __global__ void fused_rope_and_cache_flash_kernel(RopeCacheArgs a) {
       const int h = r / per_v, e = (r - h * per_v) * W;
       const P x = *reinterpret_cast<const P*>(static_cast<const T*>(a.value) + t * a.v_stride +
                                               int64_t(h) * a.hv + e);
-      *reinterpret_cast<PC*>(static_cast<C*>(a.value_cache) + blk * a.vc_block + off * a.vc_page +
-                             h * a.vc_head + e) =
-          encode(x, KV != kKvAuto ? a.v_scale[a.v_per_head ? h : 0] : 1.0f);
+      C* dst = static_cast<C*>(a.value_cache) + blk * a.vc_block + off * a.vc_page +
+               h * a.vc_head;
+      const PC y = encode(x, KV != kKvAuto ? a.v_scale[a.v_per_head ? h : 0] : 1.0f);
+      if constexpr (PAGED) {
+#pragma unroll
+        for (int w = 0; w < W; ++w) dst[(e + w) * a.vc_dim] = y.v[w];
+      } else {
+        *reinterpret_cast<PC*>(dst + e) = y;
+      }
     }
   }
 }

@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convert_fp8", &compile_ops::convert_fp8);
   m.def("swap_blocks", &compile_ops::swap_blocks);
   m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash);
+  m.def("fused_rope_and_cache", &compile_ops::fused_rope_and_cache);
   m.def("merge_attn_states", &compile_ops::merge_attn_states);
   m.def("paged_decode_attention", &compile_ops::paged_decode_attention);
   m.def("paged_decode_blocks_per_sm", &compile_ops::paged_decode_blocks_per_sm);
