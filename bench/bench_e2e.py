@@ -476,6 +476,11 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
             t = harness.time_calls([call], nbytes, use_graph=True)
             rep.add(harness.Result(case, name, t["seconds"], nbytes, t["graph"], t["sets"],
                                    t["spread"], l2_resident=False, extra=extra))
+            if PROFILE.get("path") and name in PROFILE["variants"]:
+                try:
+                    profile_step(call, f"{label}, {name}", PROFILE["path"])
+                except Exception as exc:  # noqa: BLE001  (the timing stands without it)
+                    print(f"  profile of {name} failed: {_reason(exc)}", flush=True)
         except Exception as exc:  # noqa: BLE001  (record it, go on with the next variant)
             if _is_oom(exc):
                 rep.skip(case, name, f"out of memory ({_reason(exc)})")
@@ -486,6 +491,35 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
             _free()
     del point
     _free()
+
+
+PROFILE = {}  # --profile: {"path": kernel-list file, "variants": [...]}
+
+
+def profile_step(call, label: str, path: str, steps: int = 10) -> None:
+    """The GPU kernels of one decode step (torch.profiler over `steps` plain calls after the
+    timing): per kernel, launches and device time per step, appended to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and e.device_time > 0:
+            n, t = per.get(e.name, (0, 0.0))
+            per[e.name] = (n + 1, t + e.device_time)
+    total = sum(t for _, t in per.values()) / steps
+    with open(path, "a") as f:
+        f.write(f"## {label}: {len(per)} kernels, {sum(n for n, _ in per.values()) / steps:.0f} "
+                f"launches and {total:.1f} us of kernel time per step\n")
+        for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+            f.write(f"{t / steps:9.1f} us  x{n / steps:4.1f}  {name[:150]}\n")
+        f.write("\n")
 
 
 CONTEXT_FILL = (
@@ -528,6 +562,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="batch 1, 32 and context 512")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stem", default=None, help="output file stem (default e2e_<device>)")
+    p.add_argument("--profile", nargs="*", default=None, metavar="VARIANT",
+                   help="also write the kernel list of one step (torch.profiler) of these "
+                        "variants (none named: compile_ops and inductor_native) to "
+                        "<out>/<stem>_kernels.md")
     harness.add_common_args(p)
     args = p.parse_args()
     if args.quick:
@@ -545,6 +583,14 @@ def main():
     rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype})", copy_bw,
                     "inductor", ["batch", "context"], grid=grid, context_fill=CONTEXT_FILL)
     stem = args.stem or harness.device_stem("e2e")
+    if args.profile is not None:
+        os.makedirs(args.out, exist_ok=True)
+        PROFILE["path"] = os.path.join(args.out, f"{stem}_kernels.md")
+        PROFILE["variants"] = args.profile or ["compile_ops", "inductor_native"]
+        with open(PROFILE["path"], "w") as f:
+            f.write(f"# Kernels of one decode step ({base.describe()}), torch.profiler over 10 "
+                    f"plain calls (not graph replays), {torch.cuda.get_device_name()}, torch "
+                    f"{torch.__version__}\n\n")
     print(f"model: {base.describe()}; variants: {', '.join(variants)}; grid (batch x context): "
           f"{', '.join(f'{b}x{c}' for b, c in grid)}", flush=True)
     paths = run_grid(rep, base, args.batch, args.context, variants, args.seed, args.out, stem)

@@ -3,14 +3,16 @@
 Llama-3-8B attention: 32 query and 8 KV heads of 128, bf16 model dtype, rotary over all 128 dims
 (NeoX; GPT-J at 4096 tokens too), float32 cos/sin cache of 8192 positions. query, key and value
 are column slices of one fused qkv tensor [tokens, (32 + 8 + 8) * 128], as after the qkv
-projection; flash-layout (NHD) caches [num_blocks, 16, 8, 128]; tokens go to random distinct
-slots. One table per kv cache dtype ("auto": bf16 cache; "fp8": e4m3 codes in uint8 with float32
-k_scale / v_scale), written as bench/results/rope_cache_<device>_<kv>.{json,md,png}:
+projection; caches in the flash layout (NHD: [num_blocks, 16, 8, 128]) or vLLM's paged one
+(--layout paged: x-packed keys [num_blocks, 8, 128 / x, 16, x], values [num_blocks, 8, 128, 16],
+written by reshape_and_cache / fused_rope_and_cache); tokens go to random distinct slots. One
+table per layout and kv cache dtype ("auto": bf16 cache; "fp8": e4m3 codes in uint8 with float32
+k_scale / v_scale), written as bench/results/rope_cache_<device>[_paged]_<kv>.{json,md,png}:
 
-- fused:               fused_rope_and_cache_flash(..., write_key=False): what the fusion pass
-                       emits when only the cache reads the rotated key (the key is only read).
+- fused:               fused_rope_and_cache_flash / fused_rope_and_cache(..., write_key=False):
+                       what the fusion pass emits when only the cache reads the rotated key.
 - fused_write_key:     the same with write_key=True (the rotated key also written back to qkv).
-- unfused:             rotary_embedding, then reshape_and_cache_flash of the rotated key. The
+- unfused:             rotary_embedding, then the cache write of the rotated key. The
                        baseline: the `xunfused` column is each variant's speedup over the pair.
 - compiled_native:     torch.compile (inductor) of vLLM's forward_native RoPE (index_select of
                        the cos/sin rows, float32 math, rotated q and k as new tensors) and the
@@ -44,7 +46,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_cache import elem, expect_same, fill_random, native_flash_write  # noqa: E402
+from bench_cache import (elem, expect_same, fill_random, native_flash_write,  # noqa: E402
+                         native_paged_write, paged_caches)
 from bench_rotary import make_cache, native_rope  # noqa: E402
 
 import compile_ops  # noqa: E402, F401  (registers torch.ops.compile_ops)
@@ -66,10 +69,11 @@ def split_qkv(qkv, nq, nk, d):
 
 def ops_model(positions, qkv, cos_sin, kc, vc, slots, ks, vs, nq, nk, d, is_neox, kv):
     """vLLM's attention front with our two ops: RoPE in place, then the rotated key and the
-    value into the cache."""
+    value into the cache (the paged layout when the key cache has 5 dims)."""
     q, k, v = split_qkv(qkv, nq, nk, d)
     ops.rotary_embedding(positions, q, k, d, cos_sin, is_neox)
-    ops.reshape_and_cache_flash(k.view(-1, nk, d), v.view(-1, nk, d), kc, vc, slots, kv, ks, vs)
+    write = ops.reshape_and_cache if kc.dim() == 5 else ops.reshape_and_cache_flash
+    write(k.view(-1, nk, d), v.view(-1, nk, d), kc, vc, slots, kv, ks, vs)
     return q
 
 
@@ -77,15 +81,17 @@ def native_model(positions, qkv, cos_sin, kc, vc, slots, ks, vs, nq, nk, d, is_n
     """The same in plain PyTorch: forward_native RoPE (out of place), then the native write."""
     q, k, v = split_qkv(qkv, nq, nk, d)
     q, k = native_rope(positions, q, k, d, cos_sin, is_neox)
-    native_flash_write(k.view(-1, nk, d), v.view(-1, nk, d), kc, vc, slots, ks, vs, kv == "fp8")
+    write = native_paged_write if kc.dim() == 5 else native_flash_write
+    write(k.view(-1, nk, d), v.view(-1, nk, d), kc, vc, slots, ks, vs, kv == "fp8")
     return q
 
 
 def fused_model(positions, qkv, cos_sin, kc, vc, slots, ks, vs, nq, nk, d, is_neox, kv,
                 write_key):
     q, k, v = split_qkv(qkv, nq, nk, d)
-    ops.fused_rope_and_cache_flash(positions, q, k, v.view(-1, nk, d), d, cos_sin, is_neox, kc,
-                                   vc, slots, kv, ks, vs, write_key)
+    op = ops.fused_rope_and_cache if kc.dim() == 5 else ops.fused_rope_and_cache_flash
+    op(positions, q, k, v.view(-1, nk, d), d, cos_sin, is_neox, kc, vc, slots, kv, ks, vs,
+       write_key)
     return q
 
 
@@ -113,8 +119,10 @@ def make_inputs(tokens, nq, nk, d, dtype, max_pos, num_slots, device):
     return positions, qkv, torch.randperm(num_slots, device=device)[:tokens]
 
 
-def make_caches(nb, bs, nk, d, dtype, kv, device):
+def make_caches(nb, bs, nk, d, dtype, kv, device, layout="flash"):
     cdtype = torch.uint8 if kv == "fp8" else dtype
+    if layout == "paged":
+        return paged_caches(nb, bs, nk, d, cdtype, device)
     return [torch.zeros(nb, bs, nk, d, dtype=cdtype, device=device) for _ in range(2)]
 
 
@@ -146,13 +154,13 @@ def same_cache(got, want, what, exact):
 def fused_code_write_key(code: str):
     """write_key of the fused call in Inductor's generated code (None: no fused call)."""
     for line in code.splitlines():
-        if "fused_rope_and_cache_flash.default(" in line:
+        if re.search(r"fused_rope_and_cache(_flash)?\.default\(", line):
             m = re.search(r"(True|False)\)\s*$", line)
             return m and m.group(1) == "True"
     return None
 
 
-def check(device, dtype, tokens, nq, nk, d, bs, nb, max_pos, styles, exact):
+def check(device, dtype, tokens, nq, nk, d, bs, nb, max_pos, styles, exact, layout="flash"):
     """Every variant on its own copies of qkv and the caches (random contents, so untouched
     entries are compared too). Returns {(kv, style): (rope_cache matches, write_key)} of the
     compile_ops backend; raises on a mismatch or a missed fusion."""
@@ -163,7 +171,8 @@ def check(device, dtype, tokens, nq, nk, d, bs, nb, max_pos, styles, exact):
         for is_neox in styles:
             style = "neox" if is_neox else "gptj"
             positions, qkv, slots = make_inputs(tokens, nq, nk, d, dtype, max_pos, nb * bs, device)
-            base = [fill_random(c) for c in make_caches(nb, bs, nk, d, dtype, kv, device)]
+            base = [fill_random(c) for c in make_caches(nb, bs, nk, d, dtype, kv, device,
+                                                        layout)]
             torch._dynamo.reset()
             lowerings.reset_counters()
             got, write_key = {}, None
@@ -237,9 +246,9 @@ class RopeCacheReport(harness.Report):
 def bench_kv(args, kv, dtype, copy_bw, fusion):
     nq, nk, d, bs, nb = args.nq, args.nk, args.head_size, args.block_size, args.num_blocks
     cos_sin, (ks, vs) = make_cache(args.max_position, d, "cuda"), scales("cuda")
-    kc, vc = make_caches(nb, bs, nk, d, dtype, kv, "cuda")
-    rep = RopeCacheReport(f"RoPE + KV-cache write ({kv} cache)", copy_bw, "unfused",
-                          ["kv", "style", "tokens"])
+    kc, vc = make_caches(nb, bs, nk, d, dtype, kv, "cuda", args.layout)
+    rep = RopeCacheReport(f"RoPE + KV-cache write ({args.layout} layout, {kv} cache)", copy_bw,
+                          "unfused", ["kv", "style", "tokens"])
     cases = [(True, t) for t in args.tokens]
     cases += [(False, t) for t in args.gptj_tokens]
     for is_neox, tokens in cases:
@@ -278,6 +287,8 @@ def main():
                    help="cache blocks (8192: 256 MiB per bf16 cache)")
     p.add_argument("--max-position", type=int, default=8192, help="cos/sin cache rows")
     p.add_argument("--quick", action="store_true", help="tokens 1, 16, 256, 4096")
+    p.add_argument("--layout", default="flash", choices=["flash", "paged"],
+                   help="the cache layout (paged: vLLM's reshape_and_cache layout)")
     harness.add_common_args(p)
     args = p.parse_args()
     if args.quick:
@@ -286,23 +297,25 @@ def main():
         p.error("--num-blocks x --block-size must hold the largest token count")
     dtype, copy_bw = harness.start(args)
     if args.cpu_check:
-        check("cpu", torch.float32, tokens=5, nq=4, nk=2, d=16, bs=4, nb=8, max_pos=64,
-              styles=(True, False), exact=True)
-        check("cpu", torch.bfloat16, tokens=5, nq=4, nk=2, d=16, bs=4, nb=8, max_pos=64,
-              styles=(True,), exact=False)  # the GPU run's dtype and tolerances
+        for layout in ("flash", "paged"):
+            check("cpu", torch.float32, tokens=5, nq=4, nk=2, d=16, bs=4, nb=8, max_pos=64,
+                  styles=(True, False), exact=True, layout=layout)
+            check("cpu", torch.bfloat16, tokens=5, nq=4, nk=2, d=16, bs=4, nb=8, max_pos=64,
+                  styles=(True,), exact=False, layout=layout)  # the GPU run's dtype, tolerances
         print("cpu check ok: rope + cache variants match")
         return
     styles = (True, False) if args.gptj_tokens else (True,)
     fusion = check("cuda", dtype, tokens=37, nq=args.nq, nk=args.nk, d=args.head_size,
                    bs=args.block_size, nb=64, max_pos=args.max_position, styles=styles,
-                   exact=False)
+                   exact=False, layout=args.layout)
     for (kv, style), (matched, write_key) in fusion.items():
         print(f"compile_ops backend, {kv} {style}: rope_cache matched {matched}, "
               f"write_key={write_key}", flush=True)
     stem, paths, reports = harness.device_stem("rope_cache"), [], []
     for kv in args.kv:
         rep = bench_kv(args, kv, dtype, copy_bw, fusion)
-        paths += rep.write(args.out, f"{stem}_{kv}", plot_x="tokens", plot_group=["style"])
+        tag = "_paged" if args.layout == "paged" else ""
+        paths += rep.write(args.out, f"{stem}{tag}_{kv}", plot_x="tokens", plot_group=["style"])
         reports.append(rep)
     print("wrote", *paths)
     for rep in reports:
