@@ -45,7 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("src"), py::arg("dst"), py::arg("block_bytes"), py::arg("block_mapping"),
         py::arg("mode"));
   m.def("fused_rope_and_cache_flash", &compile_ops::fused_rope_and_cache_flash,
-        "RoPE on query/key + rotated key and value into the flash cache in one kernel;
+        "RoPE on query/key + rotated key and value into the flash cache in one kernel; returns "
+        "false (doing nothing) for layouts it does not take",
+        py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("value"),
+        py::arg("head_size"), py::arg("cos_sin_cache"), py::arg("is_neox"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("slot_mapping"), py::arg("kind"), py::arg("k_scale"),
+        py::arg("v_scale"), py::arg("write_key"));
   m.def("fused_rope_and_cache", &compile_ops::fused_rope_and_cache,
         "RoPE on query/key + rotated key and value into vLLM's paged cache (x-packed keys) in "
         "one kernel; returns false (doing nothing) for layouts it does not take",
