@@ -6,6 +6,12 @@ Variants (one process, CUDA graphs, the copy bandwidth measured alongside):
 - compile_ops:     torch.compile(backend="compile_ops") of the same model (fused per layer)
 - inductor_native: torch.compile of the same stack in plain PyTorch
 
+Each layer is compiled on its own (one graph, shared by the layers): in a model, attention and
+MLP GEMMs sit between one layer's norm and the next layer's add, so no backend may fuse across
+layers. (Compiled as one graph, Inductor fused the plain-PyTorch stack into one kernel that keeps
+the residual stream in registers across all layers: on the H200, session 6, 56 us at 4096 tokens,
+"224% of copy" against the bytes counted below.)
+
 Bytes counted per layer: read x and residual, write the output and the new residual.
 
     python bench/bench_backend.py                  # decode 1..256 tokens and prefill 4096
@@ -30,40 +36,50 @@ ops = torch.ops.compile_ops
 EPS = 1e-6
 
 
-class OpsStack(torch.nn.Module):
-    """vLLM-style: each layer adds to the residual stream and normalizes with the out-style op."""
+class OpsLayer(torch.nn.Module):
+    """vLLM-style: add to the residual stream, normalize with the out-style op."""
 
-    def __init__(self, weights):
+    def __init__(self, w):
         super().__init__()
-        self.ws = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False)
-                                          for w in weights])
+        self.w = torch.nn.Parameter(w, requires_grad=False)
 
     def forward(self, x, residual):
-        for w in self.ws:
-            h = x + residual
-            out = torch.empty_like(h)
-            ops.rms_norm(out, h, w, EPS)
-            x, residual = out, h
-        return x, residual
+        h = x + residual
+        out = torch.empty_like(h)
+        ops.rms_norm(out, h, self.w, EPS)
+        return out, h
 
 
-class NativeStack(OpsStack):
+class NativeLayer(OpsLayer):
     """The same computation in plain PyTorch (vLLM's forward_native rounding)."""
 
     def forward(self, x, residual):
-        for w in self.ws:
-            z = x.float() + residual.float()
-            residual = z.to(x.dtype)
-            inv = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)
-            x = (z * inv).to(x.dtype) * w
+        z = x.float() + residual.float()
+        inv = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS)
+        return (z * inv).to(x.dtype) * self.w, z.to(x.dtype)
+
+
+class Stack(torch.nn.Module):
+    """The layers one after the other; with a backend, each layer compiled on its own."""
+
+    def __init__(self, layer_cls, weights, backend=None):
+        super().__init__()
+        layers = [layer_cls(w) for w in weights]
+        if backend is not None:
+            layers = [torch.compile(m, backend=backend, dynamic=False) for m in layers]
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x, residual):
+        for layer in self.layers:
+            x, residual = layer(x, residual)
         return x, residual
 
 
 def variants(weights):
     return {
-        "inductor_ops": torch.compile(OpsStack(weights), backend="inductor", dynamic=False),
-        "compile_ops": torch.compile(OpsStack(weights), backend="compile_ops", dynamic=False),
-        "inductor_native": torch.compile(NativeStack(weights), dynamic=False),
+        "inductor_ops": Stack(OpsLayer, weights, "inductor"),
+        "compile_ops": Stack(OpsLayer, weights, "compile_ops"),
+        "inductor_native": Stack(NativeLayer, weights, "inductor"),
     }
 
 
@@ -98,14 +114,19 @@ def check(fns, tokens, hidden, dtype, device):
     # No cache hits here: the pass must run for the match count to mean anything.
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        expected = OpsStack([w for w in fns["inductor_ops"]._orig_mod.ws])(x.clone(), r.clone())
+        weights = [m._orig_mod.w for m in fns["inductor_ops"].layers]
+        expected = Stack(OpsLayer, weights)(x.clone(), r.clone())
         for name, fn in fns.items():
             got = fn(x.clone(), r.clone())
             for a, b, what in zip(got, expected, ("out", "residual")):
                 close_enough(a, b, f"{name} {tokens}x{hidden} {what}")
                 diff = float((a.float() - b.float()).abs().max())
                 print(f"check {name} {tokens}x{hidden} {what}: max |diff| {diff:.4g}", flush=True)
-    return lowerings.counters().get("add_rms_norm", {}).get("matched", 0)
+    c = lowerings.counters().get("add_rms_norm", {})
+    misses = {k: v for k, v in c.items() if k.startswith("near_miss")}
+    # The layers share one compiled graph (same code and shapes): one match fuses them all.
+    assert c.get("matched", 0) >= 1 and not misses, f"compile_ops did not fuse the layer ({c})"
+    return c["matched"]
 
 
 def main():
@@ -120,14 +141,15 @@ def main():
         hidden = 64
         weights = [torch.randn(hidden, dtype=torch.float32) for _ in range(args.layers)]
         matches = check(variants(weights), 5, hidden, torch.float32, "cpu")
-        assert matches == args.layers, f"compile_ops fused {matches} of {args.layers} layers"
-        print(f"cpu check ok: {args.layers} layers fused, all variants match")
+        print(f"cpu check ok: {args.layers} layers (each compiled on its own), add + rms_norm "
+              f"fused (matched {matches}), all variants match")
         return
 
     weights = [torch.randn(args.hidden, device="cuda", dtype=dtype) for _ in range(args.layers)]
     fns = variants(weights)
     matches = check(fns, 7, args.hidden, dtype, "cuda")
-    print(f"compile_ops fused {matches} of {args.layers} layers", flush=True)
+    print(f"compile_ops: add + rms_norm fused in the layer graph (matched {matches})",
+          flush=True)
 
     rep = harness.Report(f"{args.layers} x (add + rms_norm), backends", copy_bw, "inductor_ops",
                          ["dtype", "tokens", "hidden", "layers"])
