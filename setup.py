@@ -1,8 +1,11 @@
-"""Build compile_ops, with its CUDA kernels (compile_ops._C) when a CUDA toolchain is present.
+"""Build compile_ops, with its CUDA kernels (compile_ops._C) when a GPU is there to run them.
 
 COMPILE_OPS_BUILD_CUDA=1 forces the CUDA build (a missing toolchain is then an error),
 COMPILE_OPS_BUILD_CUDA=0 skips it; unset, the kernels are built when nvcc and a CUDA build of torch
-are found. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "9.0", Hopper).
+are found and either a CUDA GPU is visible or TORCH_CUDA_ARCH_LIST is set (building for a GPU
+elsewhere). On a machine without a GPU the build would only cost time (nvcc builds every kernel:
+about 14 minutes on 2 cores) for kernels nothing can run. TORCH_CUDA_ARCH_LIST picks the GPU
+architectures (default "9.0", Hopper).
 Install with: pip install --no-build-isolation -e .
 """
 
@@ -26,13 +29,29 @@ def _find_cuda_home():
     return None
 
 
-def _want_cuda():
-    """(build?, reason) from COMPILE_OPS_BUILD_CUDA, the toolchain and the installed torch."""
-    flag = os.environ.get("COMPILE_OPS_BUILD_CUDA", "").strip()
+def decide(flag: str, arch_list: str, gpu_visible: bool, problems: list):
+    """(build?, reason) from COMPILE_OPS_BUILD_CUDA (`flag`), TORCH_CUDA_ARCH_LIST, whether a
+    CUDA GPU is visible and what the toolchain lacks (`problems`); exits on a bad flag or on a
+    forced build that cannot work."""
     if flag not in ("", "0", "1"):
         sys.exit(f"COMPILE_OPS_BUILD_CUDA must be 0 or 1, got {flag!r}")
     if flag == "0":
         return False, "COMPILE_OPS_BUILD_CUDA=0"
+    if problems:
+        if flag == "1":
+            sys.exit("COMPILE_OPS_BUILD_CUDA=1 but " + "; ".join(problems))
+        return False, "; ".join(problems)
+    if flag == "" and not arch_list and not gpu_visible:
+        return False, ("no CUDA GPU visible (COMPILE_OPS_BUILD_CUDA=1 or TORCH_CUDA_ARCH_LIST "
+                       "builds them anyway)")
+    return True, ""
+
+
+def _want_cuda():
+    """(build?, reason or the CUDA home) from the environment, the toolchain and torch."""
+    flag = os.environ.get("COMPILE_OPS_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return decide(flag, "", False, [])
     import torch
 
     cuda_home = _find_cuda_home()
@@ -41,10 +60,10 @@ def _want_cuda():
         problems.append(f"torch {torch.__version__} is not a CUDA build")
     if cuda_home is None:
         problems.append("no nvcc found (set CUDA_HOME)")
-    if problems:
-        if flag == "1":
-            sys.exit("COMPILE_OPS_BUILD_CUDA=1 but " + "; ".join(problems))
-        return False, "; ".join(problems)
+    gpu = not problems and torch.cuda.is_available()
+    build, why = decide(flag, os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip(), gpu, problems)
+    if not build:
+        return False, why
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     return True, cuda_home
 
@@ -73,5 +92,6 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # (pip's build backend runs this file as __main__; tests import it)
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -51,3 +51,33 @@ def test_demo_command_runs():
     assert "compile_ops::fused_add_rms_norm" in proc.stdout
     assert "compiled run: matches eager" in proc.stdout
     assert "fusion report:" in proc.stdout
+
+
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    spec = importlib.util.spec_from_file_location("compile_ops_setup", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_build_only_where_it_can_run_unless_forced():
+    """Unset COMPILE_OPS_BUILD_CUDA: the kernels are built when a GPU is visible or
+    TORCH_CUDA_ARCH_LIST names the targets (no 14-minute nvcc build on a machine without a GPU);
+    =1 forces the build (CI: compile errors fail it) and fails loudly without a toolchain;
+    =0 skips it."""
+    decide = _setup_module().decide
+    assert decide("", "", False, [])[0] is False
+    assert "no CUDA GPU visible" in decide("", "", False, [])[1]
+    assert decide("", "", True, [])[0] is True
+    assert decide("", "9.0", False, [])[0] is True
+    assert decide("1", "", False, [])[0] is True
+    assert decide("0", "9.0", True, [])[0] is False
+    assert decide("", "9.0", True, ["no nvcc found"]) == (False, "no nvcc found")
+    with pytest.raises(SystemExit, match="COMPILE_OPS_BUILD_CUDA=1 but no nvcc"):
+        decide("1", "", True, ["no nvcc found"])
+    with pytest.raises(SystemExit, match="must be 0 or 1"):
+        decide("yes", "", True, [])
