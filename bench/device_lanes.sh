@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One device call (the `device` tool, nvidia-h200-x2 preferred): build, then two lanes at once.
+# Bench lane (GPU 0, cores 0-7): bench/tune_decode_attention.py checks, then the benchmarks named
+# in BENCHES. Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
+# compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, RACECHECK) and the Hugging
+# Face test (HF=1). Everything under $OUT/r, packed as $OUT/r.tgz (the tool returns 8 files at
+# most). Used for session 6's four H200 calls, e.g.
+#   OUT=$OUT LIMIT=400 TUNE=0 GRAPH_MIB=1000000 BENCHES="cache e2e" \
+#     TEST_SEL="tests/ops/test_cache.py tests/models" bash bench/device_lanes.sh
+# GRAPH_MIB=1000000 times every benchmark case as CUDA-graph replays: the test lane loads the
+# host's CPUs, which slows plain launches (bench/NOTES.md, session 6). Carry expecttest as a wheel
+# in .wheels/ (the device has no network).
+set -u
+cd "$(dirname "$0")/.."
+R=$OUT/r; mkdir -p "$R"
+LIMIT=${LIMIT:-540}
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$R/timeline.txt"; }
+pack() { tar czf "$OUT/r.tgz" -C "$OUT" r; }
+trap pack EXIT
+export PYTHONUNBUFFERED=1 COMPILE_OPS_BUILD_CUDA=1 COMPILE_OPS_REQUIRE_KERNELS=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch,triton,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'triton',triton.__version__,'gpus',torch.cuda.device_count())"
+  nproc; git log --oneline -1; } > "$R/env.txt" 2>&1
+cat "$R/env.txt"
+python3 -m pip install -q --no-deps --no-index .wheels/*.whl > "$R/pip.log" 2>&1
+python3 setup.py build_ext --inplace > "$R/build.log" 2>&1 || { tail -30 "$R/build.log"; el "BUILD FAILED"; exit 1; }
+el build
+COMPILE_OPS_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$R/pip.log" 2>&1 || el "editable install failed"
+NG=$(python3 -c "import torch;print(torch.cuda.device_count())")
+NC=$(nproc)
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+
+test_lane() {
+  local gpu=$1 cores=$2 workers=$3
+  el "tests start (gpu $gpu, cores $cores, -n $workers)"
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cores" timeout $(( $(left) - ${TEST_RESERVE:-100} )) python3 -m pytest ${TEST_SEL:-tests} -m cuda -q -n "$workers" -p no:cacheprovider --durations=30 --junitxml="$R/tests.xml" > "$R/tests.log" 2>&1
+  el "tests rc $?"
+  tail -4 "$R/tests.log"
+  if [ "${SANITIZE:-1}" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=$gpu COMPILE_OPS_DECODE_ATTENTION=cuda timeout $(( $(left) / 2 - 5 )) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest ${SAN_FILES:-tests/ops/test_paged_attention.py} -m cuda -q -p no:cacheprovider -k "${SAN_K:-cuda_kernel_warp_partials or cuda_kernel_every_split}" > "$R/memcheck.log" 2>&1
+    el "memcheck rc $?"; tail -3 "$R/memcheck.log"
+    [ -n "${HF:-}" ] && { timeout 200 python3 -m pytest tests/models/test_llama.py -k hugging_face -q -p no:cacheprovider -rs > "$R/hf.log" 2>&1; el "hf test rc $?"; tail -3 "$R/hf.log"; }
+    [ "${RACECHECK:-1}" = 1 ] && CUDA_VISIBLE_DEVICES=$gpu timeout $(( $(left) - 5 )) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest tests/ops/test_paged_attention.py -m cuda -q -p no:cacheprovider -k "cuda_kernel_warp_partials and auto" > "$R/racecheck.log" 2>&1
+    el "racecheck rc $?"; tail -3 "$R/racecheck.log"
+  fi
+}
+
+bench_lane() {
+  export CUDA_VISIBLE_DEVICES=0
+  local tc="taskset -c 0-7"
+  [ -n "${GRAPH_MIB:-}" ] && export BENCH_GRAPH_BELOW_MIB=$GRAPH_MIB
+  el "bench start"
+  [ "${TUNE:-1}" = 1 ] && $tc timeout $(( $(left) - 10 )) python3 bench/tune_decode_attention.py --cuda --check --kv auto fp8 --points ${POINTS:-32x4096,64x4096,32x16384} --out "$R" > "$R/tune.log" 2>&1
+  el "tune rc $?"; grep -c "^ok" "$R/tune.log"; grep -E "FAIL|^cuda kv" "$R/tune.log" | cut -c1-260
+  for spec in ${BENCHES:-paged e2e wide h256}; do
+    case $spec in
+      paged) BENCH_GRAPH_BELOW_MIB=${GRAPH_MIB:-512} $tc timeout $(( $(left) - 10 )) python3 bench/bench_attention.py --section paged --kv auto fp8 --out "$R" > "$R/bench_attention.log" 2>&1 ;;
+      wide) mkdir -p "$R/wide"; $tc timeout $(( $(left) - 10 )) python3 bench/bench_attention.py --section paged --heads 64 --kv-heads 4 --batch 32 128 --context 4096 16384 --kv auto fp8 --out "$R/wide" > "$R/bench_wide.log" 2>&1 ;;
+      h256) mkdir -p "$R/h256"; $tc timeout $(( $(left) - 10 )) python3 bench/bench_attention.py --section paged --head-size 256 --batch 32 128 --context 4096 16384 --kv auto fp8 --out "$R/h256" > "$R/bench_h256.log" 2>&1 ;;
+      breakdown) $tc timeout 120 python3 bench/tune_decode_attention.py --cuda --kv auto fp8 --breakdown 8 16384 > "$R/breakdown.log" 2>&1 ;;
+      e2e) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" ${E2E_ARGS:-} > "$R/bench_e2e.log" 2>&1 ;;
+      cache) $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --out "$R" > "$R/bench_cache.log" 2>&1 ;;
+      rope) $tc timeout $(( $(left) - 10 )) python3 bench/bench_rope_cache.py --layout paged --quick --out "$R" > "$R/bench_rope_cache.log" 2>&1 ;;
+      backend) $tc timeout $(( $(left) - 10 )) python3 bench/bench_backend.py --out "$R" > "$R/bench_backend.log" 2>&1 ;;
+    esac
+    el "bench $spec rc $?"
+  done
+}
+
+if [ "$NG" -gt 1 ]; then
+  test_lane 1 "8-$(( NC - 1 ))" $(( NC - 10 )) &
+  bench_lane
+  wait
+else
+  TEST_SEL="${TEST_SEL1:-tests/ops/test_paged_attention.py}" SANITIZE=0 test_lane 0 "0-$(( NC - 1 ))" $(( NC - 2 ))
+  bench_lane
+fi
+el done
