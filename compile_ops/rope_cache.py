@@ -72,17 +72,25 @@ def _check(positions, query, key, value, head_size, cos_sin_cache, is_neox, key_
     return fmt
 
 
+def _ref(write, positions, query, key, value, head_size, cos_sin_cache, is_neox, key_cache,
+         value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, write_key):
+    """rotary_embedding's reference, then `write` (a cache-write op) of the rotated key; mutates
+    like the fused ops."""
+    q, k = _rotary.rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
+    write(_key_rows(k, positions, head_size), value, key_cache, value_cache, slot_mapping,
+          kv_cache_dtype, k_scale, v_scale)
+    query.copy_(q)
+    if write_key:
+        key.copy_(k)
+
+
 def fused_rope_and_cache_flash_ref(positions, query, key, value, head_size, cos_sin_cache,
                                    is_neox, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                                    k_scale, v_scale, write_key=True):
     """The reference: the two ops' references, one after the other (mutates like the op)."""
-    q, k = _rotary.rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
-    torch.ops.compile_ops.reshape_and_cache_flash(_key_rows(k, positions, head_size), value,
-                                                  key_cache, value_cache, slot_mapping,
-                                                  kv_cache_dtype, k_scale, v_scale)
-    query.copy_(q)
-    if write_key:
-        key.copy_(k)
+    _ref(torch.ops.compile_ops.reshape_and_cache_flash, positions, query, key, value, head_size,
+         cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+         v_scale, write_key)
 
 
 @torch.library.custom_op(
@@ -157,13 +165,9 @@ def fused_rope_and_cache_ref(positions, query, key, value, head_size, cos_sin_ca
                              v_scale, write_key=True):
     """The reference: rotary_embedding's and reshape_and_cache's references, one after the other
     (mutates like the op)."""
-    q, k = _rotary.rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
-    torch.ops.compile_ops.reshape_and_cache(_key_rows(k, positions, head_size), value, key_cache,
-                                            value_cache, slot_mapping, kv_cache_dtype, k_scale,
-                                            v_scale)
-    query.copy_(q)
-    if write_key:
-        key.copy_(k)
+    _ref(torch.ops.compile_ops.reshape_and_cache, positions, query, key, value, head_size,
+         cos_sin_cache, is_neox, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+         v_scale, write_key)
 
 
 @torch.library.custom_op(
