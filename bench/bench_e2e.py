@@ -5,7 +5,7 @@ The model is compile_ops.models.llama at Llama 3 8B's shapes with --layers layer
 hidden 4096, 32 query / 8 KV heads of 128, intermediate 14336, vocab 128256), bf16, paged KV
 cache in blocks of 16. Variants, side by side in one process, at every (batch, context):
 
-- eager:           `Llama.decode` (our ops, paged KV cache, paged_attention_v2), eager.
+- eager:           `Llama.decode` (our ops, paged KV cache, paged attention v1 or v2), eager.
 - inductor:        the same under torch.compile(backend="inductor").
 - compile_ops:     the same under torch.compile(backend="compile_ops") (its fusion passes; the
                    add_rms_norm matches of the decode graph are recorded in the report).

@@ -20,6 +20,7 @@ from compile_ops.models.llama import (
     compile_steps,
     generate,
     logits_tolerance,
+    use_v1,
 )
 from compile_ops.testing import assert_close
 
@@ -81,10 +82,24 @@ def test_cache_layout_blocks_and_slots():
         cache.prefill(cache.add_sequences(1), cfg.max_seq_len + 1)
 
 
+def test_attention_version_rule_is_vllms():
+    # vLLM's PagedAttention.forward_decode: v1 when max_seq_len <= 8192 and (one 512-token
+    # partition or num_seqs * num_heads > 512)
+    assert use_v1("auto", 512, 1, 32)            # one partition
+    assert not use_v1("auto", 528, 1, 32)        # two partitions, 32 heads: v2
+    assert not use_v1("auto", 4112, 16, 32)      # 16 x 32 = 512 is not > 512
+    assert use_v1("auto", 4112, 17, 32)
+    assert use_v1("auto", 8192, 128, 32)
+    assert not use_v1("auto", 8208, 128, 32)     # past 8192: v2 whatever the batch
+    assert use_v1("v1", 100000, 1, 1) and not use_v1("v2", 16, 128, 32)
+    with pytest.raises(ValueError, match="attn_version"):
+        Llama(LlamaConfig.tiny(), attn_version="v3")
+
+
 # ---------------------------------------------------------------------------------------------
 # Eager vs the plain-PyTorch reference
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("attn_version", ["v1", "v2"])
+@pytest.mark.parametrize("attn_version", ["auto", "v1", "v2"])
 @pytest.mark.parametrize("fused_add_norm", [False, True], ids=["add+rms_norm", "fused_add"])
 def test_eager_matches_reference(attn_version, fused_add_norm):
     cfg, model, prompt = make(attn_version=attn_version, fused_add_norm=fused_add_norm)
