@@ -10,9 +10,14 @@ Functional wrappers (allocate their outputs)::
     compile_ops.rms_norm(x, weight, epsilon=1e-6) -> Tensor
     compile_ops.fused_add_rms_norm(x, residual, weight, epsilon=1e-6) -> (out, residual_out)
 
+``weight`` may be None (``Tensor? weight``, as in current vLLM): a weightless RMSNorm, the same
+result as a weight of ones in the input dtype.
+
 The custom-op bodies are the pure-PyTorch references: they are the CPU kernels and the test
 oracles. The CUDA kernels live in ``csrc/layernorm_kernels.cu``.
 """
+
+from typing import Optional
 
 import torch
 
@@ -25,19 +30,24 @@ __all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_ref", "fused_add_rms_norm
 # ---------------------------------------------------------------------------------------------
 # Math (shared by the reference bodies and usable directly as an oracle)
 # ---------------------------------------------------------------------------------------------
-def _normalize(z: torch.Tensor, weight: torch.Tensor, epsilon: float, dtype: torch.dtype):
+def _normalize(z: torch.Tensor, weight: Optional[torch.Tensor], epsilon: float,
+               dtype: torch.dtype):
     # z is float32. Same rounding steps as the kernels and as vLLM's forward_native:
     # normalize in fp32, round to the model dtype, then multiply by the weight in that dtype.
+    # No weight: the first rounding is the result (a multiply by 1 would not change it).
     inv = torch.rsqrt(z.pow(2).mean(dim=-1, keepdim=True) + epsilon)
-    return (z * inv).to(dtype) * weight
+    y = (z * inv).to(dtype)
+    return y if weight is None else y * weight
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """out = T(x * rsqrt(mean(x^2) + eps)) * weight, statistics in float32."""
+def rms_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], epsilon: float) -> torch.Tensor:
+    """out = T(x * rsqrt(mean(x^2) + eps)) * weight (no multiply when weight is None),
+    statistics in float32."""
     return _normalize(x.float(), weight, epsilon, x.dtype)
 
 
-def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor,
+                           weight: Optional[torch.Tensor],
                            epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(z), T(z)) with z = x + residual summed in float32."""
     z = x.float() + residual.float()
@@ -52,12 +62,14 @@ def _check_rms_norm(out, input, weight, epsilon):
     C.check_tensor(op, "input", input)
     C.check_float_dtype(op, "input", input)
     C.check_like(op, "out", out, input)
-    C.check_weight(op, weight, input)
+    if weight is not None:
+        C.check_weight(op, weight, input)
     C.check_epsilon(op, epsilon)
     C.check_rows(op, "input", input, writable=False)
     C.check_rows(op, "out", out, writable=True)
     C.check_no_partial_overlap(op, "out", out, "input", input, allow_same=True)
-    C.check_no_partial_overlap(op, "out", out, "weight", weight, allow_same=False)
+    if weight is not None:
+        C.check_no_partial_overlap(op, "out", out, "weight", weight, allow_same=False)
 
 
 def _check_fused_add_rms_norm(input, residual, weight, epsilon):
@@ -65,20 +77,22 @@ def _check_fused_add_rms_norm(input, residual, weight, epsilon):
     C.check_tensor(op, "input", input)
     C.check_float_dtype(op, "input", input)
     C.check_like(op, "residual", residual, input)
-    C.check_weight(op, weight, input)
+    if weight is not None:
+        C.check_weight(op, weight, input)
     C.check_epsilon(op, epsilon)
     C.check_rows(op, "input", input, writable=True)
     C.check_rows(op, "residual", residual, writable=True)
     C.check_no_partial_overlap(op, "input", input, "residual", residual, allow_same=False)
-    C.check_no_partial_overlap(op, "input", input, "weight", weight, allow_same=False)
-    C.check_no_partial_overlap(op, "residual", residual, "weight", weight, allow_same=False)
+    if weight is not None:
+        C.check_no_partial_overlap(op, "input", input, "weight", weight, allow_same=False)
+        C.check_no_partial_overlap(op, "residual", residual, "weight", weight, allow_same=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # rms_norm
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("compile_ops::rms_norm", mutates_args=("out",))
-def _rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+def _rms_norm(out: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
               epsilon: float) -> None:
     """RMSNorm into ``out``: ``out = T(x * rsqrt(mean(x^2, -1) + epsilon)) * weight``.
 
@@ -87,7 +101,9 @@ def _rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
     out : Tensor [..., hidden], same dtype/device/shape as ``input``; written (may be ``input``).
     input : Tensor [..., hidden], float32/float16/bfloat16; last dim contiguous, leading dims
         collapsible into one row stride (a row slice of a wider tensor is fine).
-    weight : Tensor [hidden], same dtype and device as ``input``, contiguous.
+    weight : Tensor [hidden] or None. A tensor has the dtype and device of ``input`` and is
+        contiguous; None means no scale (weightless RMSNorm, as current vLLM): the normalized
+        value rounded to the dtype is the result.
     epsilon : float, added to the mean square before the reciprocal square root.
 
     The mean square is accumulated in float32; the normalized value is rounded to the input
@@ -106,8 +122,8 @@ def _(out, input, weight, epsilon):
 # fused_add_rms_norm
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("compile_ops::fused_add_rms_norm", mutates_args=("input", "residual"))
-def _fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                        epsilon: float) -> None:
+def _fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor,
+                        weight: Optional[torch.Tensor], epsilon: float) -> None:
     """Residual add + RMSNorm, in place: ``residual <- input + residual``,
     ``input <- rms_norm(input + residual) * weight``.
 
@@ -116,7 +132,7 @@ def _fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: tor
     input : Tensor [..., hidden], float32/float16/bfloat16; overwritten with the normalized sum.
     residual : Tensor, same dtype/device/shape as ``input``; overwritten with ``input + residual``
         (rounded to the dtype). Must not share memory with ``input``.
-    weight : Tensor [hidden], same dtype and device as ``input``, contiguous.
+    weight : Tensor [hidden] or None (no scale), as for ``rms_norm``.
     epsilon : float.
 
     The sum is formed and squared in float32 (statistics over the unrounded sum, as vLLM's
@@ -152,14 +168,15 @@ if _C is not None:
 # ---------------------------------------------------------------------------------------------
 # Functional wrappers
 # ---------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
+             epsilon: float = 1e-6) -> torch.Tensor:
     """Functional RMSNorm: returns a new tensor (see ``torch.ops.compile_ops.rms_norm``)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.ops.compile_ops.rms_norm(out, x, weight, epsilon)
     return out
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                        epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional residual add + RMSNorm: returns ``(rms_norm(x + residual), x + residual)``
     and leaves ``x`` and ``residual`` untouched."""

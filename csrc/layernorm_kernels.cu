@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,11 +114,12 @@ void launch_shift(T* out, int64_t os, const T* in, int64_t is, T* res, int64_t r
     launch_twopass<T, 1, FUSED>(out, os, in, is, res, rs, w, rows, hidden, eps, stream, dev);
 }
 
+// weight == nullptr: no weight (weightless RMSNorm); the kernels branch on it at run time.
 template <typename T, bool FUSED>
 void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
-                    const at::Tensor& weight, int64_t rows, int hidden, double eps) {
+                    const at::Tensor* weight, int64_t rows, int hidden, double eps, int dev) {
   constexpr int VW = kVecWidth<T>;
-  const bool w_aligned = is_aligned(weight.data_ptr(), 16);
+  const bool w_aligned = weight == nullptr || is_aligned(weight->data_ptr(), 16);
   const bool aligned = hidden % VW == 0 && w_aligned && out.aligned(VW) && in.aligned(VW) &&
                        (res == nullptr || res->aligned(VW));
   // Not aligned, but every row of out/in/residual starts at the same offset from a 16-byte
@@ -131,9 +133,8 @@ void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
   auto* x = static_cast<const T*>(in.ptr);
   auto* r = res ? static_cast<T*>(res->ptr) : nullptr;
   const int64_t rs = res ? res->stride : 0;
-  auto* w = static_cast<const T*>(weight.data_ptr());
+  auto* w = weight ? static_cast<const T*>(weight->data_ptr()) : nullptr;
   const auto stream = current_stream();
-  const int dev = weight.get_device();
   const float feps = static_cast<float>(eps);
   if (aligned)
     launch_norm<T, VW, FUSED>(o, out.stride, x, in.stride, r, rs, w, rows, hidden, feps, stream,
@@ -147,16 +148,23 @@ void dispatch_width(const RowView& out, const RowView& in, const RowView* res,
 
 template <bool FUSED>
 void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
-               const at::Tensor* residual, const at::Tensor& weight, double epsilon) {
+               const at::Tensor* residual, const std::optional<at::Tensor>& weight_opt,
+               double epsilon) {
+  // None (or an undefined tensor) is no weight: vLLM's `Tensor? weight`.
+  const at::Tensor* weight =
+      weight_opt.has_value() && weight_opt->defined() ? &*weight_opt : nullptr;
   check_float_type(op, "input", input);
-  check_same_type(op, "weight", weight, input);
-  check_same_device(op, "weight", weight, input);
+  if (weight) {
+    check_same_type(op, "weight", *weight, input);
+    check_same_device(op, "weight", *weight, input);
+  }
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension");
   const int64_t hidden64 = input.size(-1);
   TORCH_CHECK(hidden64 <= std::numeric_limits<int>::max(), op, ": hidden size too large");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden64 && weight.stride(0) == 1, op,
-              ": weight must be a contiguous 1-D tensor of size ", num(hidden64), ", got shape ",
-              dims(weight.sizes()));
+  TORCH_CHECK(!weight || (weight->dim() == 1 && weight->size(0) == hidden64 &&
+                          weight->stride(0) == 1),
+              op, ": weight must be a contiguous 1-D tensor of size ", num(hidden64),
+              ", got shape ", dims(weight ? weight->sizes() : at::IntArrayRef{}));
   TORCH_CHECK(std::isfinite(epsilon) && epsilon >= 0, op, ": epsilon must be finite and >= 0");
   const RowView in = row_view(op, "input", input, /*writable=*/FUSED);
   const RowView o = FUSED ? in : row_view(op, "out", out, /*writable=*/true);
@@ -179,16 +187,19 @@ void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
   if (rows == 0 || hidden64 == 0) return;
   TORCH_CHECK(rows <= std::numeric_limits<int>::max(), op, ": too many rows");
   const DeviceGuard guard(input.device());
+  const int dev = input.get_device();
   switch (input.scalar_type()) {
     case at::ScalarType::Float:
-      dispatch_width<float, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon);
+      dispatch_width<float, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon,
+                                   dev);
       break;
     case at::ScalarType::Half:
-      dispatch_width<__half, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon);
+      dispatch_width<__half, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64, epsilon,
+                                    dev);
       break;
     case at::ScalarType::BFloat16:
       dispatch_width<__nv_bfloat16, FUSED>(o, in, FUSED ? &r : nullptr, weight, rows, hidden64,
-                                           epsilon);
+                                           epsilon, dev);
       break;
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", input.scalar_type());
@@ -197,12 +208,13 @@ void norm_impl(const char* op, const at::Tensor& out, const at::Tensor& input,
 
 }  // namespace
 
-void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
+void rms_norm(at::Tensor& out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+              double epsilon) {
   norm_impl<false>("rms_norm", out, input, nullptr, weight, epsilon);
 }
 
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
-                        double epsilon) {
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual,
+                        const std::optional<at::Tensor>& weight, double epsilon) {
   norm_impl<true>("fused_add_rms_norm", input, input, &residual, weight, epsilon);
 }
 

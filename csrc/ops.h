@@ -8,9 +8,11 @@
 #include <string>
 
 namespace compile_ops {
-void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
-                        double epsilon);
+// weight: None (or undefined) = no weight, as vLLM's `Tensor? weight`.
+void rms_norm(at::Tensor& out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+              double epsilon);
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual,
+                        const std::optional<at::Tensor>& weight, double epsilon);
 void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,

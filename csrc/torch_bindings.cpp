@@ -9,11 +9,11 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "compile_ops CUDA kernels (launchers called by the registered ops)";
-  m.def("rms_norm", &compile_ops::rms_norm, "out <- rms_norm(input) * weight", py::arg("out"),
-        py::arg("input"), py::arg("weight"), py::arg("epsilon"));
+  m.def("rms_norm", &compile_ops::rms_norm, "out <- rms_norm(input) * weight (weight may be None)",
+        py::arg("out"), py::arg("input"), py::arg("weight"), py::arg("epsilon"));
   m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm,
-        "residual <- input + residual; input <- rms_norm(residual) * weight", py::arg("input"),
-        py::arg("residual"), py::arg("weight"), py::arg("epsilon"));
+        "residual <- input + residual; input <- rms_norm(residual) * weight (weight may be None)",
+        py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("epsilon"));
   m.def("act_and_mul", &compile_ops::act_and_mul,
         "out <- act(input[..., :d]) * input[..., d:] (kind: compile_ops.activation._KIND)",
         py::arg("out"), py::arg("input"), py::arg("kind"), py::arg("threshold"));

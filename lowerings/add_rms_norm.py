@@ -15,9 +15,10 @@ and rewrites it as::
     y     = getitem(af2, 1)   # every user of the norm output
     h     = getitem(af2, 2)   # every user of the sum
 
-eps, the weight and the dtype come from the matched graph. Inductor's reinplacing then runs the
-fused op in place on x and residual when nothing else reads them, and copies them first when
-something does. The chain across layers matches naturally: layer i's sum is layer i+1's residual.
+eps, the weight and the dtype come from the matched graph; a None weight (weightless RMSNorm)
+stays None in the fused op. Inductor's reinplacing then runs the fused op in place on x and
+residual when nothing else reads them, and copies them first when something does. The chain
+across layers matches naturally: layer i's sum is layer i+1's residual.
 
 Never rewritten (each is a logged near miss): operands of different shapes (broadcast) or dtypes
 (type promotion), an add with alpha or a scalar, x is residual, an operand or the norm's out buffer
@@ -125,14 +126,16 @@ class AddRMSNormPass(FusionPass):
         if not isinstance(eps, (float, int)) or isinstance(eps, bool):
             self.near_miss("epsilon is not a constant", norm)
             return False
-        if not isinstance(weight, torch.fx.Node):
-            self.near_miss("weight is not a tensor node", norm)
+        if weight is not None and not isinstance(weight, torch.fx.Node):
+            self.near_miss("weight is neither None nor a tensor node", norm)
             return False
-        vals = [n.meta.get("val") for n in (x, residual, h, weight)]
+        nodes = (x, residual, h) if weight is None else (x, residual, h, weight)
+        vals = [n.meta.get("val") for n in nodes]
         if not all(isinstance(v, torch.Tensor) for v in vals):
             self.near_miss("missing tensor metadata", norm)
             return False
-        xv, rv, hv, wv = vals
+        xv, rv, hv = vals[:3]
+        wv = vals[3] if weight is not None else hv  # no weight: nothing more to agree on
         if not (_same_shape(xv, rv) and _same_shape(xv, hv)):
             self.near_miss("add operands have different shapes (broadcast)", h)
             return False
@@ -164,7 +167,7 @@ class AddRMSNormPass(FusionPass):
 
         order = {n: i for i, n in enumerate(graph.nodes)}
         first_use = min(h.users, key=lambda n: order[n])
-        if order[weight] > order[first_use]:
+        if weight is not None and order[weight] > order[first_use]:
             self.near_miss("weight is computed after the sum's first use", norm)
             return False
 
@@ -189,6 +192,7 @@ class AddRMSNormPass(FusionPass):
         graph.erase_node(out)
         h.replace_all_uses_with(new_sum)
         graph.erase_node(h)
-        self.matched("%s + %s -> fused_add_rms_norm(eps=%g)", x.name, residual.name, float(eps))
+        self.matched("%s + %s -> fused_add_rms_norm(eps=%g%s)", x.name, residual.name, float(eps),
+                     "" if weight is not None else ", weight=None")
         return True
 

@@ -441,18 +441,20 @@ def test_sequential_schedule_refuses_barriers(emu):
         emu.rms_norm(torch.empty_like(x), x, torch.ones(64), 1e-6)
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
 @pytest.mark.parametrize("row_pad", [0, 64, 3])
 @pytest.mark.parametrize("hidden", [8, 40, 769, 1024, 9000])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fused", [False, True])
-def test_rms_norm_family(coop, fused, dtype, hidden, row_pad, gen):
+def test_rms_norm_family(coop, fused, dtype, hidden, row_pad, weighted, gen):
     """Register-cached, warp-per-row, element-wise and (9000 fp32 = past the register budget)
-    two-pass kernels; aligned, strided-aligned and strided-misaligned rows."""
+    two-pass kernels; aligned, strided-aligned and strided-misaligned rows; with a weight and
+    without (None: the kernels' null-weight path)."""
     from compile_ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 
     rows = 5
     x = (torch.randn(rows, hidden + row_pad, generator=gen)).to(dtype)[:, :hidden]
-    w = torch.randn(hidden, generator=gen).to(dtype)
+    w = torch.randn(hidden, generator=gen).to(dtype) if weighted else None
     if fused:
         res = torch.randn(rows, hidden + row_pad, generator=gen).to(dtype)[:, :hidden]
         want_out, want_res = fused_add_rms_norm_ref(x, res, w, 1e-5)
@@ -465,14 +467,16 @@ def test_rms_norm_family(coop, fused, dtype, hidden, row_pad, gen):
         assert_close(out, rms_norm_ref(x, w, 1e-5))
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_rms_norm_shifted_rows(coop, fused, gen):
-    """4096 rows whose starts share one misalignment: the shifted 128-bit kernel."""
+def test_rms_norm_shifted_rows(coop, fused, weighted, gen):
+    """4096 rows whose starts share one misalignment: the shifted 128-bit kernel (its edge
+    elements and its shifted weight packs, or the null-weight path)."""
     from compile_ops.norm import fused_add_rms_norm_ref, rms_norm_ref
 
     rows, hidden = 4096, 24
     x = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
-    w = torch.randn(hidden, generator=gen).to(torch.bfloat16)
+    w = torch.randn(hidden, generator=gen).to(torch.bfloat16) if weighted else None
     if fused:
         res = torch.randn(rows, hidden + 1, generator=gen).to(torch.bfloat16)[:, 1:]
         want_out, want_res = fused_add_rms_norm_ref(x, res, w, 1e-6)

@@ -154,6 +154,35 @@ getitem""")
                 assert_same(model(x, r), compiled(xc, rc))
         self.assertEqual(matched(), 2)  # one compile, dynamic in tokens
 
+    def test_no_weight_fuses_with_none(self):
+        # Weightless RMSNorm (weight None, as current vLLM): fused with weight None kept.
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(HIDDEN, HIDDEN, bias=False, dtype=torch.bfloat16)
+
+            def forward(self, x, residual):
+                for _ in range(2):
+                    h = x + residual
+                    out = torch.empty_like(h)
+                    ops.rms_norm(out, h, None, 1e-5)
+                    x, residual = self.lin(out), h
+                return x, residual
+
+        model = M()
+        inputs = _inputs(7, torch.bfloat16)
+        eager, got = run_both(model, inputs)
+        assert_same(eager, got)
+        self.assertEqual(matched(), 2)
+        self.assertEqual(near_misses(), {})
+        self.assertNotIn("auto_functionalized(compile_ops.rms_norm.default)", ops_after())
+        compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
+        with torch.no_grad():
+            compiled(*[t.clone() for t in inputs])
+            with CallRecorder() as rec:
+                compiled(*[t.clone() for t in inputs])
+        self.assertEqual(rec.calls, ["compile_ops::fused_add_rms_norm"] * 2)
+
     def test_sum_used_by_other_ops_too(self):
         class M(torch.nn.Module):
             def __init__(self):

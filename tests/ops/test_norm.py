@@ -28,6 +28,12 @@ def float64_rms_norm(x, weight, eps):
     return y.to(x.dtype)
 
 
+def weightless_rms_norm(x, eps):
+    """Independent oracle for weight None: normalize in float32, round once to the dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def run_rms_norm(x, weight, eps=EPS, out=None):
     out = torch.full_like(x, float("nan")) if out is None else out
     ops.rms_norm(out, x, weight, eps)
@@ -115,10 +121,120 @@ def test_functional_wrappers_leave_inputs_alone(gen):
 
 def test_zero_tokens():
     x = torch.empty(0, 64)
-    w = torch.ones(64)
-    assert compile_ops.rms_norm(x, w).shape == (0, 64)
-    out, res = compile_ops.fused_add_rms_norm(x, x.clone(), w)
-    assert out.shape == res.shape == (0, 64)
+    for w in (torch.ones(64), None):
+        assert compile_ops.rms_norm(x, w).shape == (0, 64)
+        out, res = compile_ops.fused_add_rms_norm(x, x.clone(), w)
+        assert out.shape == res.shape == (0, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# weight None (``Tensor? weight``, as current vLLM): no scale
+# ---------------------------------------------------------------------------------------------
+def test_schema_weight_is_optional():
+    for op in (ops.rms_norm.default, ops.fused_add_rms_norm.default):
+        (arg,) = [a for a in op._schema.arguments if a.name == "weight"]
+        assert str(arg.type) == "Optional[Tensor]", op._schema
+
+
+def _check_no_weight(x, r, eps=EPS):
+    """Both ops with weight None against the independent formula, and bit-equal to a weight of
+    ones in the dtype (one rounding either way: T(T(v) * 1) == T(v))."""
+    tag = f"{tuple(x.shape)} {x.dtype} {x.device}"
+    ones = torch.ones(x.size(-1), dtype=x.dtype, device=x.device)
+    got = run_rms_norm(x, None, eps)
+    assert_close(got, weightless_rms_norm(x, eps), msg=tag)
+    assert torch.equal(got, run_rms_norm(x, ones, eps)), tag
+    if x.device.type == "cpu":  # the registered op runs the reference body itself
+        assert torch.equal(got, rms_norm_ref(x, None, eps)), tag
+    z = x.float() + r.float()
+    xf, rf = x.clone(), r.clone()
+    run_fused(xf, rf, None, eps)
+    assert_close(xf, weightless_rms_norm(z, eps).to(x.dtype), msg=tag)
+    assert_close(rf, z.to(x.dtype), msg=tag)
+    xo, ro = x.clone(), r.clone()
+    run_fused(xo, ro, ones, eps)
+    assert torch.equal(xf, xo) and torch.equal(rf, ro), tag
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+def test_cpu_no_weight(dtype, row_pad, gen):
+    x = rows_tensor(9, 80, dtype, "cpu", row_pad=row_pad, generator=gen)
+    r = rows_tensor(9, 80, dtype, "cpu", row_pad=row_pad, generator=gen)
+    _check_no_weight(x, r)
+
+
+def test_functional_wrappers_no_weight(gen):
+    x = torch.randn(2, 3, 40, generator=gen).to(torch.bfloat16)
+    r = torch.randn(2, 3, 40, generator=gen).to(torch.bfloat16)
+    assert_close(compile_ops.rms_norm(x, None, 1e-5), weightless_rms_norm(x, 1e-5))
+    out, res = compile_ops.fused_add_rms_norm(x, r, None, 1e-5)
+    z = x.float() + r.float()
+    assert_close(out, weightless_rms_norm(z, 1e-5).to(x.dtype))
+    assert_close(res, z.to(x.dtype))
+    y = x.clone()
+    ops.rms_norm(y, y, None, 1e-5)  # in place, no weight
+    assert torch.equal(y, compile_ops.rms_norm(x, None, 1e-5))
+
+
+def test_fake_no_weight(gen):
+    x = rows_tensor(6, 48, torch.float16, "cpu", row_pad=64, generator=gen)
+    r = rows_tensor(6, 48, torch.float16, "cpu", generator=gen)
+    real = compile_ops.fused_add_rms_norm(x, r, None)
+    with FakeTensorMode() as mode:
+        fx, fr = mode.from_tensor(x), mode.from_tensor(r)
+        fake = compile_ops.fused_add_rms_norm(fx, fr, None)
+        fake_norm = compile_ops.rms_norm(fx, None)
+        ops.rms_norm(torch.empty_like(fx), fx, None, EPS)
+    for a, b in zip(real, fake):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+    assert (fake_norm.shape, fake_norm.dtype) == (x.shape, x.dtype)
+    # The fake still checks the other arguments when the weight is None.
+    assert_raises_eager_and_fake(
+        lambda: ops.rms_norm(torch.empty(4, 17), torch.randn(4, 16), None, EPS), ValueError,
+        "out must have the shape of input")
+
+
+def _bad_weights():
+    """(id, weight for a [4, 16] float32 input, exception, fragment): still rejected, by name."""
+    return [
+        ("shape", lambda: torch.randn(15), ValueError, "weight must be a 1-D tensor of size 16"),
+        ("2d", lambda: torch.randn(1, 16), ValueError, "weight must be a 1-D tensor"),
+        ("dtype", lambda: torch.randn(16).half(), TypeError,
+         "weight must have dtype torch.float32"),
+        ("strided", lambda: torch.randn(32)[::2], ValueError, "weight must be contiguous"),
+    ]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "fused_add_rms_norm"])
+@pytest.mark.parametrize("case", _bad_weights(), ids=lambda c: c[0])
+def test_bad_weight_still_rejected(case, fused):
+    _, weight, exc, fragment = case
+    if fused:
+        call = lambda: ops.fused_add_rms_norm(torch.randn(4, 16), torch.randn(4, 16),  # noqa: E731
+                                              weight(), EPS)
+    else:
+        call = lambda: ops.rms_norm(torch.empty(4, 16), torch.randn(4, 16),  # noqa: E731
+                                    weight(), EPS)
+    assert_raises_eager_and_fake(call, exc, fragment)
+
+
+class NoWeightNorm(torch.nn.Module):
+    def forward(self, x, residual):
+        out = torch.empty_like(x)
+        ops.rms_norm(out, x, None, 1e-5)
+        ops.fused_add_rms_norm(out, residual, None, 1e-6)
+        return out, residual
+
+
+def test_torch_compile_no_weight_cpu(gen):
+    torch._dynamo.reset()
+    model = NoWeightNorm()
+    compiled = torch.compile(model, fullgraph=True)
+    x = rows_tensor(5, 64, torch.bfloat16, "cpu", generator=gen)
+    r = rows_tensor(5, 64, torch.bfloat16, "cpu", generator=gen)
+    for a, b in zip(compiled(x.clone(), r.clone()), model(x.clone(), r.clone())):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +251,10 @@ def _samples(device, gen):
 
 def _opcheck_all(device, gen):
     for x, r, w in _samples(device, gen):
-        torch.library.opcheck(ops.rms_norm.default, (torch.empty_like(x), x, w, EPS))
-        torch.library.opcheck(ops.fused_add_rms_norm.default, (x.clone(), r.clone(), w, EPS))
+        for weight in (w, None):
+            torch.library.opcheck(ops.rms_norm.default, (torch.empty_like(x), x, weight, EPS))
+            torch.library.opcheck(ops.fused_add_rms_norm.default,
+                                  (x.clone(), r.clone(), weight, EPS))
 
 
 def test_opcheck_cpu(gen):
@@ -418,6 +536,54 @@ def test_cuda_zero_tokens():
     assert compile_ops.rms_norm(x, w).shape == (0, 4096)
     compile_ops.fused_add_rms_norm(x, x.clone(), w)
     torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden,row_pad", [
+    (7, 768, 0),       # register-cached, warp per row, 128-bit
+    (128, 4096, 64),   # register-cached, block per row, strided aligned rows
+    (33, 769, 11),     # scalar (element-wise) register kernel
+    (4103, 769, 0),    # shifted 128-bit kernel (odd rows from 4096 rows on)
+    (3, 70000, 0),     # two-pass, aligned
+    (3, 9001, 0),      # two-pass, scalar
+])
+def test_cuda_no_weight(tokens, hidden, row_pad, dtype, gen):
+    # weight None on every kernel variant: against the formula, bit-equal to a weight of ones.
+    x, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    r, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    _check_no_weight(x, r)
+    assert_close(run_rms_norm(x, None), rms_norm_ref(x, None, EPS))
+
+
+@pytest.mark.cuda
+def test_cuda_launcher_no_weight(gen):
+    # The binding takes None (std::optional) and an undefined tensor alike.
+    from compile_ops._extension import _C
+
+    x = rows_tensor(5, 256, torch.float16, "cuda", generator=gen)
+    expected = weightless_rms_norm(x, EPS)
+    out = torch.empty_like(x)
+    _C.rms_norm(out, x, None, EPS)
+    assert_close(out, expected)
+    r = torch.zeros_like(x)
+    xf = x.clone()
+    _C.fused_add_rms_norm(xf, r, None, EPS)
+    assert_close(xf, expected)
+    assert torch.equal(r, x)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 1-D tensor of size 256"):
+        _C.rms_norm(out, x, torch.ones(255, device="cuda", dtype=torch.float16), EPS)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_no_weight(gen):
+    torch._dynamo.reset()
+    model = NoWeightNorm()
+    compiled = torch.compile(model, fullgraph=True)
+    x = rows_tensor(5, 64, torch.bfloat16, "cuda", generator=gen)
+    r = rows_tensor(5, 64, torch.bfloat16, "cuda", generator=gen)
+    for a, b in zip(compiled(x.clone(), r.clone()), model(x.clone(), r.clone())):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

@@ -5,14 +5,26 @@
 //   z   = x (+ residual)                       accumulated in fp32
 //   inv = rsqrt(mean(z * z) + eps)             fp32, over the unrounded z
 //   out = T(T(z * inv) * w)                    normalize, round, then scale by the weight
+//   out = T(z * inv)                           weight == nullptr (weightless RMSNorm)
 //   residual <- T(z)                           fused variant only
 //
 // Rows are `hidden` elements, last dimension contiguous; each tensor has its own row stride.
+// A null weight is a run-time branch, uniform over the grid: the weight loads are skipped and
+// the multiply dropped, with no extra instantiations.
 #pragma once
 
 #include "compile_ops/vec.cuh"
 
 namespace compile_ops {
+
+// One output element from the normalized fp32 value zn = z * inv: T(T(zn) * w[i]), or T(zn)
+// when there is no weight (what a weight of ones gives, without relying on x * 1 == x). The
+// weight register is read only when there is a weight: it is not loaded otherwise.
+template <typename T>
+__device__ __forceinline__ T scale_out(float zn, const T& w, bool has_weight) {
+  const T y = from_float<T>(zn);
+  return has_weight ? from_float<T>(to_float(y) * to_float(w)) : y;
+}
 
 // Sum over the blockDim.x threads that own one row. blockDim.x == 32 means one warp per row
 // (blockDim.y rows per block) and needs no shared memory; otherwise blockDim.y == 1 and the
@@ -50,6 +62,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
   P* r_row = FUSED ? reinterpret_cast<P*>(residual + row * res_stride) : nullptr;
   P* o_row = reinterpret_cast<P*>(out + row * out_stride);
   const P* w_vec = reinterpret_cast<const P*>(weight);
+  const bool has_w = weight != nullptr;
 
   P x[V], r[V], w[V];
 #pragma unroll
@@ -58,7 +71,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
     if (i < n) {
       x[k] = x_row[i];
       if constexpr (FUSED) r[k] = r_row[i];
-      w[k] = w_vec[i];
+      if (has_w) w[k] = w_vec[i];
     }
   }
 
@@ -90,7 +103,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
           z += to_float(r[k].v[j]);
           s.v[j] = from_float<T>(z);
         }
-        o.v[j] = from_float<T>(to_float(from_float<T>(z * inv)) * to_float(w[k].v[j]));
+        o.v[j] = scale_out<T>(z * inv, w[k].v[j], has_w);
       }
       if constexpr (FUSED) r_row[i] = s;
       o_row[i] = o;
@@ -154,16 +167,18 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
   const int tail_start = head + m * W;
   const int edges = head + (hidden - tail_start);
   const P* w_vec = reinterpret_cast<const P*>(weight);
+  const bool has_w = weight != nullptr;
 
   // Edge element of this thread (at most 2 * (W - 1) per row).
   const int t = threadIdx.x;
   const int e = t < head ? t : tail_start + (t - head);
   const bool has_edge = t < edges;
-  float ze = 0.f, we = 0.f;
+  float ze = 0.f;
+  T we{};
   if (has_edge) {
     ze = to_float(x_row[e]);
     if constexpr (FUSED) ze += to_float(r_row[e]);
-    we = to_float(weight[e]);
+    if (has_w) we = weight[e];
   }
 
   P x[V], r[V], w[V];
@@ -173,6 +188,7 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
     if (i < m) {
       x[k] = reinterpret_cast<const P*>(x_row + head)[i];
       if constexpr (FUSED) r[k] = reinterpret_cast<const P*>(r_row + head)[i];
+      if (!has_w) continue;  // the rest loads this pack's weight
       const P lo = w_vec[i];
       P hi = lo;
       if (head > 0) {
@@ -206,7 +222,7 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
 
   if (has_edge) {
     if constexpr (FUSED) r_row[e] = from_float<T>(ze);
-    o_row[e] = from_float<T>(to_float(from_float<T>(ze * inv)) * we);
+    o_row[e] = scale_out<T>(ze * inv, we, has_w);
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -220,7 +236,7 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
           z += to_float(r[k].v[j]);
           sum.v[j] = from_float<T>(z);
         }
-        o.v[j] = from_float<T>(to_float(from_float<T>(z * inv)) * to_float(w[k].v[j]));
+        o.v[j] = scale_out<T>(z * inv, w[k].v[j], has_w);
       }
       if constexpr (FUSED) reinterpret_cast<P*>(r_row + head)[i] = sum;
       reinterpret_cast<P*>(o_row + head)[i] = o;
@@ -243,6 +259,7 @@ rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stri
   P* r_row = FUSED ? reinterpret_cast<P*>(residual + row * res_stride) : nullptr;
   P* o_row = reinterpret_cast<P*>(out + row * out_stride);
   const P* w_vec = reinterpret_cast<const P*>(weight);
+  const bool has_w = weight != nullptr;
 
   float ss = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -260,8 +277,8 @@ rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stri
 
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const P xv = x_row[i];
-    const P wv = w_vec[i];
-    P rv, o;
+    P wv, rv, o;
+    if (has_w) wv = w_vec[i];
     if constexpr (FUSED) rv = r_row[i];
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -270,7 +287,7 @@ rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stri
         z += to_float(rv.v[j]);
         rv.v[j] = from_float<T>(z);
       }
-      o.v[j] = from_float<T>(to_float(from_float<T>(z * inv)) * to_float(wv.v[j]));
+      o.v[j] = scale_out<T>(z * inv, wv.v[j], has_w);
     }
     if constexpr (FUSED) r_row[i] = rv;
     o_row[i] = o;
