@@ -46,12 +46,15 @@ is from reading its weights and cache at the device's rate.
 Out of memory at a grid point (caches, compilation or timing) is recorded as skipped with the
 reason, and the run goes on; other failures are recorded too, and make the exit code 1. The
 report is rewritten after every grid point, so a run cut short keeps what it measured.
-Acceptance (the issue): compile_ops faster than inductor at every point of the grid: the summary
-(end of the table, and printed last) says so.
+Acceptance (issue 14): compile_ops faster than inductor and than inductor_native at every point
+of the grid: the summary (end of the table, and printed last) says so for each. --ablate adds
+compile_ops with one pass left out at a time (compile_ops_no_add_rms_norm, _no_rope_cache,
+_no_argmax): the summary gives the time each pass's rewrite saves per step.
 
     python bench/bench_e2e.py                 # batch 1, 8, 32, 128 x context 512, 4096
     python bench/bench_e2e.py --quick         # batch 1, 32 x context 512
     python bench/bench_e2e.py --context 4096 --stem e2e_H100_4096   # part of the grid
+    python bench/bench_e2e.py --batch 1 --context 512 --ablate      # what each pass saves
     python bench/bench_e2e.py --cpu-check     # no GPU: tiny model in float32, batch 2, context
                                               # 16, every variant (compiled ones too) for 2
                                               # decode steps: tokens and logits vs eager
@@ -86,6 +89,11 @@ from compile_ops.models.llama import (  # noqa: E402
 
 ops = torch.ops.compile_ops
 VARIANTS = ("eager", "inductor", "compile_ops", "inductor_native")
+# --ablate: compile_ops with one pass left out each; the difference to compile_ops is the time
+# that pass's rewrite saves per step.
+ABLATIONS = {"compile_ops_no_add_rms_norm": "add_rms_norm",
+             "compile_ops_no_rope_cache": "rope_cache", "compile_ops_no_argmax": "argmax"}
+ALL_VARIANTS = VARIANTS + tuple(ABLATIONS)
 BATCHES, CONTEXTS = [1, 8, 32, 128], [512, 4096]
 QUICK_BATCHES, QUICK_CONTEXTS = [1, 32], [512]
 FILL_CHUNK_TOKENS = 1 << 17  # random K/V generated per chunk while filling (256 MiB each, bf16)
@@ -168,13 +176,33 @@ def check_fill(point: Point, cfg: LlamaConfig, seqs=None) -> None:
                 raise AssertionError(f"layer {layer}, sequence {b}: empty context")
 
 
+def without_pass(name: str):
+    """The compile_ops backend with the pass `name` left out of the pass manager while it
+    compiles (a backend object of its own, so Dynamo does not reuse compile_ops' graphs)."""
+    from lowerings.backend import compile_ops_backend
+
+    def backend(gm, example_inputs):
+        pm = lowerings.pass_manager()
+        saved = pm.passes
+        pm.passes = [p for p in saved if p.name != name]
+        try:
+            return compile_ops_backend(gm, example_inputs)
+        finally:
+            pm.passes = saved
+    return backend
+
+
 def step_fns(model: Llama, ref: LlamaReference) -> dict:
     """{variant: step function}: eager or compiled (dynamic=False, no CUDA graphs of their own:
     the timing captures each step in a CUDA graph the same way)."""
-    return {"eager": model.decode,
-            "inductor": compile_steps(model, "inductor", cuda_graphs=False)[1],
-            "compile_ops": compile_steps(model, "compile_ops", cuda_graphs=False)[1],
-            "inductor_native": compile_steps(ref, "inductor", cuda_graphs=False)[1]}
+    fns = {"eager": model.decode,
+           "inductor": compile_steps(model, "inductor", cuda_graphs=False)[1],
+           "compile_ops": compile_steps(model, "compile_ops", cuda_graphs=False)[1],
+           "inductor_native": compile_steps(ref, "inductor", cuda_graphs=False)[1]}
+    for variant, pass_name in ABLATIONS.items():
+        fns[variant] = torch.compile(model.decode, backend=without_pass(pass_name),
+                                     fullgraph=True, dynamic=False)
+    return fns
 
 
 def run_step(point: Point, name: str, fn, s: int, tokens):
@@ -186,17 +214,17 @@ def run_step(point: Point, name: str, fn, s: int, tokens):
 def first_call(point: Point, name: str, fn, steps: int):
     """`steps` decode steps (step 0 from the point's tokens, then each from the last step's next
     tokens): (Generation with tokens [B, steps] and float32 logits [steps, B, vocab] on the CPU,
-    add_rms_norm counters of the compile_ops decode graph or None). The compile_ops variant is
-    compiled without FX graph / AOT cache hits, so that its passes run and the counters count."""
+    the pass counters of a compile_ops decode graph or None). The compile_ops variants are
+    compiled without FX graph / AOT cache hits, so that their passes run and the counters count."""
     tokens, logits, counters = [], [], None
     tok = point.first_tokens
     with torch.no_grad():
-        if name == "compile_ops":
+        if name.startswith("compile_ops"):
             lowerings.reset_counters()
             with torch._inductor.config.patch(fx_graph_cache=False), \
                     torch._functorch.config.patch(enable_autograd_cache=False):
                 tok, lg = run_step(point, name, fn, 0, tok)
-            counters = dict(lowerings.counters().get("add_rms_norm", {}))
+            counters = lowerings.counters()
         else:
             tok, lg = run_step(point, name, fn, 0, tok)
         for s in range(steps):
@@ -226,7 +254,8 @@ def step_bytes(cfg: LlamaConfig, batch: int, context: int) -> int:
 def cpu_check() -> None:
     """The tiny config in float32, batch 2, context 16 (random K/V, as on the GPU), every variant
     for 2 decode steps on the CPU; next tokens equal and logits close to eager, the compile_ops
-    decode graph fused (2 add_rms_norm matches per layer)."""
+    decode graph fused (2 add_rms_norm and 1 rope_cache matches per layer), and one ablation
+    (compile_ops without rope_cache) left that pass out."""
     t0 = time.perf_counter()
     batch, context, steps = 2, 16, 2
     cfg = sized_config(LlamaConfig.tiny(dtype=torch.float32), context, steps)
@@ -234,11 +263,11 @@ def cpu_check() -> None:
     ref = LlamaReference(model)
     point = Point(model, ref, batch, context, steps)
     check_fill(point, cfg)
-    gens, counters = {}, None
-    for name, fn in step_fns(model, ref).items():
+    gens, counters = {}, {}
+    fns = step_fns(model, ref)
+    for name in VARIANTS + ("compile_ops_no_rope_cache",):  # one ablation: the mechanism
         t1 = time.perf_counter()
-        gens[name], c = first_call(point, name, fn, steps)
-        counters = c if c is not None else counters
+        gens[name], counters[name] = first_call(point, name, fns[name], steps)
         print(f"{name}: {steps} decode steps in {time.perf_counter() - t1:.1f} s "
               f"(compilation included)", flush=True)
     for name, gen in gens.items():
@@ -248,11 +277,16 @@ def cpu_check() -> None:
         print(f"{name} vs eager: {cmp.message}")
         if not (cmp.ok and cmp.tokens_equal):
             raise AssertionError(f"{name} vs eager: {cmp.message}")
-    matched = (counters or {}).get("matched", 0)
-    if matched != 2 * cfg.layers:
-        raise AssertionError(f"compile_ops decode graph: add_rms_norm matched {matched}, "
-                             f"expected {2 * cfg.layers} (counters {counters})")
-    print(f"compile_ops decode graph: add_rms_norm matched {matched}; "
+    c = counters["compile_ops"]
+    matched = {k: c.get(k, {}).get("matched", 0) for k in ("add_rms_norm", "rope_cache")}
+    if matched != {"add_rms_norm": 2 * cfg.layers, "rope_cache": cfg.layers}:
+        raise AssertionError(f"compile_ops decode graph: matched {matched}, expected "
+                             f"add_rms_norm {2 * cfg.layers}, rope_cache {cfg.layers} ({c})")
+    a = counters["compile_ops_no_rope_cache"]
+    if "rope_cache" in a or a.get("add_rms_norm", {}).get("matched") != 2 * cfg.layers:
+        raise AssertionError(f"compile_ops_no_rope_cache: the pass ran or others did not ({a})")
+    print(f"compile_ops decode graph: matched {matched}; without rope_cache: "
+          f"{a.get('add_rms_norm', {}).get('matched', 0)} add_rms_norm, no rope_cache; "
           f"{time.perf_counter() - t0:.1f} s in all")
     print("cpu check ok: e2e variants match")
 
@@ -282,6 +316,31 @@ class E2EReport(harness.Report):
         c, o = variants.get("compile_ops"), variants.get(over)
         return o.seconds / c.seconds if c and o else None
 
+    def verdict(self, over: str) -> str:
+        rows, slower, missing = self._rows(), [], []
+        for key in self.grid:
+            x = self.speedup(rows.get(key, {}), over)
+            if x is None:
+                missing.append(f"{key[0]}x{key[1]}")
+            elif x <= 1:
+                slower.append(f"{key[0]}x{key[1]} (x{x:.2f})")
+        if slower:
+            return f"NO (not faster at batch x context {', '.join(slower)})"
+        if missing:
+            return (f"not established: compile_ops or {over} not measured at "
+                    f"{', '.join(missing)}")
+        return "yes"
+
+    def savings(self, variants: dict) -> list[str]:
+        """What each pass saves per step: its ablation's time minus compile_ops'."""
+        c = variants.get("compile_ops")
+        out = []
+        for variant, pass_name in ABLATIONS.items():
+            a = variants.get(variant)
+            if c and a:
+                out.append(f"{pass_name} saves {(a.seconds - c.seconds) * 1e6:.1f} us")
+        return out
+
     def summary(self) -> list[str]:
         rows, lines = self._rows(), []
         for (batch, context), vs in rows.items():
@@ -292,23 +351,10 @@ class E2EReport(harness.Report):
             c = vs.get("compile_ops")
             us = f"{c.seconds * 1e6:.1f} us" if c else "not measured"
             lines.append(f"batch {batch}, context {context}: compile_ops {us}, "
-                         + ", ".join(parts))
-        slower, missing = [], []
-        for key in self.grid:
-            x = self.speedup(rows.get(key, {}), "inductor")
-            if x is None:
-                missing.append(f"{key[0]}x{key[1]}")
-            elif x <= 1:
-                slower.append(f"{key[0]}x{key[1]} (x{x:.2f})")
-        if slower:
-            verdict = f"NO (not faster at batch x context {', '.join(slower)})"
-        elif missing:
-            verdict = (f"not established: compile_ops or inductor not measured at "
-                       f"{', '.join(missing)}")
-        else:
-            verdict = "yes"
-        lines.append(f"compile_ops faster than inductor at every point of the grid "
-                     f"({len(self.grid)} points): {verdict}")
+                         + ", ".join(parts + self.savings(vs)))
+        for over in ("inductor", "inductor_native"):
+            lines.append(f"compile_ops faster than {over} at every point of the grid "
+                         f"({len(self.grid)} points): {self.verdict(over)}")
         return lines
 
     def markdown(self) -> str:
@@ -451,12 +497,15 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
             extra = {"first_call_s": round(first_s, 2)}
             msg = ""
             if counters is not None:
-                extra["add_rms_norm"] = counters
-                msg += f"; add_rms_norm matched {counters.get('matched', 0)}"
-                if counters.get("matched", 0) != 2 * cfg.layers:
-                    rep.notes.append(f"{label}: compile_ops decode graph: add_rms_norm matched "
-                                     f"{counters.get('matched', 0)}, expected {2 * cfg.layers} "
-                                     f"({counters})")
+                extra["passes"] = counters
+                msg += "; matched " + ", ".join(f"{k} {v.get('matched', 0)}"
+                                                for k, v in sorted(counters.items()))
+                want = {"add_rms_norm": 2 * cfg.layers, "rope_cache": cfg.layers, "argmax": 1}
+                for pass_name, n in want.items():
+                    got = counters.get(pass_name, {}).get("matched", 0)
+                    if ABLATIONS.get(name) != pass_name and got != n:
+                        rep.notes.append(f"{label}: {name} decode graph: {pass_name} matched "
+                                         f"{got}, expected {n} ({counters.get(pass_name)})")
             if expected is None:
                 expected, expected_name = gen, name
             else:
@@ -558,7 +607,10 @@ def main():
     p.add_argument("--context", type=int, nargs="+", default=CONTEXTS,
                    help="tokens already in each sequence's cache")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of Llama 3 8B's shapes")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--ablate", action="store_true",
+                   help="also time compile_ops without each of its passes (" +
+                        ", ".join(ABLATIONS) + "): the time each rewrite saves per step")
     p.add_argument("--quick", action="store_true", help="batch 1, 32 and context 512")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stem", default=None, help="output file stem (default e2e_<device>)")
@@ -577,7 +629,7 @@ def main():
         cpu_check()
         return 0
 
-    variants = [v for v in VARIANTS if v in args.variants]
+    variants = [v for v in ALL_VARIANTS if v in args.variants or (args.ablate and v in ABLATIONS)]
     base = LlamaConfig.llama3_8b_layers(args.layers, dtype=dtype)
     grid = [(b, c) for c in args.context for b in args.batch]
     rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype})", copy_bw,

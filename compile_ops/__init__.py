@@ -33,6 +33,7 @@ from compile_ops.mla import (
 from compile_ops.norm import fused_add_rms_norm, rms_norm
 from compile_ops.rope_cache import fused_rope_and_cache, fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
+from compile_ops.sampling import argmax
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "cp_gather_and_upconvert_fp8_kv_cache",
     "indexer_k_quant_and_cache",
     "cp_gather_indexer_k_quant_cache",
+    "argmax",
 ]
 
 

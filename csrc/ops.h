@@ -77,4 +77,5 @@ void indexer_k_quant_and_cache(const at::Tensor& k, at::Tensor& kv_cache,
 void cp_gather_indexer_k_quant_cache(const at::Tensor& kv_cache, at::Tensor& dst_k,
                                      at::Tensor& dst_scale, const at::Tensor& block_table,
                                      const at::Tensor& cu_seq_lens, int64_t quant_block_size);
+void argmax(at::Tensor& out, const at::Tensor& input);
 }  // namespace compile_ops

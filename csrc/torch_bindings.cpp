@@ -95,4 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gather the indexer cache's codes and scales", py::arg("kv_cache"), py::arg("dst_k"),
         py::arg("dst_scale"), py::arg("block_table"), py::arg("cu_seq_lens"),
         py::arg("quant_block_size"));
+  m.def("argmax", &compile_ops::argmax,
+        "out[r] <- index of the first maximum of input[r, :] (NaN the largest)", py::arg("out"),
+        py::arg("input"));
 }

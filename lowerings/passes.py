@@ -110,9 +110,10 @@ class PassManager(CustomGraphPass):
 def default_passes() -> list[FusionPass]:
     from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
+    from lowerings.argmax import ArgmaxPass
     from lowerings.rope_cache import RopeCachePass
 
-    return [AddRMSNormPass(), RopeCachePass(), ActivationLoweringPass()]
+    return [AddRMSNormPass(), RopeCachePass(), ActivationLoweringPass(), ArgmaxPass()]
 
 
 _MANAGER: PassManager | None = None

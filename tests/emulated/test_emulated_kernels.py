@@ -517,3 +517,30 @@ def test_merge_attn_states(emu, dtype, head, strided, gen):
     torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
     assert torch.equal(out[3, 2], p[3, 2])
 
+
+# ---------------------------------------------------------------------------------------------
+# argmax (greedy sampling)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["aligned", "unaligned"])
+@pytest.mark.parametrize("rows,n", [(2, 5003), (1, 4096), (3, 37), (1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax(coop, dtype, rows, n, layout, gen):
+    """One split (short rows) and several with the merge kernel (the emulated device has 132
+    SMs: 2 x 5003 is 3 splits of 1672); 16-byte packs and the scalar path; ties across splits,
+    a NaN, -inf and signed zeros."""
+    from tests.ops.test_sampling import oracle, planted
+
+    pad = 1 if layout == "unaligned" else 0
+    wide = torch.full((rows, n + 8), -1e4).to(dtype)
+    wide[:, pad:pad + n] = planted(rows, n, dtype, gen)
+    x = wide[:, pad:pad + n]
+    if rows >= 2 and n > 4000:
+        x[1].fill_(-float("inf"))
+        x[1, 4000] = float("nan")
+        x[1, 10] = float("inf")
+    if rows >= 3:
+        x[2].fill_(-0.0)
+        x[2, 5:] = 0.0
+    out = torch.full((rows,), -7, dtype=torch.int64)
+    coop.argmax(out, x)
+    assert torch.equal(out, oracle(x))

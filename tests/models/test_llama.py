@@ -185,7 +185,10 @@ def test_compile_ops_backend_matches_eager_and_fuses(fresh_compile):
     assert count(decode_after, "rotary_embedding") == 0
     assert count(decode_after, "reshape_and_cache") == 0
     assert count(decode_after, "rms_norm") == 1
-    assert count(decode_after, "paged_attention_v2") == layers
+    version = "v1" if use_v1(model.attn_version, cfg.max_seq_len, B, cfg.heads) else "v2"
+    assert count(decode_after, f"paged_attention_{version}") == layers
+    # greedy sampling: the argmax pass leaves CPU graphs to Inductor (auto policy)
+    assert c["argmax"] == {"near_miss: not a CUDA tensor": 2}, c
     assert "aten.add.Tensor" not in decode_after
 
 

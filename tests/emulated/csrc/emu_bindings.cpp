@@ -32,4 +32,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cp_gather_and_upconvert_fp8_kv_cache", &compile_ops::cp_gather_and_upconvert_fp8_kv_cache);
   m.def("indexer_k_quant_and_cache", &compile_ops::indexer_k_quant_and_cache);
   m.def("cp_gather_indexer_k_quant_cache", &compile_ops::cp_gather_indexer_k_quant_cache);
+  m.def("argmax", &compile_ops::argmax);
 }
