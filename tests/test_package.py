@@ -17,11 +17,11 @@ def test_registered_ops():
     assert {"compile_ops::rms_norm", "compile_ops::fused_add_rms_norm"} <= set(
         compile_ops.registered_ops())
     schema = str(torch.ops.compile_ops.rms_norm.default._schema)
-    assert schema == ("compile_ops::rms_norm(Tensor(a0!) out, Tensor input, Tensor weight, "
+    assert schema == ("compile_ops::rms_norm(Tensor(a0!) out, Tensor input, Tensor? weight, "
                       "float epsilon) -> ()")
     schema = str(torch.ops.compile_ops.fused_add_rms_norm.default._schema)
     assert schema == ("compile_ops::fused_add_rms_norm(Tensor(a0!) input, Tensor(a1!) residual, "
-                      "Tensor weight, float epsilon) -> ()")
+                      "Tensor? weight, float epsilon) -> ()")
 
 
 def test_kernels_status_is_consistent():
