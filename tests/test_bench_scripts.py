@@ -19,6 +19,7 @@ SCRIPTS = [
      "cpu check ok: attention variants match (merge_attn_states, paged_attention)"),
     ("bench/bench_mla.py", "cpu check ok: mla variants match"),
     ("bench/bench_e2e.py", "cpu check ok: e2e variants match"),
+    ("bench/bench_sampling.py", "cpu check ok: argmax variants match"),
 ]
 
 

@@ -576,6 +576,36 @@ def test_cuda_reshape_and_cache(dtype, kv, head_size, block_size, aligned, gen):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("runs", ["whole", "padded", "offset"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_reshape_and_cache_runs(dtype, kv, head_size, block_size, runs, gen):
+    """A prefill's write: consecutive slots in shuffled pages. 'whole': page-aligned runs (the
+    staged kernel's 16-byte value stores where the cache takes them), 'padded': padding slots
+    inside runs (per-token stores in those tiles), 'offset': runs starting mid-page (groups not
+    aligned to a 16-byte store)."""
+    heads, nb, tokens = 4, 40, 203
+    key, value = kv_inputs(tokens, heads, head_size, dtype, "cuda", gen=gen)
+    pages = torch.randperm(nb, generator=gen)
+    slots = (pages[:, None] * block_size + torch.arange(block_size)).flatten()
+    if runs == "offset":
+        slots = slots[3:]
+    slots = slots[:tokens].clone()
+    if runs == "padded":
+        slots[7] = slots[100] = -1
+    slots = slots.cuda()
+    kc, vc = paged_caches(nb, block_size, heads, head_size, cache_dtype(kv, dtype), "cuda")
+    rk, rv = kc.cpu().clone(), vc.cpu().clone()
+    s = torch.tensor([0.5, 1.0, 2.0, 0.25], device="cuda")  # per-head scales
+    ops.reshape_and_cache(key, value, kc, vc, slots, kv, s, s)
+    ops.reshape_and_cache(key.cpu(), value.cpu(), rk, rv, slots.cpu(), kv, s.cpu(), s.cpu())
+    assert torch.equal(codes(kc.cpu()), codes(rk)) and torch.equal(codes(vc.cpu()), codes(rv))
+    assert codes(rv).abs().sum() > 0
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("entry_shape", [(8, 128), (576,), (3, 7)])
 @pytest.mark.parametrize("kv", KV_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)

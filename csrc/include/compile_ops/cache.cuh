@@ -179,6 +179,116 @@ __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mappin
   }
 }
 
+// The value side through shared memory (head_size <= kStagedMaxHead, 16-byte aligned inputs and
+// key chunks: the launcher's VEC case). Keys are stored as in reshape_and_cache_kernel; the
+// tile's values are encoded into shared memory ([token][d], a 2-element pad per row) and written
+// after a barrier in one of two orders:
+// - every group of G = 16 / sizeof(C) consecutive tile tokens whose slots are consecutive and
+//   start G-aligned in one page (a prefill's write), and `vstore` (the value cache takes 16-byte
+//   stores): one 16-byte store per (d, group), lanes along the groups then d, so a warp fills
+//   whole 32-byte sectors of consecutive value rows;
+// - otherwise per token, lanes along d (one 2-byte store per row, a token's rows contiguous):
+//   decode steps and scattered slots, where every store is a partial sector whichever the order,
+//   and neighbouring rows keep the memory system's read-modify-writes in one DRAM page.
+constexpr int kStagedMaxHead = 256;
+
+template <typename T, typename C, int KV, int U>
+__global__ void __launch_bounds__(128)
+    reshape_and_cache_staged_kernel(const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
+                                    int64_t num_slots, int block_size, int head_size,
+                                    int tile_shift, PagedSide k, PagedSide v, bool vstore) {
+  constexpr int X = 16 / static_cast<int>(sizeof(C));  // key chunk (elements)
+  constexpr int G = 16 / static_cast<int>(sizeof(C));  // value store group (tokens)
+  constexpr int VW = kVecWidth<T>;
+  static_assert(X % VW == 0, "a chunk is whole 16-byte input vectors");
+  __shared__ C vals[32 * (kStagedMaxHead + 2)];
+  __shared__ int64_t slots[32];
+  __shared__ int group_ok[32];
+  pdl_wait();
+  const int tile = 1 << tile_shift;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) << tile_shift;
+  const int h = blockIdx.y;
+  const int pitch = head_size + 2;
+  const int chunks = head_size / X;
+  const int items = (2 * chunks) << tile_shift;
+  const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
+  const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
+  if (threadIdx.x < tile) {
+    const int64_t t = t0 + threadIdx.x;
+    int64_t s = t < num_tokens ? slot_mapping[t] : -1;
+    slots[threadIdx.x] = s >= 0 && s < num_slots ? s : -1;
+  }
+  __syncthreads();
+  for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
+    Pack<T, X> in[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * blockDim.x;
+      const int tt = i & (tile - 1);
+      if (i >= items || slots[tt] < 0) continue;
+      const int c = i >> tile_shift;
+      const bool key = c < chunks;
+      const T* src = static_cast<const T*>(key ? k.src : v.src) +
+                     (t0 + tt) * (key ? k.src_stride : v.src_stride) + h * head_size +
+                     (key ? c : c - chunks) * X;
+#pragma unroll
+      for (int p = 0; p < X / VW; ++p)
+        *reinterpret_cast<Pack<T, VW>*>(&in[u].v[p * VW]) =
+            *reinterpret_cast<const Pack<T, VW>*>(src + p * VW);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * blockDim.x;
+      const int tt = i & (tile - 1);
+      if (i >= items || slots[tt] < 0) continue;
+      const int c = i >> tile_shift;
+      if (c < chunks) {
+        const int64_t slot = slots[tt], blk = slot / block_size, off = slot - blk * block_size;
+        Pack<C, X> out;
+#pragma unroll
+        for (int w = 0; w < X; ++w) out.v[w] = cache_encode<KV, C>(in[u].v[w], ksc);
+        *reinterpret_cast<Pack<C, X>*>(static_cast<C*>(k.cache) + blk * k.s_block +
+                                       h * k.s_head + c * k.s_dim + off * k.s_page) = out;
+      } else {
+        C* row = vals + tt * pitch + (c - chunks) * X;
+#pragma unroll
+        for (int w = 0; w < X; ++w) row[w] = cache_encode<KV, C>(in[u].v[w], vsc);
+      }
+    }
+  }
+  const int groups = tile >= G ? tile / G : 0;
+  if (threadIdx.x < groups) {
+    const int64_t s0 = slots[threadIdx.x * G];
+    bool ok = vstore && s0 >= 0 && s0 % G == 0 && (s0 % block_size) + G <= block_size;
+    for (int j = 1; ok && j < G; ++j) ok = slots[threadIdx.x * G + j] == s0 + j;
+    group_ok[threadIdx.x] = ok;
+  }
+  __syncthreads();
+  bool all_groups = groups > 0;
+  for (int g = 0; g < groups; ++g) all_groups = all_groups && group_ok[g];
+  C* vcache = static_cast<C*>(v.cache);
+  if (all_groups) {
+    for (int i = threadIdx.x; i < head_size * groups; i += blockDim.x) {
+      const int g = i % groups, d = i / groups;
+      const int64_t s0 = slots[g * G], blk = s0 / block_size, off = s0 - blk * block_size;
+      Pack<C, G> out;
+#pragma unroll
+      for (int j = 0; j < G; ++j) out.v[j] = vals[(g * G + j) * pitch + d];
+      *reinterpret_cast<Pack<C, G>*>(vcache + blk * v.s_block + h * v.s_head + d * v.s_dim +
+                                     off) = out;
+    }
+  } else {
+    for (int i = threadIdx.x; i < head_size * tile; i += blockDim.x) {
+      const int tt = i / head_size, d = i - tt * head_size;
+      const int64_t slot = slots[tt];
+      if (slot < 0) continue;
+      const int64_t blk = slot / block_size, off = slot - blk * block_size;
+      vcache[blk * v.s_block + h * v.s_head + d * v.s_dim + off * v.s_page] =
+          vals[tt * pitch + d];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gathers: dst[row] = decode(src[block_table[seq, pos / bs], pos % bs])
 // ---------------------------------------------------------------------------------------------
