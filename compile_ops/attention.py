@@ -3,10 +3,14 @@ schemas, references and checks at the end of this file; their CUDA path is the s
 attention of ``compile_ops/decode_attention.py``: a CUDA C++ kernel for float16 / bfloat16 queries,
 Triton kernels for the rest).
 
-``merge_attn_states`` (vLLM's schema and semantics)::
+``merge_attn_states`` (vLLM's semantics; the argument order of vLLM's Python wrappers
+``vllm._custom_ops.merge_attn_states`` and ``vllm/v1/attention/ops/merge_attn_states.py``, which
+vLLM's C++ op ``torch.ops._C.merge_attn_states`` reorders to put ``output_lse`` second)::
 
     torch.ops.compile_ops.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
-                                            suffix_lse, output_lse=None) -> None
+                                            suffix_lse, output_lse=None,
+                                            prefill_tokens_with_context=None,
+                                            output_scale=None) -> None
 
 Combines two partial attention results over disjoint key sets (prefix and suffix, or two KV
 splits) by their log-sum-exps (section 2.2 of arXiv:2501.01005):
@@ -15,17 +19,27 @@ splits) by their log-sum-exps (section 2.2 of arXiv:2501.01005):
     output = prefix_output * a / (a + b) + suffix_output * b / (a + b)
     output_lse = log(a + b) + m
 
-- ``output``, ``prefix_output``, ``suffix_output``: ``[tokens, heads, head_size]`` float32 /
-  float16 / bfloat16, one dtype, head_size contiguous (any token and head strides).
+- ``output``, ``prefix_output``, ``suffix_output``: ``[tokens, heads, head_size]``, head_size
+  contiguous (any token and head strides). The inputs are float32 / float16 / bfloat16 (one
+  dtype); ``output`` has their dtype, or float8_e4m3fn with ``output_scale``.
 - ``prefix_lse``, ``suffix_lse``, ``output_lse``: float32 ``[heads, tokens]``.
 - An infinite LSE (+inf or -inf: an empty part; some attention kernels return +inf) counts as
   -inf. Both empty: ``output = prefix_output`` and ``output_lse = -inf`` (vLLM's choice).
+- ``prefill_tokens_with_context`` (int in ``[0, tokens]``, None = tokens): only tokens
+  ``t < prefill_tokens_with_context`` are merged. The others (decode tokens and prefill tokens
+  without a cached prefix, placed last) take ``suffix_output`` and ``suffix_lse`` unchanged
+  (the LSE as it is, +inf included); their prefix output and LSE are never read.
+- ``output_scale`` (float32, one value): static FP8 output. Each value x (merged, passed through,
+  or the prefix of a both-empty token) is stored as ``fp8_e4m3(clamp(x * (1 / scale), -448,
+  448))``: the reciprocal in float32, one float32 multiply, saturation, round to nearest even;
+  NaN stays NaN. ``output_lse`` is not scaled.
 - Math in float32, one rounding to the output dtype.
 
 CUDA: a 128-bit kernel (``csrc/attention_kernels.cu``); on a GPU without the built extension, a
 Triton kernel (``_triton_merge``) with the same semantics.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -35,10 +49,14 @@ from compile_ops._extension import _C
 
 __all__ = ["merge_attn_states", "merge_attn_states_ref"]
 OP = "merge_attn_states"
+FP8_OUTPUT = torch.float8_e4m3fn  # vLLM's fp8 output on CUDA (e4m3fnuz is ROCm's)
+_FP8_MAX = torch.finfo(FP8_OUTPUT).max
 
 
-def merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse):
-    """(output, output_lse) by the formula above, float32 math."""
+def merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse,
+                          prefill_tokens_with_context=None, output_scale=None):
+    """(output, output_lse) by the formula above, float32 math; output is float8_e4m3fn with
+    ``output_scale``, else prefix_output's dtype."""
     inf = float("inf")
     p = prefix_lse.float()
     s = suffix_lse.float()
@@ -54,17 +72,55 @@ def merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse):
     out = prefix_output.float() * pa + suffix_output.float() * sb
     out = torch.where(empty.t()[..., None], prefix_output.float(), out)
     lse = torch.where(empty, m, torch.log(total) + m0)
-    return out.to(prefix_output.dtype), lse
+    tokens = prefix_output.shape[0]
+    if prefill_tokens_with_context is not None and prefill_tokens_with_context < tokens:
+        # torch.where, not arithmetic: the prefix of these tokens may hold anything (NaN)
+        no_ctx = torch.arange(tokens, device=out.device) >= prefill_tokens_with_context
+        out = torch.where(no_ctx[:, None, None], suffix_output.float(), out)
+        lse = torch.where(no_ctx[None, :], suffix_lse.float(), lse)
+    if output_scale is None:
+        return out.to(prefix_output.dtype), lse
+    inv = 1.0 / output_scale.float().reshape(())  # float32 reciprocal, then one multiply
+    return (out * inv).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_OUTPUT), lse
 
 
-def _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse):
+def _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+           prefill_tokens_with_context=None, output_scale=None):
     C.check_tensor(OP, "output", output)
-    C.check_float_dtype(OP, "output", output)
+    if output_scale is None:
+        if output.dtype == FP8_OUTPUT:
+            C.fail(OP, f"output is {FP8_OUTPUT}: pass output_scale (the FP8 output scale)",
+                   TypeError)
+        C.check_float_dtype(OP, "output", output)
     if output.dim() != 3:
         C.fail(OP, f"output must be [tokens, heads, head_size], got shape {tuple(output.shape)}")
     tokens, heads = output.shape[0], output.shape[1]
-    for name, t in (("prefix_output", prefix_output), ("suffix_output", suffix_output)):
-        C.check_like(OP, name, t, output, "output")
+    if output_scale is None:
+        for name, t in (("prefix_output", prefix_output), ("suffix_output", suffix_output)):
+            C.check_like(OP, name, t, output, "output")
+    else:
+        C.check_tensor(OP, "output_scale", output_scale)
+        if output_scale.dtype != torch.float32:
+            C.fail(OP, f"output_scale must be a float32 tensor, got {output_scale.dtype}",
+                   TypeError)
+        if output_scale.numel() != 1:
+            C.fail(OP, f"output_scale must hold one value, got shape "
+                       f"{tuple(output_scale.shape)}")
+        if output_scale.device != output.device:
+            C.fail(OP, f"output_scale must be on device {output.device} (same as output), got "
+                       f"{output_scale.device}")
+        if output.dtype != FP8_OUTPUT:
+            C.fail(OP, f"output must be {FP8_OUTPUT} when output_scale is given (FP8 output), "
+                       f"got {output.dtype}", TypeError)
+        C.check_tensor(OP, "prefix_output", prefix_output)
+        C.check_float_dtype(OP, "prefix_output", prefix_output)
+        if prefix_output.device != output.device:
+            C.fail(OP, f"prefix_output must be on device {output.device} (same as output), got "
+                       f"{prefix_output.device}")
+        if prefix_output.shape != output.shape:
+            C.fail(OP, f"prefix_output must have the shape of output {tuple(output.shape)}, "
+                       f"got {tuple(prefix_output.shape)}")
+        C.check_like(OP, "suffix_output", suffix_output, prefix_output, "prefix_output")
     for name, t in (("output", output), ("prefix_output", prefix_output),
                     ("suffix_output", suffix_output)):
         if t.shape[2] > 1 and t.stride(2) != 1:
@@ -82,11 +138,21 @@ def _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_
         if tuple(t.shape) != (heads, tokens):
             C.fail(OP, f"{name} must be [heads, tokens] = {[heads, tokens]}, got "
                        f"{list(t.shape)}")
+    ctx = prefill_tokens_with_context
+    if ctx is not None:
+        if isinstance(ctx, bool) or not isinstance(ctx, (int, torch.SymInt)):
+            C.fail(OP, f"prefill_tokens_with_context must be an int or None, got "
+                       f"{type(ctx).__name__}", TypeError)
+        if isinstance(ctx, int) and isinstance(tokens, int) and not 0 <= ctx <= tokens:
+            C.fail(OP, f"prefill_tokens_with_context must be in [0, tokens = {tokens}], got "
+                       f"{ctx}")
     from compile_ops.cache import _check_no_self_overlap
 
     _check_no_self_overlap(OP, "output", output)
     for name, t in (("prefix_output", prefix_output), ("suffix_output", suffix_output)):
-        C.check_no_partial_overlap(OP, "output", output, name, t, allow_same=True)
+        # exactly in place is element-wise only when the elements have the same size
+        C.check_no_partial_overlap(OP, "output", output, name, t,
+                                   allow_same=t.dtype == output.dtype)
     if output_lse is not None:
         for name, t in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
             C.check_no_partial_overlap(OP, "output_lse", output_lse, name, t, allow_same=True)
@@ -95,29 +161,71 @@ def _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_
 @torch.library.custom_op("compile_ops::merge_attn_states", mutates_args=("output", "output_lse"))
 def _merge_attn_states(output: torch.Tensor, prefix_output: torch.Tensor,
                        prefix_lse: torch.Tensor, suffix_output: torch.Tensor,
-                       suffix_lse: torch.Tensor, output_lse: Optional[torch.Tensor] = None) -> None:
+                       suffix_lse: torch.Tensor, output_lse: Optional[torch.Tensor] = None,
+                       prefill_tokens_with_context: Optional[int] = None,
+                       output_scale: Optional[torch.Tensor] = None) -> None:
     """Merge two partial attention results by their LSEs (see the module docstring)."""
-    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
-    out, lse = merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse)
+    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+           prefill_tokens_with_context, output_scale)
+    out, lse = merge_attn_states_ref(prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                     prefill_tokens_with_context, output_scale)
     output.copy_(out)
     if output_lse is not None:
         output_lse.copy_(lse)
 
 
 @_merge_attn_states.register_fake
-def _(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None):
-    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
+def _(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None,
+      prefill_tokens_with_context=None, output_scale=None):
+    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+           prefill_tokens_with_context, output_scale)
 
 
 @_merge_attn_states.register_kernel("cuda")
-def _(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None):
-    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
+def _(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None,
+      prefill_tokens_with_context=None, output_scale=None):
+    _check(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+           prefill_tokens_with_context, output_scale)
     if _C is not None:
         _C.merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                             output_lse)
+                             output_lse, prefill_tokens_with_context, output_scale)
     else:
         triton_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                                 output_lse)
+                                 output_lse, prefill_tokens_with_context, output_scale)
+
+
+# The IndexError of issue 15. custom_op's ADInplaceOrView kernel bumps the version counter of
+# every mutated argument by its schema position, but the dispatcher hands Python kernels their
+# arguments without the trailing ones left at their defaults: a call with output_lse=None (and
+# everything after it at its default) arrives with 5 positional arguments. A kernel that reads
+# args[5] unguarded raises "IndexError: tuple index out of range", on every device: torch's
+# custom_ops.py did so before it filled the defaults first (2.13.0) or checked the length
+# (2.14.1); the project's GPU machine runs torch 2.11.0, where issue 15 saw it on the CUDA path.
+# This op gets its own kernel for that key, doing what 2.14.1's does (bump what is there,
+# redispatch below ADInplaceOrView), on every torch version.
+_VERSION_BUMP_LIBS = []  # the registrations live as long as these libraries
+
+
+def _install_version_bump(op: torch._ops.OpOverload) -> None:
+    mutated = [i for i, a in enumerate(op._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    below = torch._C._after_ADInplaceOrView_keyset
+    ns, name = op._schema.name.split("::")
+    lib = torch.library.Library(ns, "FRAGMENT")  # noqa: TOR901
+    _VERSION_BUMP_LIBS.append(lib)
+
+    def version_bump(keyset, *args, **kwargs):
+        for i in mutated:
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                torch.autograd.graph.increment_version(args[i])
+        return op.redispatch(keyset & below, *args, **kwargs)
+
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": intended
+        warnings.simplefilter("ignore")
+        lib.impl(name, version_bump, "ADInplaceOrView", with_keyset=True)
+
+
+_install_version_bump(torch.ops.compile_ops.merge_attn_states.default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,40 +243,50 @@ def _triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def merge_kernel(out, pre, suf, p_lse, s_lse, o_lse, tokens,
+    def merge_kernel(out, pre, suf, p_lse, s_lse, o_lse, scale, tokens, ctx_tokens,
                      out_t, out_h, pre_t, pre_h, suf_t, suf_h,
                      pl_h, pl_t, sl_h, sl_t, ol_h, ol_t,
-                     HEAD: tl.constexpr, BLOCK: tl.constexpr, HAS_LSE: tl.constexpr):
+                     HEAD: tl.constexpr, BLOCK: tl.constexpr, HAS_LSE: tl.constexpr,
+                     FP8: tl.constexpr, FP8_MAX: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens * token stride > 2**31
         h = tl.program_id(1).to(tl.int64)
-        pl = tl.load(p_lse + h * pl_h + t * pl_t)
-        sl = tl.load(s_lse + h * sl_h + t * sl_t)
-        neg_inf = float("-inf")
-        pl = tl.where((pl == float("inf")) | (pl == neg_inf), neg_inf, pl)
-        sl = tl.where((sl == float("inf")) | (sl == neg_inf), neg_inf, sl)
-        m = tl.maximum(pl, sl)
-        empty = m == neg_inf
-        m0 = tl.where(empty, 0.0, m)
-        a = tl.exp(pl - m0)
-        b = tl.exp(sl - m0)
-        total = a + b
-        pa = tl.where(empty, 1.0, a / total)
-        sb = tl.where(empty, 0.0, b / total)
         d = tl.arange(0, BLOCK)
         mask = d < HEAD
-        p = tl.load(pre + t * pre_t + h * pre_h + d, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(suf + t * suf_t + h * suf_h + d, mask=mask, other=0.0).to(tl.float32)
-        o = tl.where(empty, p, p * pa + s * sb)
+        sl_raw = tl.load(s_lse + h * sl_h + t * sl_t)
+        neg_inf = float("-inf")
+        if t < ctx_tokens:
+            pl = tl.load(p_lse + h * pl_h + t * pl_t)
+            pl = tl.where((pl == float("inf")) | (pl == neg_inf), neg_inf, pl)
+            sl = tl.where((sl_raw == float("inf")) | (sl_raw == neg_inf), neg_inf, sl_raw)
+            m = tl.maximum(pl, sl)
+            empty = m == neg_inf
+            m0 = tl.where(empty, 0.0, m)
+            a = tl.exp(pl - m0)
+            b = tl.exp(sl - m0)
+            total = a + b
+            pa = tl.where(empty, 1.0, a / total)
+            sb = tl.where(empty, 0.0, b / total)
+            p = tl.load(pre + t * pre_t + h * pre_h + d, mask=mask, other=0.0).to(tl.float32)
+            o = tl.where(empty, p, p * pa + s * sb)
+            o_lse_val = tl.where(empty, m, tl.log(total) + m0)
+        else:  # no prefix context: the suffix and its LSE pass through
+            o = s
+            o_lse_val = sl_raw
+        if FP8:
+            inv = tl.math.div_rn(1.0, tl.load(scale))
+            o = tl.clamp(o * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out + t * out_t + h * out_h + d, o.to(out.dtype.element_ty), mask=mask)
         if HAS_LSE:
-            tl.store(o_lse + h * ol_h + t * ol_t, tl.where(empty, m, tl.log(total) + m0))
+            tl.store(o_lse + h * ol_h + t * ol_t, o_lse_val)
 
     _TRITON_KERNEL = merge_kernel
     return merge_kernel
 
 
 def triton_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
-                             output_lse=None):
+                             output_lse=None, prefill_tokens_with_context=None,
+                             output_scale=None):
     """The op's Triton implementation (no checks: the op's wrapper ran them)."""
     import triton
 
@@ -177,21 +295,28 @@ def triton_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, s
         return
     kernel = _triton_kernel()
     ol = output_lse if output_lse is not None else prefix_lse  # unused when HAS_LSE is False
+    scale = output_scale if output_scale is not None else prefix_lse  # unused without FP8
+    ctx = tokens if prefill_tokens_with_context is None else int(prefill_tokens_with_context)
     kernel[(tokens, heads)](
-        output, prefix_output, suffix_output, prefix_lse, suffix_lse, ol, tokens,
+        output, prefix_output, suffix_output, prefix_lse, suffix_lse, ol, scale, tokens, ctx,
         output.stride(0), output.stride(1), prefix_output.stride(0), prefix_output.stride(1),
         suffix_output.stride(0), suffix_output.stride(1),
         prefix_lse.stride(0), prefix_lse.stride(1), suffix_lse.stride(0), suffix_lse.stride(1),
         ol.stride(0), ol.stride(1),
-        HEAD=head, BLOCK=triton.next_power_of_2(head), HAS_LSE=output_lse is not None)
+        HEAD=head, BLOCK=triton.next_power_of_2(head), HAS_LSE=output_lse is not None,
+        FP8=output_scale is not None, FP8_MAX=_FP8_MAX)
 
 
-def merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse):
-    """Functional form: returns ``(output, output_lse)``."""
-    output = torch.empty_like(prefix_output)
+def merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse,
+                      prefill_tokens_with_context=None, output_scale=None):
+    """Functional form: returns ``(output, output_lse)`` (output float8_e4m3fn with
+    ``output_scale``)."""
+    dtype = prefix_output.dtype if output_scale is None else FP8_OUTPUT
+    output = torch.empty_like(prefix_output, dtype=dtype)
     output_lse = torch.empty_like(prefix_lse, dtype=torch.float32)
     torch.ops.compile_ops.merge_attn_states(output, prefix_output, prefix_lse, suffix_output,
-                                            suffix_lse, output_lse)
+                                            suffix_lse, output_lse, prefill_tokens_with_context,
+                                            output_scale)
     return output, output_lse
 
 

@@ -13,12 +13,16 @@ import torch
 #   bfloat16: 8 significant bits, ulp <= 2**-7 relative  -> 2 ulps ~ 1.6e-2
 #   float16: 11 significant bits, ulp <= 2**-10 relative  -> 2 ulps ~ 2.0e-3
 #   float32: reduction order over up to ~1e5 terms and rsqrtf -> ~1e-6; 1e-5 leaves room.
+#   float8_e4m3fn (an FP8 output, compared as float values): one rounding to 4 significant
+#     bits, ulp <= 2**-3 relative, so a float32 difference (expf, FMA contraction) that crosses
+#     a rounding boundary moves one code: 1 ulp; atol is the subnormal step 2**-9.
 # atol covers values that round to (near) zero, where a relative bound is meaningless.
 TOLERANCES = {
     torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float8_e4m3fn: dict(atol=2.0 ** -9, rtol=2.0 ** -3),
 }
 
 

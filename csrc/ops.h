@@ -46,7 +46,9 @@ bool fused_rope_and_cache(const at::Tensor& positions, at::Tensor& query, at::Te
                           const at::Tensor& k_scale, const at::Tensor& v_scale, bool write_key);
 void merge_attn_states(at::Tensor& output, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                       const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse);
+                       const at::Tensor& suffix_lse, const std::optional<at::Tensor>& output_lse,
+                       std::optional<int64_t> prefill_tokens_with_context,
+                       const std::optional<at::Tensor>& output_scale);
 void paged_decode_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, const std::optional<at::Tensor>& alibi,

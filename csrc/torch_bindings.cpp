@@ -61,7 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_attn_states", &compile_ops::merge_attn_states,
         "merge two partial attention results by their log-sum-exps", py::arg("output"),
         py::arg("prefix_output"), py::arg("prefix_lse"), py::arg("suffix_output"),
-        py::arg("suffix_lse"), py::arg("output_lse"));
+        py::arg("suffix_lse"), py::arg("output_lse"), py::arg("prefill_tokens_with_context"),
+        py::arg("output_scale"));
   m.def("paged_decode_attention", &compile_ops::paged_decode_attention,
         "split-KV decode attention over the paged cache (compile_ops/decode_attention.py plans "
         "and calls it): output, or float32 partials per split",

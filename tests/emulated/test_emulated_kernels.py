@@ -492,30 +492,67 @@ def test_rms_norm_shifted_rows(coop, fused, weighted, gen):
 # ---------------------------------------------------------------------------------------------
 # merge_attn_states
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["plain", "no_lse", "ctx", "fp8", "fp8_ctx"])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("head", [16, 40, 7])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_merge_attn_states(emu, dtype, head, strided, gen):
-    from compile_ops.attention import merge_attn_states_ref
+def test_merge_attn_states(emu, dtype, head, strided, mode, gen):
+    """128-bit and element paths; output_lse None; prefill_tokens_with_context (the last two
+    tokens pass the suffix through: their prefix holds NaN, never read, and a raw +inf LSE);
+    FP8 output with output_scale (4- or 8-byte output packs, or elements)."""
+    from compile_ops.attention import FP8_OUTPUT, merge_attn_states_ref
 
     tokens, heads, inf = 6, 3, float("inf")
+    fp8, ctx = mode.startswith("fp8"), (4 if mode.endswith("ctx") else None)
     p = torch.randn(tokens, heads, head, generator=gen).to(dtype)
     s = torch.randn(tokens, heads, head, generator=gen).to(dtype)
     pl, sl = torch.randn(heads, tokens, generator=gen) * 3, torch.randn(heads, tokens, generator=gen)
     pl[0, 0], pl[1, 1], sl[0, 2] = inf, -inf, inf
     pl[2, 3], sl[2, 3] = -inf, inf  # both empty
+    if ctx is not None:
+        p[ctx:], pl[:, ctx:], sl[1, 5] = float("nan"), float("nan"), inf
+    scale = torch.tensor([0.05]) if fp8 else None
+    out_dtype = FP8_OUTPUT if fp8 else dtype
     if strided:
-        out = torch.full((tokens, heads, head + 5), 9.0, dtype=dtype)[:, :, 1:head + 1]
+        out = torch.zeros(tokens, heads, head + 5, dtype=out_dtype)[:, :, 1:head + 1]
         lse = torch.full((tokens, heads), 9.0).t()
     else:
-        out, lse = torch.full_like(p, 9.0), torch.full_like(pl, 9.0)
-    emu.merge_attn_states(out, p, pl, s, sl, lse)
-    want_out, want_lse = merge_attn_states_ref(p, pl, s, sl)
-    assert_close(out, want_out)
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
-    fin = ~torch.isinf(want_lse)
-    torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
-    assert torch.equal(out[3, 2], p[3, 2])
+        out, lse = torch.zeros_like(p, dtype=out_dtype), torch.full_like(pl, 9.0)
+    if mode == "no_lse":
+        lse = None
+    emu.merge_attn_states(out, p, pl, s, sl, lse, ctx, scale)
+    want_out, want_lse = merge_attn_states_ref(p, pl, s, sl, ctx, scale)
+    if fp8:
+        assert_close(out.float(), want_out.float(), dtype=FP8_OUTPUT)
+    else:
+        assert_close(out, want_out)
+        assert torch.equal(out[3, 2], p[3, 2])
+        if ctx is not None:
+            assert torch.equal(out[ctx:], s[ctx:])
+    if lse is not None:
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        assert torch.equal(lse[torch.isinf(lse)], want_lse[torch.isinf(want_lse)])
+        fin = ~torch.isinf(want_lse)
+        torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
+        if ctx is not None:
+            assert torch.equal(lse[:, ctx:], sl[:, ctx:])  # raw, +inf included
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attn_states_fp8_exact(emu, dtype):
+    """The kernel's FP8 store: x * (1 / scale) in float32 (10.9375 with scale 7 gives e4m3
+    1.625; a division would give the tie 1.5625 -> 1.5), saturation at +-448, NaN kept."""
+    from compile_ops.attention import FP8_OUTPUT
+
+    x = torch.tensor([10.9375] * 13 + [1e5, -1e5, float("nan")], dtype=dtype)
+    x = x[None, None, :].expand(3, 2, 16).contiguous()
+    pl, sl = torch.zeros(2, 3), torch.full((2, 3), -float("inf"))
+    out = torch.empty_like(x, dtype=FP8_OUTPUT)
+    emu.merge_attn_states(out, x, pl, torch.zeros_like(x), sl, None, None, torch.tensor([7.0]))
+    got = out.float()
+    assert (got[..., :13] == 1.625).all() and (got[..., 13] == 448).all()
+    assert (got[..., 14] == -448).all() and torch.isnan(got[..., 15]).all()
+
 
 
 # ---------------------------------------------------------------------------------------------
