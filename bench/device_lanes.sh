@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (the `device` tool, nvidia-h200-x2 preferred): build, then two lanes at once.
 # Bench lane (GPU 0, cores 0-7): bench/tune_decode_attention.py checks, then the benchmarks named
-# in BENCHES. Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
-# compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, RACECHECK) and the Hugging
+# in BENCHES (paged wide h256 breakdown e2e cache cache_old sampling rope backend). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
+# compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, SAN2_FILES, SAN2_K, RACECHECK,
+# RACE_FILES, RACE_K) and the Hugging
 # Face test (HF=1). Everything under $OUT/r, packed as $OUT/r.tgz (the tool returns 8 files at
 # most). Used for session 6's four H200 calls, e.g.
 #   OUT=$OUT LIMIT=400 TUNE=0 GRAPH_MIB=1000000 BENCHES="cache e2e" \
@@ -40,8 +41,12 @@ test_lane() {
   if [ "${SANITIZE:-1}" = 1 ]; then
     CUDA_VISIBLE_DEVICES=$gpu COMPILE_OPS_DECODE_ATTENTION=cuda timeout $(( $(left) / 2 - 5 )) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest ${SAN_FILES:-tests/ops/test_paged_attention.py} -m cuda -q -p no:cacheprovider -k "${SAN_K:-cuda_kernel_warp_partials or cuda_kernel_every_split}" > "$R/memcheck.log" 2>&1
     el "memcheck rc $?"; tail -3 "$R/memcheck.log"
+    if [ -n "${SAN2_FILES:-}" ]; then
+      CUDA_VISIBLE_DEVICES=$gpu timeout $(( $(left) / 2 - 5 )) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest $SAN2_FILES -m cuda -q -p no:cacheprovider -k "${SAN2_K:-cuda}" > "$R/memcheck2.log" 2>&1
+      el "memcheck2 rc $?"; tail -3 "$R/memcheck2.log"
+    fi
     [ -n "${HF:-}" ] && { timeout 200 python3 -m pytest tests/models/test_llama.py -k hugging_face -q -p no:cacheprovider -rs > "$R/hf.log" 2>&1; el "hf test rc $?"; tail -3 "$R/hf.log"; }
-    [ "${RACECHECK:-1}" = 1 ] && CUDA_VISIBLE_DEVICES=$gpu timeout $(( $(left) - 5 )) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest tests/ops/test_paged_attention.py -m cuda -q -p no:cacheprovider -k "cuda_kernel_warp_partials and auto" > "$R/racecheck.log" 2>&1
+    [ "${RACECHECK:-1}" = 1 ] && CUDA_VISIBLE_DEVICES=$gpu timeout $(( $(left) - 5 )) compute-sanitizer --tool racecheck --print-limit 20 python3 -m pytest ${RACE_FILES:-tests/ops/test_paged_attention.py} -m cuda -q -p no:cacheprovider -k "${RACE_K:-cuda_kernel_warp_partials and auto}" > "$R/racecheck.log" 2>&1
     el "racecheck rc $?"; tail -3 "$R/racecheck.log"
   fi
 }
@@ -61,6 +66,8 @@ bench_lane() {
       breakdown) $tc timeout 120 python3 bench/tune_decode_attention.py --cuda --kv auto fp8 --breakdown 8 16384 > "$R/breakdown.log" 2>&1 ;;
       e2e) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" ${E2E_ARGS:-} > "$R/bench_e2e.log" 2>&1 ;;
       cache) $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --out "$R" > "$R/bench_cache.log" 2>&1 ;;
+      cache_old) mkdir -p "$R/cache_old"; COMPILE_OPS_CACHE_STAGED=0 $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --tokens 1 32 1024 4096 16384 --out "$R/cache_old" > "$R/bench_cache_old.log" 2>&1 ;;
+      sampling) $tc timeout $(( $(left) - 10 )) python3 bench/bench_sampling.py --out "$R" > "$R/bench_sampling.log" 2>&1 ;;
       rope) $tc timeout $(( $(left) - 10 )) python3 bench/bench_rope_cache.py --layout paged --quick --out "$R" > "$R/bench_rope_cache.log" 2>&1 ;;
       backend) $tc timeout $(( $(left) - 10 )) python3 bench/bench_backend.py --out "$R" > "$R/bench_backend.log" 2>&1 ;;
     esac
