@@ -88,10 +88,13 @@ def test_reshape_and_cache_flash(emu, dtype, kv, inputs, hk, hv, layout, gen):
 
 
 @pytest.mark.parametrize("inputs", ["plain", "odd"])
-@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("head_size", [64, 128, 256, 272])
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache(emu, dtype, kv, head_size, inputs, gen):
+def test_reshape_and_cache(coop, dtype, kv, head_size, inputs, gen):
+    """Scattered slots with padding; 256 is the largest head the shared-memory kernel stages,
+    272 takes the register-only kernel."""
+    emu = coop
     heads, nb, bs, tokens = 2, 6, 16, 29
     key, value = kv_pair(tokens, heads, head_size, head_size, dtype, gen, inputs)
     slots = torch.randperm(nb * bs, generator=gen)[:tokens]
@@ -107,19 +110,24 @@ def test_reshape_and_cache(emu, dtype, kv, head_size, inputs, gen):
     assert torch.equal(kc, rk) and torch.equal(vc, rv)
 
 
+@pytest.mark.parametrize("padding", [True, False], ids=["padding", "whole_runs"])
 @pytest.mark.parametrize("inputs", ["plain", "odd"])
 @pytest.mark.parametrize("bs", [8, 32])
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache_consecutive_slots(emu, dtype, kv, bs, inputs, gen):
+def test_reshape_and_cache_consecutive_slots(coop, dtype, kv, bs, inputs, padding, gen):
     """A prefill's write: runs of consecutive slots in shuffled pages (the case the kernel's
-    token tiles coalesce), more tokens than one 32-token tile, padding slots inside a run."""
+    token tiles coalesce), more tokens than one 32-token tile; with padding slots inside a run
+    (those tiles store values per token) or without (whole tiles of page-aligned runs: 16-byte
+    value stores where the value cache's rows take them, i.e. not fp8 in pages of 8)."""
+    emu = coop
     heads, hs, nb, tokens = 3, 64, 12, 70
     key, value = kv_pair(tokens, heads, hs, hs, dtype, gen, inputs)
     pages = torch.randperm(nb, generator=gen)
     slots = (pages[:, None] * bs + torch.arange(bs)).flatten()[:tokens].clone()
-    slots[5] = -1
-    slots[40:43] = -1
+    if padding:
+        slots[5] = -1
+        slots[40:43] = -1
     cdt = cache_dtype(kv, dtype, "uint8")
     x = 16 // torch.empty(0, dtype=cdt).element_size()
     kc = torch.zeros(nb, heads, hs // x, bs, x, dtype=cdt)
@@ -132,7 +140,8 @@ def test_reshape_and_cache_consecutive_slots(emu, dtype, kv, bs, inputs, gen):
     assert rv.abs().sum() > 0
 
 
-def test_out_of_range_slots_are_skipped(emu, gen):
+def test_out_of_range_slots_are_skipped(coop, gen):
+    emu = coop
     heads, hs, nb, bs = 2, 64, 4, 16
     key, value = kv_pair(5, heads, hs, hs, torch.bfloat16, gen, "plain")
     kc, vc = flash_caches(nb, bs, heads, hs, hs, torch.bfloat16, "NHD")
