@@ -220,9 +220,14 @@ def _install_version_bump(op: torch._ops.OpOverload) -> None:
                 torch.autograd.graph.increment_version(args[i])
         return op.redispatch(keyset & below, *args, **kwargs)
 
-    with warnings.catch_warnings():  # "Overriding a previously registered kernel": intended
-        warnings.simplefilter("ignore")
-        lib.impl(name, version_bump, "ADInplaceOrView", with_keyset=True)
+    try:
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": intended
+            warnings.simplefilter("ignore")
+            lib.impl(name, version_bump, "ADInplaceOrView", with_keyset=True)
+    except RuntimeError as exc:  # a torch that refuses the override must still import us
+        warnings.warn(f"compile_ops: {op} keeps torch's version-bump kernel ({exc}); on torch "
+                      "< 2.13 pass its optional mutated tensors explicitly", RuntimeWarning,
+                      stacklevel=2)
 
 
 _install_version_bump(torch.ops.compile_ops.merge_attn_states.default)

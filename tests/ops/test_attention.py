@@ -232,6 +232,15 @@ def test_unguarded_version_bump_kernel_and_our_fix():
     assert torch.equal(out, x) and out._version > v0
 
 
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    with pytest.MonkeyPatch.context() as mp:  # a torch that refuses the override: a warning
+        mp.setattr(torch.library.Library, "impl", refuse)
+        with pytest.warns(RuntimeWarning, match="keeps torch's version-bump kernel"):
+            _install_version_bump(broken)
+
+
 @pytest.mark.parametrize("with_lse", [True, False])
 def test_op_in_place_with_strides(with_lse, gen):
     p, pl, s, sl = make(5, 4, 16, torch.bfloat16, gen=gen)
