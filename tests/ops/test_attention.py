@@ -418,13 +418,22 @@ def _cuda_call(path, monkeypatch, *args, **kwargs):
     torch.cuda.synchronize()
 
 
+_OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 @pytest.mark.cuda
+@pytest.mark.xfail(_OLD_TORCH, strict=True, raises=IndexError,
+                   reason="torch < 2.13: custom_op's version-bump kernel indexes the stripped "
+                          "default output_lse (attention.py; measured on the H200's torch 2.11, "
+                          "session 7: the override is refused there)")
 @pytest.mark.parametrize("path", ["cuda", "triton"])
 @pytest.mark.parametrize("call", ["omitted", "none", "keyword_none"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_output_lse_none(dtype, call, path, gen, monkeypatch):
     """Issue 15: on the GPU runs (torch 2.11) a call with output_lse=None raised
-    'IndexError: tuple index out of range' (torch's version-bump kernel; see attention.py)."""
+    'IndexError: tuple index out of range' (torch's version-bump kernel; see attention.py).
+    Fixed on torch >= 2.13 (its kernel, or ours where torch takes the override); on older
+    torch a known failure, kept strict so that a fix shows."""
     p, pl, s, sl = make(7, 8, 64, dtype, gen=gen)
     want_out, _ = merge_attn_states_ref(p, pl, s, sl)
     args = [t.cuda() for t in (p, pl, s, sl)]
