@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (the `device` tool, nvidia-h200-x2 preferred): build, then two lanes at once.
 # Bench lane (GPU 0, cores 0-7): bench/tune_decode_attention.py checks, then the benchmarks named
-# in BENCHES (paged wide h256 breakdown e2e cache cache_old sampling rope backend). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
+# in BENCHES (paged wide h256 breakdown e2e ablate cache cache_old sampling rope backend). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
 # compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, SAN2_FILES, SAN2_K, RACECHECK,
 # RACE_FILES, RACE_K) and the Hugging
 # Face test (HF=1). Everything under $OUT/r, packed as $OUT/r.tgz (the tool returns 8 files at
@@ -67,6 +67,7 @@ bench_lane() {
       e2e) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" ${E2E_ARGS:-} > "$R/bench_e2e.log" 2>&1 ;;
       cache) $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --out "$R" > "$R/bench_cache.log" 2>&1 ;;
       cache_old) mkdir -p "$R/cache_old"; COMPILE_OPS_CACHE_STAGED=0 $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --tokens 1 32 1024 4096 16384 --out "$R/cache_old" > "$R/bench_cache_old.log" 2>&1 ;;
+      ablate) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" --batch 1 128 --context 4096 --variants compile_ops --ablate --stem e2e_ablate_H200 > "$R/bench_ablate.log" 2>&1 ;;
       sampling) $tc timeout $(( $(left) - 10 )) python3 bench/bench_sampling.py --out "$R" > "$R/bench_sampling.log" 2>&1 ;;
       rope) $tc timeout $(( $(left) - 10 )) python3 bench/bench_rope_cache.py --layout paged --quick --out "$R" > "$R/bench_rope_cache.log" 2>&1 ;;
       backend) $tc timeout $(( $(left) - 10 )) python3 bench/bench_backend.py --out "$R" > "$R/bench_backend.log" 2>&1 ;;

@@ -20,14 +20,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCacheWriteThreads = 128;  // reshape_and_cache: 4 warps of 32 tokens
 
-// reshape_and_cache's values through shared memory (cache.cuh, reshape_and_cache_staged_kernel);
-// COMPILE_OPS_CACHE_STAGED=0 keeps the register-only kernel (A/B measurements).
-bool staged_cache_write() {
-  static const bool on = [] {
-    const char* e = std::getenv("COMPILE_OPS_CACHE_STAGED");
-    return !(e && e[0] == '0');
-  }();
-  return on;
+// reshape_and_cache_staged_kernel (scattered slots) from this many tokens on; below it the
+// register-only kernel, which is faster for a decode step's few tokens (bench/NOTES.md, session
+// 7). COMPILE_OPS_CACHE_STAGED: 0 never, 1 always (tests, A/B measurements), unset: from 128.
+int64_t staged_cache_min_tokens() {
+  const char* e = std::getenv("COMPILE_OPS_CACHE_STAGED");
+  if (e && e[0] == '0') return std::numeric_limits<int64_t>::max();
+  if (e && e[0] == '1') return 0;
+  return 128;
 }
 
 void check_heads(const char* op, const char* name, const at::Tensor& x) {
@@ -231,17 +231,12 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
         block(kCacheWriteThreads);
     auto* slots = slot_mapping.data_ptr<int64_t>();
     const auto ks = side(key, key_cache, k_scale), vs = side(value, value_cache, v_scale);
-    constexpr int G = 16 / static_cast<int>(sizeof(C));
-    const bool vstore = value_cache.stride(3) == 1 && is_aligned(value_cache.data_ptr(), 16) &&
-                        all_multiple({value_cache.stride(0), value_cache.stride(1),
-                                      value_cache.stride(2)},
-                                     G);
-    if (vec && hs <= kStagedMaxHead && staged_cache_write())
+    if (vec && hs <= kStagedMaxHead && n >= staged_cache_min_tokens())
       // 8 (fp8: 4) 16-byte items in flight per thread: a 32-token tile of a 128-wide head is
       // one round trip; fp8's 32-byte input items at 8 would cost 179 registers (2 CTAs / SM)
       launch_kernel(reshape_and_cache_staged_kernel<T, C, KV, sizeof(C) == 1 ? 4 : 8>, grid,
                     block, stream, dev, slots, n, num_slots, static_cast<int>(block_size),
-                    static_cast<int>(hs), tile_shift, ks, vs, vstore);
+                    static_cast<int>(hs), tile_shift, ks, vs);
     else if (vec)
       launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4>, grid, block, stream, dev, slots,
                     n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),

@@ -87,13 +87,20 @@ def test_reshape_and_cache_flash(emu, dtype, kv, inputs, hk, hv, layout, gen):
     assert torch.equal(codes(kc), codes(rk)) and torch.equal(codes(vc), codes(rv))
 
 
+@pytest.fixture(params=["staged", "register"])
+def cache_kernel(request, monkeypatch):
+    """reshape_and_cache through the staged kernel (from 0 tokens) or the register-only one."""
+    monkeypatch.setenv("COMPILE_OPS_CACHE_STAGED", "1" if request.param == "staged" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("inputs", ["plain", "odd"])
 @pytest.mark.parametrize("head_size", [64, 128, 256, 272])
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache(coop, dtype, kv, head_size, inputs, gen):
-    """Scattered slots with padding; 256 is the largest head the shared-memory kernel stages,
-    272 takes the register-only kernel."""
+def test_reshape_and_cache(coop, cache_kernel, dtype, kv, head_size, inputs, gen):
+    """Scattered slots with padding, through either kernel (COMPILE_OPS_CACHE_STAGED); 256 is
+    the largest head the staged kernel takes, 272 takes the register-only kernel."""
     emu = coop
     heads, nb, bs, tokens = 2, 6, 16, 29
     key, value = kv_pair(tokens, heads, head_size, head_size, dtype, gen, inputs)
@@ -115,11 +122,11 @@ def test_reshape_and_cache(coop, dtype, kv, head_size, inputs, gen):
 @pytest.mark.parametrize("bs", [8, 32])
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache_consecutive_slots(coop, dtype, kv, bs, inputs, padding, gen):
-    """A prefill's write: runs of consecutive slots in shuffled pages (the case the kernel's
-    token tiles coalesce), more tokens than one 32-token tile; with padding slots inside a run
-    (those tiles store values per token) or without (whole tiles of page-aligned runs: 16-byte
-    value stores where the value cache's rows take them, i.e. not fp8 in pages of 8)."""
+def test_reshape_and_cache_consecutive_slots(coop, cache_kernel, dtype, kv, bs, inputs, padding,
+                                            gen):
+    """A prefill's write: runs of consecutive slots in shuffled pages (the case the kernels'
+    token tiles coalesce; the staged kernel hands such tiles to its register path), more tokens
+    than one 32-token tile, with or without padding slots inside a run."""
     emu = coop
     heads, hs, nb, tokens = 3, 64, 12, 70
     key, value = kv_pair(tokens, heads, hs, hs, dtype, gen, inputs)
@@ -140,7 +147,7 @@ def test_reshape_and_cache_consecutive_slots(coop, dtype, kv, bs, inputs, paddin
     assert rv.abs().sum() > 0
 
 
-def test_out_of_range_slots_are_skipped(coop, gen):
+def test_out_of_range_slots_are_skipped(coop, cache_kernel, gen):
     emu = coop
     heads, hs, nb, bs = 2, 64, 4, 16
     key, value = kv_pair(5, heads, hs, hs, torch.bfloat16, gen, "plain")

@@ -553,14 +553,24 @@ def test_cuda_reshape_and_cache_flash(dtype, kv, head_size, block_size, layout, 
     assert torch.equal(codes(kc.cpu()), codes(rk)) and torch.equal(codes(vc.cpu()), codes(rv))
 
 
+@pytest.fixture(params=["staged", "register", "auto"])
+def cache_kernel(request, monkeypatch):
+    """reshape_and_cache through the staged kernel (from 0 tokens), the register-only one, or
+    the launcher's choice (staged from 128 tokens)."""
+    if request.param != "auto":
+        monkeypatch.setenv("COMPILE_OPS_CACHE_STAGED",
+                           "1" if request.param == "staged" else "0")
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_size", [64, 128, 256])
 @pytest.mark.parametrize("kv", KV_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("aligned", [True, False])
-def test_cuda_reshape_and_cache(dtype, kv, head_size, block_size, aligned, gen):
-    heads, nb, tokens = 4, 16, 61
+def test_cuda_reshape_and_cache(dtype, kv, head_size, block_size, aligned, cache_kernel, gen):
+    heads, nb, tokens = 4, 16, 201  # the launcher picks the staged kernel (>= 128)
     layout = "plain" if aligned else "qkv"  # qkv slices: token stride not 16-byte aligned
     key, value = kv_inputs(tokens, heads, head_size, dtype, "cuda", layout=layout, gen=gen)
     if not aligned:  # shift by one element: breaks 16-byte alignment of every token
@@ -581,12 +591,11 @@ def test_cuda_reshape_and_cache(dtype, kv, head_size, block_size, aligned, gen):
 @pytest.mark.parametrize("head_size", [64, 128, 256])
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_reshape_and_cache_runs(dtype, kv, head_size, block_size, runs, gen):
-    """A prefill's write: consecutive slots in shuffled pages. 'whole': page-aligned runs (the
-    staged kernel's 16-byte value stores where the cache takes them), 'padded': padding slots
-    inside runs (per-token stores in those tiles), 'offset': runs starting mid-page (groups not
-    aligned to a 16-byte store)."""
-    heads, nb, tokens = 4, 40, 203
+def test_cuda_reshape_and_cache_runs(dtype, kv, head_size, block_size, runs, cache_kernel, gen):
+    """A prefill's write: consecutive slots in shuffled pages ('whole': page-aligned runs,
+    'padded': padding slots inside runs, 'offset': runs starting mid-page), 303 tokens (the
+    launcher's own choice is the staged kernel, which hands such tiles to its register path)."""
+    heads, nb, tokens = 4, 48, 303
     key, value = kv_inputs(tokens, heads, head_size, dtype, "cuda", gen=gen)
     pages = torch.randperm(nb, generator=gen)
     slots = (pages[:, None] * block_size + torch.arange(block_size)).flatten()

@@ -114,15 +114,14 @@ struct PagedSide {
 // page's tokens are adjacent there), instead of one 2-byte store per 32-byte sector per token.
 // VEC: 16-byte loads of the input and one 16-byte store per key chunk (the launcher checked the
 // alignment of every address); otherwise element accesses.
-template <typename T, typename C, int KV, bool VEC, int U>
-__global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mapping,
-                                         int64_t num_tokens, int64_t num_slots, int block_size,
-                                         int head_size, int tile_shift, PagedSide k,
-                                         PagedSide v) {
+// The register path's body: `slot_of(t)` gives token t's slot (or -1 to skip it).
+template <typename T, typename C, int KV, bool VEC, int U, typename SlotOf>
+__device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_tokens,
+                                                    int block_size, int head_size, int tile_shift,
+                                                    const PagedSide& k, const PagedSide& v) {
   constexpr int X = 16 / static_cast<int>(sizeof(C));  // elements per key-cache chunk
   constexpr int VW = VEC ? kVecWidth<T> : 1;            // input elements per load
   static_assert(X % kVecWidth<T> == 0 || !VEC, "a chunk is whole 16-byte input vectors");
-  pdl_wait();
   const int tile = 1 << tile_shift;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) << tile_shift;
   const int h = blockIdx.y;
@@ -139,8 +138,8 @@ __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mappin
       const int i = base + u * blockDim.x;
       const int64_t t = t0 + (i & (tile - 1));
       if (i >= items || t >= num_tokens) continue;
-      const int64_t s = slot_mapping[t];
-      if (s < 0 || s >= num_slots) continue;
+      const int64_t s = slot_of(i & (tile - 1));
+      if (s < 0) continue;
       slot[u] = s;
       const int c = i >> tile_shift;
       const bool key = c < chunks;
@@ -179,46 +178,64 @@ __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mappin
   }
 }
 
-// The value side through shared memory (head_size <= kStagedMaxHead, 16-byte aligned inputs and
-// key chunks: the launcher's VEC case). Keys are stored as in reshape_and_cache_kernel; the
-// tile's values are encoded into shared memory ([token][d], a 2-element pad per row) and written
-// after a barrier in one of two orders:
-// - every group of G = 16 / sizeof(C) consecutive tile tokens whose slots are consecutive and
-//   start G-aligned in one page (a prefill's write), and `vstore` (the value cache takes 16-byte
-//   stores): one 16-byte store per (d, group), lanes along the groups then d, so a warp fills
-//   whole 32-byte sectors of consecutive value rows;
-// - otherwise per token, lanes along d (one 2-byte store per row, a token's rows contiguous):
-//   decode steps and scattered slots, where every store is a partial sector whichever the order,
-//   and neighbouring rows keep the memory system's read-modify-writes in one DRAM page.
+template <typename T, typename C, int KV, bool VEC, int U>
+__global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mapping,
+                                         int64_t num_tokens, int64_t num_slots, int block_size,
+                                         int head_size, int tile_shift, PagedSide k,
+                                         PagedSide v) {
+  pdl_wait();
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) << tile_shift;
+  auto slot_of = [&](int tt) -> int64_t {
+    const int64_t s = slot_mapping[t0 + tt];
+    return s >= 0 && s < num_slots ? s : -1;
+  };
+  write_tile_in_lanes<T, C, KV, VEC, U>(slot_of, num_tokens, block_size, head_size, tile_shift,
+                                        k, v);
+}
+
+// Scattered slots (head_size <= kStagedMaxHead, 16-byte aligned inputs and key chunks: the
+// launcher's VEC case). A tile whose slots mostly continue each other (a prefill's pages) takes
+// the register path above (write_tile_in_lanes: lanes along the tokens fill whole value sectors).
+// Otherwise every value store is a partial sector whatever the order, and the order decides how
+// well the memory system merges its read-modify-writes: the tile's values are encoded into
+// shared memory ([token][d], a 2-element pad per row) and, after a barrier, stored per token
+// with lanes along d (a token's rows are contiguous, 32 lanes cover 1 KB). The register path's
+// lanes along the tokens put a warp's 32 stores in 32 pages: 2.1x slower at 4096 random slots
+// on an H200 (bench/NOTES.md, session 7).
 constexpr int kStagedMaxHead = 256;
 
 template <typename T, typename C, int KV, int U>
 __global__ void __launch_bounds__(128)
     reshape_and_cache_staged_kernel(const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
                                     int64_t num_slots, int block_size, int head_size,
-                                    int tile_shift, PagedSide k, PagedSide v, bool vstore) {
+                                    int tile_shift, PagedSide k, PagedSide v) {
   constexpr int X = 16 / static_cast<int>(sizeof(C));  // key chunk (elements)
-  constexpr int G = 16 / static_cast<int>(sizeof(C));  // value store group (tokens)
   constexpr int VW = kVecWidth<T>;
   static_assert(X % VW == 0, "a chunk is whole 16-byte input vectors");
   __shared__ C vals[32 * (kStagedMaxHead + 2)];
   __shared__ int64_t slots[32];
-  __shared__ int group_ok[32];
   pdl_wait();
   const int tile = 1 << tile_shift;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) << tile_shift;
+  if (threadIdx.x < tile) {
+    const int64_t t = t0 + threadIdx.x;
+    const int64_t s = t < num_tokens ? slot_mapping[t] : -1;
+    slots[threadIdx.x] = s >= 0 && s < num_slots ? s : -1;
+  }
+  __syncthreads();
+  int follow = 0;  // CTA-uniform: every thread counts the same shared slots
+  for (int j = 1; j < tile; ++j) follow += slots[j] >= 0 && slots[j] == slots[j - 1] + 1;
+  if (2 * follow >= tile) {
+    write_tile_in_lanes<T, C, KV, true, 4>([&](int tt) -> int64_t { return slots[tt]; },
+                                           num_tokens, block_size, head_size, tile_shift, k, v);
+    return;
+  }
   const int h = blockIdx.y;
   const int pitch = head_size + 2;
   const int chunks = head_size / X;
   const int items = (2 * chunks) << tile_shift;
   const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
   const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
-  if (threadIdx.x < tile) {
-    const int64_t t = t0 + threadIdx.x;
-    int64_t s = t < num_tokens ? slot_mapping[t] : -1;
-    slots[threadIdx.x] = s >= 0 && s < num_slots ? s : -1;
-  }
-  __syncthreads();
   for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
     Pack<T, X> in[U];
 #pragma unroll
@@ -256,36 +273,14 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-  const int groups = tile >= G ? tile / G : 0;
-  if (threadIdx.x < groups) {
-    const int64_t s0 = slots[threadIdx.x * G];
-    bool ok = vstore && s0 >= 0 && s0 % G == 0 && (s0 % block_size) + G <= block_size;
-    for (int j = 1; ok && j < G; ++j) ok = slots[threadIdx.x * G + j] == s0 + j;
-    group_ok[threadIdx.x] = ok;
-  }
   __syncthreads();
-  bool all_groups = groups > 0;
-  for (int g = 0; g < groups; ++g) all_groups = all_groups && group_ok[g];
   C* vcache = static_cast<C*>(v.cache);
-  if (all_groups) {
-    for (int i = threadIdx.x; i < head_size * groups; i += blockDim.x) {
-      const int g = i % groups, d = i / groups;
-      const int64_t s0 = slots[g * G], blk = s0 / block_size, off = s0 - blk * block_size;
-      Pack<C, G> out;
-#pragma unroll
-      for (int j = 0; j < G; ++j) out.v[j] = vals[(g * G + j) * pitch + d];
-      *reinterpret_cast<Pack<C, G>*>(vcache + blk * v.s_block + h * v.s_head + d * v.s_dim +
-                                     off) = out;
-    }
-  } else {
-    for (int i = threadIdx.x; i < head_size * tile; i += blockDim.x) {
-      const int tt = i / head_size, d = i - tt * head_size;
-      const int64_t slot = slots[tt];
-      if (slot < 0) continue;
-      const int64_t blk = slot / block_size, off = slot - blk * block_size;
-      vcache[blk * v.s_block + h * v.s_head + d * v.s_dim + off * v.s_page] =
-          vals[tt * pitch + d];
-    }
+  for (int i = threadIdx.x; i < head_size * tile; i += blockDim.x) {
+    const int tt = i / head_size, d = i - tt * head_size;
+    const int64_t slot = slots[tt];
+    if (slot < 0) continue;
+    const int64_t blk = slot / block_size, off = slot - blk * block_size;
+    vcache[blk * v.s_block + h * v.s_head + d * v.s_dim + off * v.s_page] = vals[tt * pitch + d];
   }
 }
 
