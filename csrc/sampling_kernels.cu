@@ -12,24 +12,26 @@ namespace compile_ops {
 namespace {
 
 // Fewest elements a split gets: below this a CTA's one round trip to memory costs more than a
-// second CTA saves. COMPILE_OPS_ARGMAX_MIN_CHUNK overrides (tuning).
+// second CTA saves. COMPILE_OPS_ARGMAX_MIN_CHUNK overrides (tuning; see ctas_per_sm).
 int64_t min_chunk() {
   static const int64_t v = [] {
     const char* e = std::getenv("COMPILE_OPS_ARGMAX_MIN_CHUNK");
     const long long x = e ? std::atoll(e) : 0;
-    return x > 0 ? static_cast<int64_t>(x) : int64_t(2048);
+    return x > 0 ? static_cast<int64_t>(x) : int64_t(4096);
   }();
   return v;
 }
 
-// CTAs per SM the split aims at. 4 left 128 rows of a 128k vocabulary at 44% of the copy
-// bandwidth on an H200 (17 us: a thread's 12 packs in 4 dependent round trips); 16 gives each
-// thread one round trip there. COMPILE_OPS_ARGMAX_CTAS_PER_SM overrides (tuning).
+// CTAs per SM the split aims at. H200, bf16, vocab 128256 x rows 1 / 8 / 32 / 128 (us;
+// bench/NOTES.md, session 7), (CTAs per SM, min chunk): (4, 2048) 3.00 / 4.80 / 7.25 / 17.35,
+// (16, 2048) 2.99 / 4.80 / 10.06 / 16.05, (16, 8192) 3.28 / 4.47 / 7.08 / 15.79, (8, 4096)
+// 2.96 / 4.39 / 7.63 / 16.20: the last is within 8% of the best everywhere, vocab 32000 too.
+// COMPILE_OPS_ARGMAX_CTAS_PER_SM overrides (tuning).
 int64_t ctas_per_sm() {
   static const int64_t v = [] {
     const char* e = std::getenv("COMPILE_OPS_ARGMAX_CTAS_PER_SM");
     const long long x = e ? std::atoll(e) : 0;
-    return x > 0 ? static_cast<int64_t>(x) : int64_t(16);
+    return x > 0 ? static_cast<int64_t>(x) : int64_t(8);
   }();
   return v;
 }

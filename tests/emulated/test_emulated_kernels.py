@@ -579,7 +579,7 @@ def test_merge_attn_states_fp8_exact(emu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_argmax(coop, dtype, rows, n, layout, gen):
     """One split (short rows) and several with the merge kernel (the emulated device has 132
-    SMs: 2 x 5003 is 3 splits of 1672); 16-byte packs and the scalar path; ties across splits,
+    SMs: 2 x 5003 is 2 splits of 2504); 16-byte packs and the scalar path; ties across splits,
     a NaN, -inf and signed zeros."""
     from tests.ops.test_sampling import oracle, planted
 
