@@ -6,11 +6,17 @@ Variants (one process, CUDA graphs, the copy bandwidth measured alongside):
 - compile_ops:     torch.compile(backend="compile_ops") of the same model (fused per layer)
 - inductor_native: torch.compile of the same stack in plain PyTorch
 
-Each layer is compiled on its own (one graph, shared by the layers): in a model, attention and
-MLP GEMMs sit between one layer's norm and the next layer's add, so no backend may fuse across
-layers. (Compiled as one graph, Inductor fused the plain-PyTorch stack into one kernel that keeps
-the residual stream in registers across all layers: on the H200, session 6, 56 us at 4096 tokens,
-"224% of copy" against the bytes counted below.)
+Each layer is compiled on its own (one graph, shared by the layers; "regional compilation"): in a
+model, attention and MLP GEMMs sit between one layer's norm and the next layer's add, so no
+backend may fuse across layers. (Compiled as one graph, Inductor fused the plain-PyTorch stack
+into one kernel that keeps the residual stream in registers across all layers: on the H200,
+session 6, 56 us at 4096 tokens, "224% of copy" against the bytes counted below.)
+
+In such a layer graph x and residual are graph inputs. fused_add_rms_norm writes both in place, so
+Inductor copied them first: on the H200 (session 7, bench/results/session7_issue14) compile_ops
+ran at x0.60-0.68 of inductor_ops. The add_rms_norm pass now leaves graph inputs alone (a near
+miss the check below expects), so compile_ops runs the same add + rms_norm as inductor_ops here;
+the fusion pays where the residual stream is the graph's own (a whole model: bench_e2e).
 
 Bytes counted per layer: read x and residual, write the output and the new residual.
 
@@ -123,10 +129,12 @@ def check(fns, tokens, hidden, dtype, device):
                 diff = float((a.float() - b.float()).abs().max())
                 print(f"check {name} {tokens}x{hidden} {what}: max |diff| {diff:.4g}", flush=True)
     c = lowerings.counters().get("add_rms_norm", {})
-    misses = {k: v for k, v in c.items() if k.startswith("near_miss")}
-    # The layers share one compiled graph (same code and shapes): one match fuses them all.
-    assert c.get("matched", 0) >= 1 and not misses, f"compile_ops did not fuse the layer ({c})"
-    return c["matched"]
+    # The layers share one compiled graph (same code and shapes): one decision for them all.
+    # x and residual are that graph's inputs: fusing would make Inductor copy both first.
+    want = {"near_miss: x or residual is a graph input (the in-place fused kernel would make "
+            "Inductor copy it)": 1}
+    assert c == want, f"compile_ops: expected the graph-input near miss, got {c}"
+    return 0
 
 
 def main():
@@ -140,16 +148,16 @@ def main():
     if args.cpu_check:
         hidden = 64
         weights = [torch.randn(hidden, dtype=torch.float32) for _ in range(args.layers)]
-        matches = check(variants(weights), 5, hidden, torch.float32, "cpu")
+        check(variants(weights), 5, hidden, torch.float32, "cpu")
         print(f"cpu check ok: {args.layers} layers (each compiled on its own), add + rms_norm "
-              f"fused (matched {matches}), all variants match")
+              f"left unfused (graph inputs), all variants match")
         return
 
     weights = [torch.randn(args.hidden, device="cuda", dtype=dtype) for _ in range(args.layers)]
     fns = variants(weights)
-    matches = check(fns, 7, args.hidden, dtype, "cuda")
-    print(f"compile_ops: add + rms_norm fused in the layer graph (matched {matches})",
-          flush=True)
+    check(fns, 7, args.hidden, dtype, "cuda")
+    print("compile_ops: add + rms_norm left unfused in the layer graph (x and residual are its "
+          "inputs)", flush=True)
 
     rep = harness.Report(f"{args.layers} x (add + rms_norm), backends", copy_bw, "inductor_ops",
                          ["dtype", "tokens", "hidden", "layers"])

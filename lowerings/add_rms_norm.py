@@ -22,8 +22,10 @@ across layers matches naturally: layer i's sum is layer i+1's residual.
 
 Never rewritten (each is a logged near miss): operands of different shapes (broadcast) or dtypes
 (type promotion), an add with alpha or a scalar, x is residual, an operand or the norm's out buffer
-that the program mutates or reads elsewhere, layouts the fused kernel does not take, an eps that is
-not a constant, a weight computed after the sum's first use.
+that the program mutates or reads elsewhere, an operand that is a graph input or a view of one
+(the fused kernel writes it in place, so Inductor would copy it first: a layer compiled on its
+own, whose x and residual arrive as inputs, stays add + rms_norm), layouts the fused kernel does
+not take, an eps that is not a constant, a weight computed after the sum's first use.
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def _is_mutated(node: torch.fx.Node) -> bool:
                 if any(u.kwargs.get(name) is node for name in mutated):
                     return True
     return False
+
+
+_VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+             aten.slice.Tensor, aten.select.int, aten.permute.default, aten.transpose.int,
+             aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
+             aten.as_strided.default, aten.expand.default, aten.alias.default)
+
+
+def _aliases_graph_input(node) -> bool:
+    """`node` is a graph input or a view of one: memory the compiled graph may not write unless
+    the program does, so Inductor copies it before an in-place op on it."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            node.target in _VIEW_OPS:
+        node = node.args[0]
+    return isinstance(node, torch.fx.Node) and node.op in ("placeholder", "get_attr")
 
 
 def _rows_layout_ok(v: torch.Tensor) -> bool:
@@ -154,6 +171,13 @@ class AddRMSNormPass(FusionPass):
             return False
         if _is_mutated(x) or _is_mutated(residual):
             self.near_miss("x or residual is mutated by the program", h)
+            return False
+        if _aliases_graph_input(x) or _aliases_graph_input(residual):
+            # the fused kernel writes both in place: Inductor would first copy a graph input
+            # (two extra passes over memory, slower than add + rms_norm; bench_backend on the
+            # H200, session 7: x0.60-0.68 of Inductor on the unfused ops, layers compiled apart)
+            self.near_miss("x or residual is a graph input (the in-place fused kernel would make "
+                           "Inductor copy it)", h)
             return False
         out = self._out_buffer(norm)
         if out is None or out.op != "call_function" or out.target not in EMPTY_TARGETS \

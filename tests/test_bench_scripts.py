@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 SCRIPTS = [
-    ("bench/bench_backend.py", "add + rms_norm fused (matched 1), all variants match"),
+    ("bench/bench_backend.py", "add + rms_norm left unfused (graph inputs), all variants match"),
     ("bench/bench_activation.py", "cpu check ok: 6 activations, all variants match"),
     ("bench/bench_rotary.py", "cpu check ok: rotary_embedding variants match"),
     ("bench/bench_cache.py", "cpu check ok: kv-cache variants match"),

@@ -227,11 +227,12 @@ def test_main_command_runs_on_cpu():
     assert out.count("add_rms_norm: matched 4 (expected 4") == 2, out
     assert out.count("rope_cache: matched 2 (expected 2: rotary_embedding + reshape_and_cache "
                      "-> fused_rope_and_cache per layer") == 2, out
+    # attn_version "auto": 3 sequences x 4 heads, one 512-token partition -> v1 (vLLM's rule)
     assert "compile_ops ops after the passes:  fused_add_rms_norm x4, fused_rope_and_cache x2, " \
-           "paged_attention_v2 x2" in out
+           "paged_attention_v1 x2" in out
     assert "compile_ops decode:  fused_add_rms_norm x4, fused_rope_and_cache x2, " \
-           "paged_attention_v2 x2" in out
-    assert "inductor decode:     paged_attention_v2 x2, reshape_and_cache x2, rms_norm x5" in out
+           "paged_attention_v1 x2" in out
+    assert "inductor decode:     paged_attention_v1 x2, reshape_and_cache x2, rms_norm x5" in out
     for name in ("eager", "inductor", "compile_ops"):
         assert any(ln.split()[:1] == [name] and ln.rstrip().endswith(" ms")
                    for ln in out.splitlines()), out
