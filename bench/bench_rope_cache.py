@@ -111,11 +111,20 @@ def variant_fns():
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
+SLOTS = {"mode": "random", "block_size": 16}  # --slots, --block-size
+
+
 def make_inputs(tokens, nq, nk, d, dtype, max_pos, num_slots, device):
     """positions, qkv [tokens, (nq + 2 nk) d] (a few values saturate fp8 at the scales used),
-    distinct random slots."""
+    distinct slots: random, or (--slots runs) whole pages of consecutive slots in shuffled page
+    order (a prefill's write)."""
     positions = torch.randint(0, max_pos, (tokens,), device=device)
     qkv = torch.randn(tokens, (nq + 2 * nk) * d, dtype=dtype, device=device) * 3
+    if SLOTS["mode"] == "runs":
+        bs = SLOTS["block_size"]
+        pages = torch.randperm(num_slots // bs, device=device)
+        slots = (pages[:, None] * bs + torch.arange(bs, device=device)).flatten()[:tokens]
+        return positions, qkv, slots.contiguous()
     return positions, qkv, torch.randperm(num_slots, device=device)[:tokens]
 
 
@@ -287,12 +296,15 @@ def main():
                    help="cache blocks (8192: 256 MiB per bf16 cache)")
     p.add_argument("--max-position", type=int, default=8192, help="cos/sin cache rows")
     p.add_argument("--quick", action="store_true", help="tokens 1, 16, 256, 4096")
+    p.add_argument("--slots", default="random", choices=["random", "runs"],
+                   help="random distinct slots, or runs of consecutive slots in whole pages")
     p.add_argument("--layout", default="flash", choices=["flash", "paged"],
                    help="the cache layout (paged: vLLM's reshape_and_cache layout)")
     harness.add_common_args(p)
     args = p.parse_args()
     if args.quick:
         args.tokens = [1, 16, 256, 4096]
+    SLOTS.update(mode=args.slots, block_size=args.block_size)
     if args.num_blocks * args.block_size < max(args.tokens + args.gptj_tokens):
         p.error("--num-blocks x --block-size must hold the largest token count")
     dtype, copy_bw = harness.start(args)
@@ -315,6 +327,7 @@ def main():
     for kv in args.kv:
         rep = bench_kv(args, kv, dtype, copy_bw, fusion)
         tag = "_paged" if args.layout == "paged" else ""
+        tag += "_runs" if args.slots == "runs" else ""
         paths += rep.write(args.out, f"{stem}{tag}_{kv}", plot_x="tokens", plot_group=["style"])
         reports.append(rep)
     print("wrote", *paths)

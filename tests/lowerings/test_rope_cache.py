@@ -224,6 +224,23 @@ def test_paged_value_from_the_rotated_key_does_not_fuse():
     assert_matches(eager, ea, got, ca)
 
 
+def test_paged_prefill_of_many_tokens_does_not_fuse(monkeypatch):
+    """Above PAGED_MAX_TOKENS (measured: the fused paged kernel loses from 1024 tokens on) the
+    pass leaves rotary_embedding + reshape_and_cache; at the limit it still fuses."""
+    import lowerings.rope_cache as rc
+
+    monkeypatch.setattr(rc, "PAGED_MAX_TOKENS", 6)
+    eager, ea, got, ca, code = run(PagedAttn(), paged_inputs(tokens=6))
+    assert counts().get("matched") == 1, counts()
+    torch._dynamo.reset()
+    lowerings.reset_counters()
+    eager, ea, got, ca, code = run(PagedAttn(), paged_inputs(tokens=7))
+    assert counts() == {"near_miss: paged write of more than 6 tokens (the unfused kernels are "
+                        "faster there)": 1}, counts()
+    assert_matches(eager, ea, got, ca)
+    assert "fused_rope_and_cache" not in code and "reshape_and_cache.default" in code
+
+
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_paged_fuses_and_matches_eager(is_neox, kv):
