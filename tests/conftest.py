@@ -2,6 +2,23 @@ import pytest
 import torch
 
 import compile_ops
+from tests import _tier
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--tier", choices=_tier.TIERS, default=None,
+        help="test tier: full (default: every test) or quick (of each CUDA test function, a few "
+             "parametrizations that hold every parameter value once; tests marked full_tier "
+             f"left out; CPU tests unchanged). Default: ${_tier.ENV}, else full.")
+
+
+def pytest_configure(config):
+    try:
+        config._compile_ops_tier = _tier.resolve_tier(config.getoption("--tier", default=None))
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+    config._compile_ops_tier_counts = None  # (deselected CUDA tests, CUDA tests), once known
 
 
 def _cuda_skip_reason():
@@ -12,14 +29,45 @@ def _cuda_skip_reason():
     return None
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k: the tier's cover is over the tests that would run
 def pytest_collection_modifyitems(config, items):
     reason = _cuda_skip_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    if reason is not None:
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+    # The quick tier's deselection: the same whether the CUDA tests are skipped or not.
+    cuda = sum(1 for it in items if it.get_closest_marker("cuda") is not None)
+    if config._compile_ops_tier != "quick":
+        config._compile_ops_tier_counts = (0, cuda)
+    else:
+        kept, deselected = _tier.select_quick(items)
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = kept
+        config._compile_ops_tier_counts = (
+            sum(1 for it in deselected if it.get_closest_marker("cuda") is not None), cuda)
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: tell the controller
+        config.workeroutput["compile_ops_tier_counts"] = config._compile_ops_tier_counts
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller collects nothing itself: take the counts from a worker (they
+    all select the same tests)."""
+    counts = getattr(node, "workeroutput", {}).get("compile_ops_tier_counts")
+    if counts is not None:
+        node.config._compile_ops_tier_counts = tuple(counts)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    counts = config._compile_ops_tier_counts
+    if counts is None:
+        text = "counts unknown"
+    else:
+        text = f"{counts[0]} of {counts[1]} CUDA tests deselected"
+    terminalreporter.write_line(f"compile_ops test tier: {config._compile_ops_tier} ({text})")
 
 
 @pytest.fixture
