@@ -369,13 +369,48 @@ def bench_write(args, dtype, copy_bw, section):
                "compile_ops": lambda k, v, s: op(k, v, kc, vc, s, kv, ks, vs)}
         if not flash:
             del fns["compiled_native"]
+            for name, env in args.kernel_variants:
+                fns[f"compile_ops_{name}"] = (
+                    lambda k, v, s, env=env: with_env(env, lambda: op(k, v, kc, vc, s, kv, ks, vs)))
         for tokens in args.tokens:
             nbytes = 2 * tokens * h * d * (elem(dtype) + elem(cdtype)) + 8 * tokens
             runs = bs if slot_kind == "runs" else 0
-            measure_variants(rep, {"kv": kv, "layout": layout, "slots": slot_kind,
-                                   "tokens": tokens}, nbytes,
+            case = {"kv": kv, "layout": layout, "slots": slot_kind, "tokens": tokens}
+            measure_variants(rep, case, nbytes,
                              lambda: write_inputs(tokens, h, d, dtype, nb * bs, "cuda", runs), fns)
+            if args.copy_ceiling and not flash:
+                # the same bytes moved by one device copy (half read, half written): the most a
+                # write of this size can reach, launch and ramp included
+                def copy_inputs(n=nbytes // 2):
+                    return (torch.empty(n, dtype=torch.uint8, device="cuda"),
+                            torch.empty(n, dtype=torch.uint8, device="cuda"))
+                measure_variants(rep, case, nbytes, copy_inputs,
+                                 {"copy_same_bytes": lambda dst, src: dst.copy_(src)})
     return rep, dict(plot_x="tokens", plot_group=["kv", "layout", "slots"])
+
+
+def with_env(env: dict, call):
+    """call() with os.environ updated (the launchers read their COMPILE_OPS_* switches per call;
+    under a CUDA graph the kernel chosen at capture is replayed)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return call()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def kernel_variant(spec: str):
+    """NAME:VAR=VALUE[,VAR=VALUE] -> (NAME, {VAR: VALUE})."""
+    name, _, assigns = spec.partition(":")
+    env = dict(a.split("=", 1) for a in assigns.split(",") if a)
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"expected NAME:VAR=VALUE[,...], got {spec!r}")
+    return name, env
 
 
 def bench_gather(args, dtype, copy_bw):
@@ -491,6 +526,12 @@ def main():
     p.add_argument("--swap-blocks", type=int, default=16384, help="blocks of each swap cache")
     p.add_argument("--swap-pairs", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--convert-tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--kernel-variants", type=kernel_variant, nargs="*", default=[],
+                   metavar="NAME:VAR=VALUE",
+                   help="paged: also time reshape_and_cache under these environment settings, "
+                        "e.g. register:COMPILE_OPS_CACHE_STAGED=0 (row compile_ops_NAME)")
+    p.add_argument("--copy-ceiling", action="store_true",
+                   help="paged: also time one device copy of each case's bytes (copy_same_bytes)")
     p.add_argument("--quick", action="store_true",
                    help="tokens 1, 16, 256, 4096; swap 64 and 4096 blocks; convert 4096 tokens")
     harness.add_common_args(p)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One device call (the `device` tool, nvidia-h200-x2 preferred): build, then two lanes at once.
 # Bench lane (GPU 0, cores 0-7): bench/tune_decode_attention.py checks, then the benchmarks named
-# in BENCHES (paged wide h256 breakdown e2e ablate cache cache_old sampling rope backend). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over TEST_SEL, then
+# in BENCHES (paged wide h256 breakdown e2e ablate cache cache_old sampling rope backend; CACHE_ARGS
+# go to bench_cache.py). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over
+# TEST_SEL (then TEST_SEL2 if set), then
 # compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, SAN2_FILES, SAN2_K, RACECHECK,
 # RACE_FILES, RACE_K) and the Hugging
-# Face test (HF=1). Everything under $OUT/r, packed as $OUT/r.tgz (the tool returns 8 files at
+# Face test (HF=1). BENCHES=none on two GPUs: two test lanes (TEST_SEL0 on GPU 0, TEST_SEL on
+# GPU 1; the sanitizer steps on GPU 1 only), half the cores each. Everything under $OUT/r, packed as $OUT/r.tgz (the tool returns 8 files at
 # most). Used for session 6's four H200 calls, e.g.
 #   OUT=$OUT LIMIT=400 TUNE=0 GRAPH_MIB=1000000 BENCHES="cache e2e" \
 #     TEST_SEL="tests/ops/test_cache.py tests/models" bash bench/device_lanes.sh
@@ -33,11 +36,16 @@ NC=$(nproc)
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 
 test_lane() {
-  local gpu=$1 cores=$2 workers=$3
-  el "tests start (gpu $gpu, cores $cores, -n $workers)"
-  CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cores" timeout $(( $(left) - ${TEST_RESERVE:-100} )) python3 -m pytest ${TEST_SEL:-tests} -m cuda -q -n "$workers" -p no:cacheprovider --durations=30 --junitxml="$R/tests.xml" > "$R/tests.log" 2>&1
-  el "tests rc $?"
-  tail -4 "$R/tests.log"
+  local gpu=$1 cores=$2 workers=$3 sel=${4:-${TEST_SEL:-tests}} tag=${5:-}
+  el "tests$tag start (gpu $gpu, cores $cores, -n $workers): $sel"
+  CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cores" timeout $(( $(left) - ${TEST_RESERVE:-100} )) python3 -m pytest $sel -m cuda -q -n "$workers" -p no:cacheprovider --durations=30 --junitxml="$R/tests$tag.xml" > "$R/tests$tag.log" 2>&1
+  el "tests$tag rc $?"
+  tail -4 "$R/tests$tag.log"
+  if [ -n "${TEST_SEL2:-}" ] && [ -z "$tag" ]; then
+    CUDA_VISIBLE_DEVICES=$gpu taskset -c "$cores" timeout $(( $(left) - ${TEST_RESERVE:-100} )) python3 -m pytest $TEST_SEL2 -m cuda -q -n "$workers" -p no:cacheprovider --durations=15 > "$R/tests2.log" 2>&1
+    el "tests2 rc $?"
+    tail -4 "$R/tests2.log"
+  fi
   if [ "${SANITIZE:-1}" = 1 ]; then
     CUDA_VISIBLE_DEVICES=$gpu COMPILE_OPS_DECODE_ATTENTION=cuda timeout $(( $(left) / 2 - 5 )) compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest ${SAN_FILES:-tests/ops/test_paged_attention.py} -m cuda -q -p no:cacheprovider -k "${SAN_K:-cuda_kernel_warp_partials or cuda_kernel_every_split}" > "$R/memcheck.log" 2>&1
     el "memcheck rc $?"; tail -3 "$R/memcheck.log"
@@ -65,7 +73,7 @@ bench_lane() {
       h256) mkdir -p "$R/h256"; $tc timeout $(( $(left) - 10 )) python3 bench/bench_attention.py --section paged --head-size 256 --batch 32 128 --context 4096 16384 --kv auto fp8 --out "$R/h256" > "$R/bench_h256.log" 2>&1 ;;
       breakdown) $tc timeout 120 python3 bench/tune_decode_attention.py --cuda --kv auto fp8 --breakdown 8 16384 > "$R/breakdown.log" 2>&1 ;;
       e2e) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" ${E2E_ARGS:-} > "$R/bench_e2e.log" 2>&1 ;;
-      cache) $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --out "$R" > "$R/bench_cache.log" 2>&1 ;;
+      cache) $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --out "$R" ${CACHE_ARGS:-} > "$R/bench_cache.log" 2>&1 ;;
       cache_old) mkdir -p "$R/cache_old"; COMPILE_OPS_CACHE_STAGED=0 $tc timeout $(( $(left) - 10 )) python3 bench/bench_cache.py --section paged --tokens 1 32 1024 4096 16384 --out "$R/cache_old" > "$R/bench_cache_old.log" 2>&1 ;;
       ablate) $tc timeout $(( $(left) - 10 )) python3 bench/bench_e2e.py --out "$R" --batch 1 128 --context 4096 --variants compile_ops --ablate --stem e2e_ablate_H200 > "$R/bench_ablate.log" 2>&1 ;;
       sampling) $tc timeout $(( $(left) - 10 )) python3 bench/bench_sampling.py --out "$R" > "$R/bench_sampling.log" 2>&1 ;;
@@ -76,7 +84,12 @@ bench_lane() {
   done
 }
 
-if [ "$NG" -gt 1 ]; then
+if [ "$NG" -gt 1 ] && [ "${BENCHES:-}" = none ]; then
+  # tests only: one lane per GPU (TEST_SEL0 on GPU 0, TEST_SEL on GPU 1), half the cores each
+  SANITIZE=0 test_lane 0 "0-$(( NC / 2 - 1 ))" $(( NC / 2 - 1 )) "${TEST_SEL0:-tests}" _gpu0 &
+  test_lane 1 "$(( NC / 2 ))-$(( NC - 1 ))" $(( NC / 2 - 1 ))
+  wait
+elif [ "$NG" -gt 1 ]; then
   test_lane 1 "8-$(( NC - 1 ))" $(( NC - 10 )) &
   bench_lane
   wait

@@ -19,6 +19,21 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kCacheWriteThreads = 128;  // reshape_and_cache: 4 warps of 32 tokens
+static_assert(kCacheWriteThreads <= 32 * kMaxCacheWarps, "row stage: one slot per warp");
+
+// reshape_and_cache's value rows as 16-byte stores where 8 (fp8: 16) tokens continue each other
+// (PagedSide::vec_rows). COMPILE_OPS_CACHE_VROWS=0 turns them off (A/B measurements, tests).
+bool value_row_stores_enabled() {
+  const char* e = std::getenv("COMPILE_OPS_CACHE_VROWS");
+  return !(e && e[0] == '0');
+}
+
+// Threads of the register-only kernel's CTAs: 128, or 256 with COMPILE_OPS_CACHE_THREADS=256
+// (a 32-token tile of a 128-wide head in one round of loads; A/B measurements).
+unsigned register_cache_threads() {
+  const char* e = std::getenv("COMPILE_OPS_CACHE_THREADS");
+  return e && std::string(e) == "256" ? 256u : unsigned(kCacheWriteThreads);
+}
 
 // reshape_and_cache_staged_kernel (scattered slots) from this many tokens on; below it the
 // register-only kernel, which is faster for a decode step's few tokens (bench/NOTES.md, session
@@ -213,6 +228,9 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
       p.s_page = cache.stride(3);
       p.scale = scale_ptr(s);
       p.scale_per_head = s.numel() > 1;
+      p.vec_rows = cache.dim() == 4 && cache.stride(3) == 1 && is_aligned(cache.data_ptr(), 16) &&
+                   all_multiple({cache.stride(0), cache.stride(1), cache.stride(2)}, x) &&
+                   value_row_stores_enabled();
       return p;
     };
     const bool vec = hs % VW == 0 && is_aligned(key.data_ptr(), 16) &&
@@ -238,7 +256,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                     block, stream, dev, slots, n, num_slots, static_cast<int>(block_size),
                     static_cast<int>(hs), tile_shift, ks, vs);
     else if (vec)
-      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4>, grid, block, stream, dev, slots,
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4>, grid,
+                    dim3(register_cache_threads()), stream, dev, slots,
                     n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),
                     tile_shift, ks, vs);
     else

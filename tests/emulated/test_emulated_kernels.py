@@ -87,10 +87,13 @@ def test_reshape_and_cache_flash(emu, dtype, kv, inputs, hk, hv, layout, gen):
     assert torch.equal(codes(kc), codes(rk)) and torch.equal(codes(vc), codes(rv))
 
 
-@pytest.fixture(params=["staged", "register"])
+@pytest.fixture(params=["staged", "register", "register_element_rows", "register_256"])
 def cache_kernel(request, monkeypatch):
-    """reshape_and_cache through the staged kernel (from 0 tokens) or the register-only one."""
+    """reshape_and_cache through the staged kernel (from 0 tokens) or the register-only one;
+    without the value-row vector stores (COMPILE_OPS_CACHE_VROWS=0); with 256-thread CTAs."""
     monkeypatch.setenv("COMPILE_OPS_CACHE_STAGED", "1" if request.param == "staged" else "0")
+    monkeypatch.setenv("COMPILE_OPS_CACHE_VROWS", "0" if "element" in request.param else "1")
+    monkeypatch.setenv("COMPILE_OPS_CACHE_THREADS", "256" if "256" in request.param else "128")
     return request.param
 
 
@@ -119,19 +122,21 @@ def test_reshape_and_cache(coop, cache_kernel, dtype, kv, head_size, inputs, gen
 
 @pytest.mark.parametrize("padding", [True, False], ids=["padding", "whole_runs"])
 @pytest.mark.parametrize("inputs", ["plain", "odd"])
-@pytest.mark.parametrize("bs", [8, 32])
+@pytest.mark.parametrize("bs,start", [(8, 0), (32, 0), (16, 3), (32, 16)])
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reshape_and_cache_consecutive_slots(coop, cache_kernel, dtype, kv, bs, inputs, padding,
-                                            gen):
+def test_reshape_and_cache_consecutive_slots(coop, cache_kernel, dtype, kv, bs, start, inputs,
+                                            padding, gen):
     """A prefill's write: runs of consecutive slots in shuffled pages (the case the kernels'
     token tiles coalesce; the staged kernel hands such tiles to its register path), more tokens
-    than one 32-token tile, with or without padding slots inside a run."""
+    than one 32-token tile, with or without padding slots inside a run. `start`: the first
+    token's page offset (3: no group of 8 or 16 tokens starts aligned in a page, the value rows'
+    element stores; 16 in pages of 32: fp8's 16-token groups aligned, bf16's too)."""
     emu = coop
     heads, hs, nb, tokens = 3, 64, 12, 70
     key, value = kv_pair(tokens, heads, hs, hs, dtype, gen, inputs)
     pages = torch.randperm(nb, generator=gen)
-    slots = (pages[:, None] * bs + torch.arange(bs)).flatten()[:tokens].clone()
+    slots = (pages[:, None] * bs + torch.arange(bs)).flatten()[start:start + tokens].clone()
     if padding:
         slots[5] = -1
         slots[40:43] = -1

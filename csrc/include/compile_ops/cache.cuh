@@ -103,7 +103,50 @@ struct PagedSide {
   int64_t s_block, s_head, s_dim, s_page;  // key: s_dim is the stride of the d / X dim
   const float* scale;
   int scale_per_head;
+  int vec_rows;  // value side: 16-byte row stores allowed (s_page 1; 16-byte aligned rows)
 };
+
+constexpr int kMaxCacheWarps = 8;  // reshape_and_cache's CTAs: 128 or 256 threads
+
+// One warp: lane l holds token l's X values of one value chunk (`slot` -1: not written); `dst`
+// is that chunk's first row in block 0; `stage` and `slots` are the warp's shared memory.
+// Collective: every lane of the warp calls it (the shuffle, ballot and barriers are not in
+// divergent code).
+template <typename T, typename C, int KV, int X>
+__device__ __forceinline__ void store_value_rows(const T* vals, int64_t slot, float scale,
+                                                 int block_size, C* stage, int64_t* slots,
+                                                 C* dst, int64_t s_block, int64_t s_dim) {
+  constexpr int G = 32 / X;  // 16-byte groups of X tokens in a row of 32
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int w = 0; w < X; ++w)
+    stage[w * 32 + lane] = slot >= 0 ? cache_encode<KV, C>(vals[w], scale) : C();
+  slots[lane] = slot;
+  // a group stores as one vector when its X slots run on from an X-aligned page offset
+  const int64_t prev = __shfl_up_sync(0xffffffffu, slot, 1);
+  const int64_t off = slot >= 0 ? slot % block_size : 0;
+  const bool ok = slot >= 0 && (lane % X == 0 ? off % X == 0 && off + X <= block_size
+                                              : slot == prev + 1);
+  const unsigned good = __ballot_sync(0xffffffffu, ok);
+  __syncwarp();
+  const int w = lane / G, g = lane % G;  // this lane's row (dim) and group of tokens
+  constexpr unsigned kGroup = X == 32 ? 0xffffffffu : (1u << X) - 1;
+  const int64_t first = slots[g * X];
+  if (((good >> (g * X)) & kGroup) == kGroup) {
+    const int64_t blk = first / block_size;
+    *reinterpret_cast<Pack<C, X>*>(dst + blk * s_block + w * s_dim + (first - blk * block_size)) =
+        *reinterpret_cast<const Pack<C, X>*>(stage + w * 32 + g * X);
+  } else {
+#pragma unroll
+    for (int j = 0; j < X; ++j) {
+      const int64_t s = slots[g * X + j];
+      if (s < 0) continue;
+      const int64_t blk = s / block_size;
+      dst[blk * s_block + w * s_dim + (s - blk * block_size)] = stage[w * 32 + g * X + j];
+    }
+  }
+  __syncwarp();
+}
 
 // A CTA takes `tile` consecutive entries of slot_mapping (a power of two <= 32; lane l of a warp
 // is token l % tile) and one head (blockIdx.y). Its items are (chunk, token): chunks of X head
@@ -114,6 +157,11 @@ struct PagedSide {
 // page's tokens are adjacent there), instead of one 2-byte store per 32-byte sector per token.
 // VEC: 16-byte loads of the input and one 16-byte store per key chunk (the launcher checked the
 // alignment of every address); otherwise element accesses.
+// Value rows (VEC, 32-token tiles, `v.vec_rows`): a warp's 32 tokens x X dims of one chunk are
+// transposed through 512 bytes of shared memory, and each lane stores X tokens of one dim's row
+// with one 16-byte store where those tokens' slots run on from an X-aligned page offset (a
+// prefill); other groups store their elements one by one. Element stores put 32 tokens' 2 bytes
+// per instruction in the rows (8 instructions per chunk); the row stores, 512 bytes (one).
 // The register path's body: `slot_of(t)` gives token t's slot (or -1 to skip it).
 template <typename T, typename C, int KV, bool VEC, int U, typename SlotOf>
 __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_tokens,
@@ -129,6 +177,9 @@ __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_
   const int items = (2 * chunks) << tile_shift;
   const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
   const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
+  // CTA-uniform; with 32-token tiles every warp holds one chunk of 32 tokens (items % 32 == 0)
+  const bool rows = VEC && v.vec_rows && tile_shift == 5 && blockDim.x % 32 == 0 &&
+                    blockDim.x <= 32 * kMaxCacheWarps;
   for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
     Pack<T, X> in[U];
     int64_t slot[U];
@@ -153,8 +204,20 @@ __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (slot[u] < 0) continue;
       const int c = (base + u * blockDim.x) >> tile_shift;
+      if constexpr (VEC) {
+        alignas(16) __shared__ C row_stage[kMaxCacheWarps][X * 32];
+        __shared__ int64_t row_slots[kMaxCacheWarps][32];
+        if (rows && base + u * blockDim.x < items && c >= chunks) {  // warp-uniform
+          store_value_rows<T, C, KV, X>(in[u].v, slot[u], vsc, block_size,
+                                        row_stage[threadIdx.x >> 5], row_slots[threadIdx.x >> 5],
+                                        static_cast<C*>(v.cache) + h * v.s_head +
+                                            int64_t(c - chunks) * X * v.s_dim,
+                                        v.s_block, v.s_dim);
+          continue;
+        }
+      }
+      if (slot[u] < 0) continue;
       const int64_t blk = slot[u] / block_size, off = slot[u] - blk * block_size;
       if (c < chunks) {
         Pack<C, X> out;

@@ -84,6 +84,47 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   return r;
 }
 
+// Lane `src(lane)`'s value (its own when src is out of range), through the warp's slots.
+template <typename T, typename Src>
+inline T emulated_shuffle(T v, Src src_of, const char* what) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  auto* w = ::compile_ops::emu::warp;
+  if (!w) ::compile_ops::emu::needs_cooperative(what);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w->slot[lane] = bits;
+  w->bar.arrive_and_wait();
+  const int src = src_of(lane);
+  T r;
+  std::memcpy(&r, &w->slot[src >= 0 && src < 32 ? src : lane], sizeof(T));
+  w->bar.arrive_and_wait();
+  return r;
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
+  return emulated_shuffle(v, [&](int lane) { return (lane / width) * width + src_lane % width; },
+                          "__shfl_sync");
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  return emulated_shuffle(
+      v, [&](int lane) { return lane % width >= static_cast<int>(delta) ? lane - delta : lane; },
+      "__shfl_up_sync");
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { (void)__shfl_sync(0xffffffffu, 0, 0); }
+inline unsigned __ballot_sync(unsigned, int p) {
+  auto* w = ::compile_ops::emu::warp;
+  if (!w) ::compile_ops::emu::needs_cooperative("__ballot_sync");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  w->slot[lane] = p ? 1 : 0;
+  w->bar.arrive_and_wait();
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= static_cast<unsigned>(w->slot[i] & 1) << i;
+  w->bar.arrive_and_wait();
+  return r;
+}
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // Round-to-nearest float32 arithmetic, one rounding per operation (the host compiler is not asked
 // to contract these: no FMA target flags in tests/emulated).
