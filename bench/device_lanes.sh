@@ -94,7 +94,7 @@ elif [ "$NG" -gt 1 ]; then
   bench_lane
   wait
 else
-  TEST_SEL="${TEST_SEL1:-tests/ops/test_paged_attention.py}" SANITIZE=0 test_lane 0 "0-$(( NC - 1 ))" $(( NC - 2 ))
+  TEST_SEL="${TEST_SEL1:-tests/ops/test_paged_attention.py}" SANITIZE=${SANITIZE1:-0} test_lane 0 "0-$(( NC - 1 ))" $(( NC - 2 ))
   bench_lane
 fi
 el done
