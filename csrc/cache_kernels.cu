@@ -21,11 +21,12 @@ constexpr int kThreads = 256;
 constexpr int kCacheWriteThreads = 128;  // reshape_and_cache: 4 warps of 32 tokens
 static_assert(kCacheWriteThreads <= 32 * kMaxCacheWarps, "row stage: one slot per warp");
 
-// reshape_and_cache's value rows as 16-byte stores where 8 (fp8: 16) tokens continue each other
-// (PagedSide::vec_rows). COMPILE_OPS_CACHE_VROWS=0 turns them off (A/B measurements, tests).
+// reshape_and_cache's register-only kernel with value rows as 16-byte stores where 8 (fp8: 16)
+// tokens continue each other (ROWS, PagedSide::vec_rows): COMPILE_OPS_CACHE_VROWS=1 (A/B
+// measurements, tests); off by default (measured slower, bench/NOTES.md session 8).
 bool value_row_stores_enabled() {
   const char* e = std::getenv("COMPILE_OPS_CACHE_VROWS");
-  return !(e && e[0] == '0');
+  return e && e[0] == '1';
 }
 
 // Threads of the register-only kernel's CTAs: 128, or 256 with COMPILE_OPS_CACHE_THREADS=256
@@ -255,13 +256,17 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
       launch_kernel(reshape_and_cache_staged_kernel<T, C, KV, sizeof(C) == 1 ? 4 : 8>, grid,
                     block, stream, dev, slots, n, num_slots, static_cast<int>(block_size),
                     static_cast<int>(hs), tile_shift, ks, vs);
+    else if (vec && vs.vec_rows)
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4, true>, grid,
+                    dim3(register_cache_threads()), stream, dev, slots, n, num_slots,
+                    static_cast<int>(block_size), static_cast<int>(hs), tile_shift, ks, vs);
     else if (vec)
-      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4>, grid,
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, true, 4, false>, grid,
                     dim3(register_cache_threads()), stream, dev, slots,
                     n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),
                     tile_shift, ks, vs);
     else
-      launch_kernel(reshape_and_cache_kernel<T, C, KV, false, 4>, grid, block, stream, dev,
+      launch_kernel(reshape_and_cache_kernel<T, C, KV, false, 4, false>, grid, block, stream, dev,
                     slots, n, num_slots, static_cast<int>(block_size), static_cast<int>(hs),
                     tile_shift, ks, vs);
   });

@@ -119,3 +119,26 @@ def select_quick(items, cross_pairs=None):
         else:
             kept.append(item)
     return kept, deselected
+
+
+def parse_shard(text):
+    """"I/N" (0 <= I < N) -> (I, N); None -> None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard expects I/N with integers, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def select_shard(items, i, n):
+    """Round robin over the collection order: shard i of n keeps items i, i + n, i + 2n, ...
+    The parametrizations of one test function (neighbours in that order, often of similar
+    cost) spread over the shards, so N machines share a suite evenly. Returns (kept,
+    deselected)."""
+    kept = [it for k, it in enumerate(items) if k % n == i]
+    deselected = [it for k, it in enumerate(items) if k % n != i]
+    return kept, deselected

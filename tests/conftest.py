@@ -11,6 +11,10 @@ def pytest_addoption(parser):
         help="test tier: full (default: every test) or quick (of each CUDA test function, a few "
              "parametrizations that hold every parameter value once; tests marked full_tier "
              f"left out; CPU tests unchanged). Default: ${_tier.ENV}, else full.")
+    parser.addoption(
+        "--shard", default=None, metavar="I/N",
+        help="run shard I of N (0-based) of the selected tests, round robin over the collection "
+             "order: split one suite over N device calls or machines")
 
 
 def pytest_configure(config):
@@ -19,6 +23,10 @@ def pytest_configure(config):
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
     config._compile_ops_tier_counts = None  # (deselected CUDA tests, CUDA tests), once known
+    try:
+        config._compile_ops_shard = _tier.parse_shard(config.getoption("--shard", default=None))
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def _cuda_skip_reason():
@@ -48,6 +56,11 @@ def pytest_collection_modifyitems(config, items):
             items[:] = kept
         config._compile_ops_tier_counts = (
             sum(1 for it in deselected if it.get_closest_marker("cuda") is not None), cuda)
+    if config._compile_ops_shard is not None:
+        kept, deselected = _tier.select_shard(items, *config._compile_ops_shard)
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = kept
     if hasattr(config, "workeroutput"):  # a pytest-xdist worker: tell the controller
         config.workeroutput["compile_ops_tier_counts"] = config._compile_ops_tier_counts
 

@@ -154,3 +154,14 @@ def test_covering_subset_directly():
     assert _tier.resolve_tier(None, {_tier.ENV: "quick"}) == "quick"
     with pytest.raises(ValueError):
         _tier.resolve_tier("slow", {})
+
+
+def test_shards_partition_the_items_round_robin():
+    items = list(range(11))
+    shards = [_tier.select_shard(items, i, 3)[0] for i in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert sorted(sum(shards, [])) == items
+    assert _tier.parse_shard("1/3") == (1, 3) and _tier.parse_shard(None) is None
+    for bad in ("3/3", "-1/2", "a/2", "1"):
+        with pytest.raises(ValueError, match="shard"):
+            _tier.parse_shard(bad)

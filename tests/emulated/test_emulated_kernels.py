@@ -87,12 +87,13 @@ def test_reshape_and_cache_flash(emu, dtype, kv, inputs, hk, hv, layout, gen):
     assert torch.equal(codes(kc), codes(rk)) and torch.equal(codes(vc), codes(rv))
 
 
-@pytest.fixture(params=["staged", "register", "register_element_rows", "register_256"])
+@pytest.fixture(params=["staged", "register", "register_rows", "register_rows_256"])
 def cache_kernel(request, monkeypatch):
     """reshape_and_cache through the staged kernel (from 0 tokens) or the register-only one;
-    without the value-row vector stores (COMPILE_OPS_CACHE_VROWS=0); with 256-thread CTAs."""
+    with the value rows' vector stores (COMPILE_OPS_CACHE_VROWS=1), in 256-thread CTAs
+    (COMPILE_OPS_CACHE_THREADS=256)."""
     monkeypatch.setenv("COMPILE_OPS_CACHE_STAGED", "1" if request.param == "staged" else "0")
-    monkeypatch.setenv("COMPILE_OPS_CACHE_VROWS", "0" if "element" in request.param else "1")
+    monkeypatch.setenv("COMPILE_OPS_CACHE_VROWS", "1" if "rows" in request.param else "0")
     monkeypatch.setenv("COMPILE_OPS_CACHE_THREADS", "256" if "256" in request.param else "128")
     return request.param
 

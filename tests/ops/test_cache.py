@@ -553,17 +553,17 @@ def test_cuda_reshape_and_cache_flash(dtype, kv, head_size, block_size, layout, 
     assert torch.equal(codes(kc.cpu()), codes(rk)) and torch.equal(codes(vc.cpu()), codes(rv))
 
 
-@pytest.fixture(params=["staged", "register", "auto", "register_256_element_rows"])
+@pytest.fixture(params=["staged", "register", "auto", "register_rows_256"])
 def cache_kernel(request, monkeypatch):
     """reshape_and_cache through the staged kernel (from 0 tokens), the register-only one, or
     the launcher's choice (staged from 128 tokens); the last: register-only in 256-thread CTAs
-    without the value rows' vector stores (COMPILE_OPS_CACHE_THREADS, COMPILE_OPS_CACHE_VROWS)."""
+    with the value rows' vector stores (COMPILE_OPS_CACHE_THREADS, COMPILE_OPS_CACHE_VROWS)."""
     if request.param != "auto":
         monkeypatch.setenv("COMPILE_OPS_CACHE_STAGED",
                            "1" if request.param == "staged" else "0")
-    if request.param == "register_256_element_rows":
+    if request.param == "register_rows_256":
         monkeypatch.setenv("COMPILE_OPS_CACHE_THREADS", "256")
-        monkeypatch.setenv("COMPILE_OPS_CACHE_VROWS", "0")
+        monkeypatch.setenv("COMPILE_OPS_CACHE_VROWS", "1")
     return request.param
 
 

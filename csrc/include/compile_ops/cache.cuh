@@ -157,13 +157,14 @@ __device__ __forceinline__ void store_value_rows(const T* vals, int64_t slot, fl
 // page's tokens are adjacent there), instead of one 2-byte store per 32-byte sector per token.
 // VEC: 16-byte loads of the input and one 16-byte store per key chunk (the launcher checked the
 // alignment of every address); otherwise element accesses.
-// Value rows (VEC, 32-token tiles, `v.vec_rows`): a warp's 32 tokens x X dims of one chunk are
+// ROWS (with VEC, 32-token tiles and `v.vec_rows`; an A/B option, off by default: it measured
+// 5-10% slower on an H200, bench/NOTES.md session 8): a warp's 32 tokens x X dims of one chunk are
 // transposed through 512 bytes of shared memory, and each lane stores X tokens of one dim's row
 // with one 16-byte store where those tokens' slots run on from an X-aligned page offset (a
 // prefill); other groups store their elements one by one. Element stores put 32 tokens' 2 bytes
 // per instruction in the rows (8 instructions per chunk); the row stores, 512 bytes (one).
 // The register path's body: `slot_of(t)` gives token t's slot (or -1 to skip it).
-template <typename T, typename C, int KV, bool VEC, int U, typename SlotOf>
+template <typename T, typename C, int KV, bool VEC, int U, bool ROWS = false, typename SlotOf>
 __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_tokens,
                                                     int block_size, int head_size, int tile_shift,
                                                     const PagedSide& k, const PagedSide& v) {
@@ -178,7 +179,7 @@ __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_
   const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
   const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
   // CTA-uniform; with 32-token tiles every warp holds one chunk of 32 tokens (items % 32 == 0)
-  const bool rows = VEC && v.vec_rows && tile_shift == 5 && blockDim.x % 32 == 0 &&
+  const bool rows = ROWS && VEC && v.vec_rows && tile_shift == 5 && blockDim.x % 32 == 0 &&
                     blockDim.x <= 32 * kMaxCacheWarps;
   for (int base = threadIdx.x; base < items; base += blockDim.x * U) {
     Pack<T, X> in[U];
@@ -205,7 +206,7 @@ __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = (base + u * blockDim.x) >> tile_shift;
-      if constexpr (VEC) {
+      if constexpr (ROWS && VEC) {
         alignas(16) __shared__ C row_stage[kMaxCacheWarps][X * 32];
         __shared__ int64_t row_slots[kMaxCacheWarps][32];
         if (rows && base + u * blockDim.x < items && c >= chunks) {  // warp-uniform
@@ -241,7 +242,7 @@ __device__ __forceinline__ void write_tile_in_lanes(SlotOf slot_of, int64_t num_
   }
 }
 
-template <typename T, typename C, int KV, bool VEC, int U>
+template <typename T, typename C, int KV, bool VEC, int U, bool ROWS>
 __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mapping,
                                          int64_t num_tokens, int64_t num_slots, int block_size,
                                          int head_size, int tile_shift, PagedSide k,
@@ -252,7 +253,7 @@ __global__ void reshape_and_cache_kernel(const int64_t* __restrict__ slot_mappin
     const int64_t s = slot_mapping[t0 + tt];
     return s >= 0 && s < num_slots ? s : -1;
   };
-  write_tile_in_lanes<T, C, KV, VEC, U>(slot_of, num_tokens, block_size, head_size, tile_shift,
+  write_tile_in_lanes<T, C, KV, VEC, U, ROWS>(slot_of, num_tokens, block_size, head_size, tile_shift,
                                         k, v);
 }
 
