@@ -20,6 +20,7 @@ SCRIPTS = [
     ("bench/bench_mla.py", "cpu check ok: mla variants match"),
     ("bench/bench_e2e.py", "cpu check ok: e2e variants match"),
     ("bench/bench_sampling.py", "cpu check ok: argmax variants match"),
+    ("bench/bench_hf.py", "cpu check ok: hf variants match"),
 ]
 
 
