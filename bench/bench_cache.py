@@ -166,15 +166,24 @@ def block_mapping(n, nb, pattern):
 @contextlib.contextmanager
 def swap_mode(mode):
     """swap_blocks reads COMPILE_OPS_SWAP_MODE on every call."""
-    old = os.environ.get(SWAP_ENV)
-    os.environ[SWAP_ENV] = mode
+    with env_set({SWAP_ENV: mode}):
+        yield
+
+
+@contextlib.contextmanager
+def env_set(env: dict):
+    """os.environ updated for the block (the launchers read their COMPILE_OPS_* switches per
+    call; under a CUDA graph the kernel chosen at capture is replayed)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(SWAP_ENV)
-        else:
-            os.environ[SWAP_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,18 +399,9 @@ def bench_write(args, dtype, copy_bw, section):
 
 
 def with_env(env: dict, call):
-    """call() with os.environ updated (the launchers read their COMPILE_OPS_* switches per call;
-    under a CUDA graph the kernel chosen at capture is replayed)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    """call() under env_set(env)."""
+    with env_set(env):
         return call()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def kernel_variant(spec: str):
