@@ -34,6 +34,7 @@ from compile_ops.norm import fused_add_rms_norm, rms_norm
 from compile_ops.rope_cache import fused_rope_and_cache, fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
 from compile_ops.sampling import argmax
+from compile_ops.static_cache import static_cache_attention
 
 __version__ = "0.1.0"
 
@@ -68,6 +69,7 @@ __all__ = [
     "indexer_k_quant_and_cache",
     "cp_gather_indexer_k_quant_cache",
     "argmax",
+    "static_cache_attention",
 ]
 
 

@@ -247,3 +247,103 @@ def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
         big_m = m_new
     o = acc / tl.where(big_l > 0.0, big_l, 1.0)
     tl.store(OUT + seq * o_s + h * o_h + d, o.to(OUT.dtype.element_ty), mask=dmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static (dense) caches: [batch, kv_heads, max_cache_len, head] keys and values (issue 16).
+
+
+@triton.jit
+def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scale, d, dmask,
+                 DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr,
+                 TAIL: tl.constexpr):
+    """One tile of BLOCK_N tokens `tok` of one sequence and KV head: logits, online softmax,
+    P V. Full tiles load without a token mask; the TAIL tile (the one holding the sequence's
+    end) masks the loads, so no slot at or past `end` is read (stale ones may be NaN, and past
+    max_cache_len there is no memory)."""
+    k_ptr = k_base + d[:, None] + tok[None, :].to(tl.int64) * kc_p  # [BLOCK_D, BLOCK_N]
+    v_ptr = v_base + tok[:, None].to(tl.int64) * vc_p + d[None, :]  # [BLOCK_N, BLOCK_D]
+    if TAIL:
+        tmask = tok < end
+        k = tl.load(k_ptr, mask=tmask[None, :] & dmask[:, None], other=0.0)
+        v = tl.load(v_ptr, mask=tmask[:, None] & dmask[None, :], other=0.0)
+    elif DPAD:
+        k = tl.load(k_ptr, mask=dmask[:, None], other=0.0)
+        v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr)
+        v = tl.load(v_ptr)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    if TAIL:
+        s = tl.where(tmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    elif not PSPLIT:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:  # P as two 16-bit parts, as in `tile`
+        p_hi = p.to(v.dtype)
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h"])
+def static_split_kernel(Q, KC, VC, LENS, OUT, PO, PM, PL, scale, nsplit, max_len,
+                        q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p,
+                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SLICES: tl.constexpr,
+                        HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr,
+                        DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr):
+    """Program (KV head x slice, sequence, split): the split's tokens of one sequence for every
+    query head of the slice. The sequence's length is seq_lens clamped into [0, max_len]."""
+    pid = tl.program_id(0)
+    kvh = pid // SLICES
+    g0 = (pid % SLICES) * BLOCK_G
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    length = tl.minimum(tl.maximum(tl.load(LENS + seq), 0), max_len).to(tl.int32)
+    start = split * SPLIT
+    end = tl.minimum(length, start + SPLIT)
+    if start < length + (1 if DIRECT else 0):  # DIRECT writes zeros for an empty sequence
+        g = tl.arange(0, BLOCK_G)
+        gmask = (g0 + g) < GROUP
+        head_idx = kvh * GROUP + g0 + g
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD
+        q = tl.load(Q + seq * q_s + head_idx[:, None] * q_h + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        qk_scale = scale * 1.4426950408889634  # exp2 of log2(e) * x = exp(x)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        k_base = KC + seq * kc_b + kvh.to(tl.int64) * kc_h
+        v_base = VC + seq * vc_b + kvh.to(tl.int64) * vc_h
+        n_full = (end - start) // BLOCK_N
+        for i in range(0, n_full):
+            tok = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end,
+                                         qk_scale, d, dmask, DPAD, IEEE, PSPLIT, False)
+        if start + n_full * BLOCK_N < end:
+            tok = start + n_full * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end,
+                                         qk_scale, d, dmask, DPAD, IEEE, PSPLIT, True)
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        omask = gmask[:, None] & dmask[None, :]
+        if DIRECT:
+            tl.store(OUT + seq * o_s + head_idx[:, None] * o_h + d[None, :],
+                     o.to(OUT.dtype.element_ty), mask=omask)
+        else:
+            row = (seq * HEADS + head_idx) * nsplit + split  # [seqs, heads, nsplit]
+            tl.store(PM + row, m_i, mask=gmask)  # base 2, as merge_kernel takes them
+            tl.store(PL + row, l_i, mask=gmask)
+            tl.store(PO + row[:, None] * HEAD + d[None, :], o, mask=omask)

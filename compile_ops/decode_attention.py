@@ -339,3 +339,65 @@ def validate(op: str, block_tables: torch.Tensor, seq_lens: torch.Tensor,
         b = int(blk[bad][0])
         C.fail(op, f"block_tables holds block {b}, outside the cache's {num_blocks} blocks",
                IndexError)
+
+
+def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                  the_plan: Optional[Plan] = None) -> Optional[Plan]:
+    """``static_cache_attention``'s CUDA path (its checks have run): ``static_split_kernel`` over
+    [batch, kv_heads, max_cache_len, head] caches, cut by ``plan`` as a paged cache of
+    max_cache_len tokens per sequence would be, then ``merge_kernel`` when a sequence has more
+    than one split. The plan depends only on shapes (the lengths stay on the device)."""
+    from compile_ops import _decode_attention_kernels as k
+
+    batch, heads, head = query.shape
+    kv_heads, max_len = key_cache.shape[1], key_cache.shape[2]
+    if batch == 0:
+        return None
+    if max_len == 0:
+        out.zero_()
+        return None
+    if out.stride(2) != 1 and head > 1:  # the kernels write head_size-contiguous rows
+        res = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        p = static_decode(res, query, key_cache, value_cache, seq_lens, scale, the_plan)
+        out.copy_(res)
+        return p
+    if query.stride(2) != 1 and head > 1:
+        query = query.contiguous()
+    sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
+    if the_plan is None:
+        # Splits up to the whole cache (no 512-token cap: there is no v2 contract here), halved
+        # while that gives fewer than two programs per SM over max_cache_len (only the slots
+        # below seq_lens have work, and the graph does not know how many there are).
+        base = batch * kv_heads * -(-(heads // kv_heads) // MAX_BLOCK_G)
+        split = max(triton_next_pow2(max_len), 32)
+        while split > 64 and base * -(-max_len // split) < 2 * sms:
+            split //= 2
+        the_plan = plan(batch, heads, kv_heads, head, max_len, key_cache.element_size(), sms,
+                        split=split)
+    p = the_plan
+    block_d = triton_next_pow2(max(head, 16))
+    dev = query.device
+    if p.direct:
+        po = pm = pl = out  # unused
+    else:
+        po = torch.empty(batch, heads, p.nsplit, head, dtype=torch.float32, device=dev)
+        pm = torch.empty(batch, heads, p.nsplit, dtype=torch.float32, device=dev)
+        pl = torch.empty_like(pm)
+    k.static_split_kernel[(kv_heads * p.slices, batch, p.nsplit)](
+        query, key_cache, value_cache, seq_lens, out, po, pm, pl, float(scale), p.nsplit,
+        max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        GROUP=heads // kv_heads, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
+        BLOCK_D=block_d, BLOCK_N=p.block_n, SPLIT=p.split, DIRECT=p.direct,
+        DPAD=block_d != head, IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
+        num_warps=p.num_warps, num_stages=p.num_stages)
+    if not p.direct:
+        pch = max(1, min(triton_next_pow2(p.nsplit), 16))
+        k.merge_kernel[(heads, batch)](
+            out, po, pm, pl, seq_lens, out, out, out, p.nsplit,
+            out.stride(0), out.stride(1), 0, 0, 0, 0, 0,
+            HEADS=heads, HEAD=head, BLOCK_D=block_d, SPLIT=p.split, PCH=pch, FINE=1,
+            V2=False, num_warps=4)
+    return p
