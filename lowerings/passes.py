@@ -112,8 +112,10 @@ def default_passes() -> list[FusionPass]:
     from lowerings.add_rms_norm import AddRMSNormPass
     from lowerings.argmax import ArgmaxPass
     from lowerings.rope_cache import RopeCachePass
+    from lowerings.static_cache_attention import StaticCacheAttentionPass
 
-    return [AddRMSNormPass(), RopeCachePass(), ActivationLoweringPass(), ArgmaxPass()]
+    return [StaticCacheAttentionPass(), AddRMSNormPass(), RopeCachePass(),
+            ActivationLoweringPass(), ArgmaxPass()]
 
 
 _MANAGER: PassManager | None = None

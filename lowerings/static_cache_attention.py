@@ -1,0 +1,339 @@
+"""Rewrite: GQA ``repeat_kv`` + SDPA over a static KV cache at decode ->
+``compile_ops.static_cache_attention`` (issue 16).
+
+A Hugging Face ``StaticCache`` decode step (gpt-fast's ``KVCache`` is the same shape) attends one
+query token per sequence over the whole ``[batch, kv_heads, max_cache_len, head]`` cache with a
+mask that hides the slots past the current position. In the post-grad graph::
+
+    kc' = aten.index_put(kc, [None, None, pos], k)           # or any [B, Hkv, L, D] tensor
+    K   = reshape(clone(expand(unsqueeze(kc', 2), [B, Hkv, g, L, D])), [B, Hkv * g, L, D])
+    V   = the same of vc'                                     # (g = 1: kc', vc' themselves)
+    m   = where(le(kv_idx, q_idx), 0, -inf)   or the boolean le(kv_idx, q_idx) (also lt, ge, gt
+                                              with the operands swapped)
+          kv_idx = iota(L) as [1, 1, 1, L];  q_idx = one position ([1] or [], or [B] per sequence)
+    o   = getitem(aten._scaled_dot_product_{flash_attention_for_cpu, efficient_attention,
+                                             cudnn_attention}(q [B, Hq, 1, D], K, V, m), 0)
+
+``repeat_kv`` copies the whole cache (g times) every step and SDPA then reads every slot. The
+rewrite::
+
+    lens = q_idx + 1 (le) as int64 [B]            # computed once per mask, shared by the layers
+    o    = static_cache_attention(empty([B, Hq, D]), reshape(q, [B, Hq, D]), kc', vc', lens,
+                                  scale) viewed as [B, Hq, 1, D]
+
+reads each K/V byte of slots ``0 .. lens - 1`` once (the kernel clamps lens into [0, L], which
+is what the mask over L slots means). Exactly the same attention: the mask is proven to be
+"slot j attended iff j < lens" before anything is rewritten.
+
+Never rewritten (each a logged near miss): more than one query token (prefill), dropout, SDPA's
+``is_causal``, no mask or a mask of another form (a padding mask, a sliding window, an ``and`` of
+several conditions, a float mask other than 0 / -inf), K / V not ``repeat_kv`` of a
+``[B, Hkv, L, D]`` tensor, head sizes or dtypes the op does not take, the log-sum-exp output used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+
+import torch
+
+import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
+from compile_ops.static_cache import MAX_HEAD
+from lowerings.passes import FusionPass
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+SDPA_OPS = {}
+for _name in ("_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_flash_attention"):
+    _op = getattr(aten, _name, None)
+    if _op is not None:
+        SDPA_OPS[_op.default] = _name
+
+RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+BROADCASTS = (aten.unsqueeze.default, aten.expand.default, aten.view.default,
+              aten.reshape.default, aten._unsafe_view.default, aten.alias.default)
+# le(a, b): a <= b.  For kv <= q: lens = q + 1; kv < q: lens = q.  Swapped forms: ge(q, kv) etc.
+_CMP = {aten.le.Tensor: ("kv_q", 1), aten.lt.Tensor: ("kv_q", 0),
+        aten.ge.Tensor: ("q_kv", 1), aten.gt.Tensor: ("q_kv", 0)}
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _arg(node: torch.fx.Node, name: str, default=None):
+    """An argument of an aten call by schema name, positional or keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return a.default_value if a.has_default_value() else default
+    return default
+
+
+def _through(node, ops):
+    """Walk `ops` (first argument) up from `node`: the first other node."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in ops:
+        node = node.args[0]
+    return node
+
+
+def _const_full(node, value) -> bool:
+    """`node` is a scalar-tensor constant equal to `value` (aten.full of [] / ones shape)."""
+    node = _through(node, BROADCASTS)
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and
+            node.target in (aten.full.default, aten.scalar_tensor.default)):
+        return False
+    v = node.args[1] if node.target is aten.full.default else node.args[0]
+    return isinstance(v, (int, float)) and (v == value or (math.isnan(v) and math.isnan(value)))
+
+
+def _is_kv_index(node, length: int) -> bool:
+    """`node` is iota / arange(0, L, 1) broadcast only along the last dimension."""
+    v = _val(node)
+    if v is None or v.dim() == 0 or v.shape[-1] != length or v.numel() != length:
+        return False
+    root = _through(node, BROADCASTS)
+    if not (isinstance(root, torch.fx.Node) and root.op == "call_function"):
+        return False
+    if root.target is prims.iota.default:
+        return (root.args[0] == length and root.kwargs.get("start", 0) == 0 and
+                root.kwargs.get("step", 1) == 1)
+    if root.target is aten.arange.default:
+        return root.args[0] == length
+    if root.target is aten.arange.start_step:
+        return root.args[0] == 0 and root.args[1] == length and \
+            (len(root.args) < 3 or root.args[2] == 1)
+    if root.target is aten.arange.start:
+        return root.args[0] == 0 and root.args[1] == length
+    return False
+
+
+class StaticCacheAttentionPass(FusionPass):
+    name = "static_cache_attention"
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        matches = 0
+        self._lens = {}
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in SDPA_OPS:
+                if self._try(graph, node):
+                    matches += 1
+        return matches
+
+    # -- the pieces ----------------------------------------------------------------------------
+    def _repeat_kv_source(self, node, heads: int):
+        """The [B, Hkv, L, D] tensor that `node` ([B, Hq, L, D]) is repeat_kv of, or a reason."""
+        v = _val(node)
+        if v is None or v.dim() != 4:
+            return None, "K/V is not a 4-d tensor"
+        src = node
+        if node.op == "call_function" and node.target in RESHAPES:
+            inner = node.args[0]
+            if inner.op == "call_function" and inner.target is aten.clone.default:
+                inner = inner.args[0]
+            if not (inner.op == "call_function" and inner.target is aten.expand.default):
+                return None, "K/V is a reshape of something other than repeat_kv's expand"
+            uns = inner.args[0]
+            if not (uns.op == "call_function" and uns.target is aten.unsqueeze.default and
+                    uns.args[1] == 2):
+                return None, "K/V's expand is not of unsqueeze(cache, 2)"
+            src = uns.args[0]
+            sv, ev = _val(src), _val(inner)
+            if sv is None or sv.dim() != 4 or ev is None or ev.dim() != 5:
+                return None, "repeat_kv source is not [B, Hkv, L, D]"
+            b, hkv, length, d = sv.shape
+            if tuple(ev.shape) != (b, hkv, ev.shape[2], length, d) or \
+                    tuple(v.shape) != (b, hkv * ev.shape[2], length, d):
+                return None, "K/V's expand / reshape is not repeat_kv's"
+        sv = _val(src)
+        if sv is None or sv.dim() != 4 or heads % sv.shape[1]:
+            return None, "K/V heads do not divide the query heads"
+        return src, None
+
+    def _mask_lens(self, mask, length: int):
+        """(q_idx node, offset) when mask[..., j] == (j < q_idx + offset) for every query row;
+        else (None, reason)."""
+        mv = _val(mask)
+        if mv is None:
+            return None, "mask without metadata"
+        cond = mask
+        if mv.dtype != torch.bool:
+            if not (mask.op == "call_function" and mask.target is aten.where.self and
+                    _const_full(mask.args[1], 0.0) and _const_full(mask.args[2], float("-inf"))):
+                return None, "float mask is not where(cond, 0, -inf)"
+            cond = mask.args[0]
+        cond = _through(cond, (aten.expand.default, aten.alias.default))
+        if not (isinstance(cond, torch.fx.Node) and cond.op == "call_function" and
+                cond.target in _CMP):
+            return None, f"mask condition is {getattr(cond, 'target', cond)}, not a comparison " \
+                         "of key slot and query position"
+        order, off = _CMP[cond.target]
+        a, b = cond.args[0], cond.args[1]
+        kv, q = (a, b) if order == "kv_q" else (b, a)
+        if not isinstance(kv, torch.fx.Node) or not _is_kv_index(kv, length):
+            return None, "mask's key side is not arange(max_cache_len)"
+        qv = _val(q)
+        if not isinstance(q, torch.fx.Node) or qv is None or qv.dtype.is_floating_point or \
+                qv.dtype == torch.bool:
+            return None, "mask's query side is not an integer tensor"
+        q_root = _through(q, (aten.unsqueeze.default, aten.view.default, aten.reshape.default,
+                              aten.alias.default))
+        rv = _val(q_root)
+        if rv is None or rv.numel() != 1 or qv.shape[-1] != 1:
+            return None, "mask's query side is not one position (one query token)"
+        return (q_root, off), None
+
+    def _lens_node(self, graph, before, q_root, off, batch):
+        key = (q_root, off, batch)
+        if key in self._lens:
+            return self._lens[key]
+        rv = _val(q_root)
+        with graph.inserting_before(before):
+            flat = graph.call_function(aten.reshape.default, (q_root, [1]))
+            wide = graph.call_function(aten.expand.default, (flat, [batch]))
+            # add makes a fresh contiguous [batch] tensor (also for off = 0)
+            lens = graph.call_function(aten.add.Tensor, (wide, off))
+        with _fake_mode(rv):
+            fv = rv.reshape(1)
+            wv = fv.expand(batch)
+            lv = wv + off
+        flat.meta["val"], wide.meta["val"], lens.meta["val"] = fv, wv, lv
+        # placed before the first SDPA that uses it; later ones come after in graph order
+        self._lens[key] = lens
+        return lens
+
+    # -- one SDPA ------------------------------------------------------------------------------
+    def _try(self, graph, sdpa) -> bool:
+        kind = SDPA_OPS[sdpa.target]
+        if kind == "_scaled_dot_product_flash_attention":
+            self.near_miss("flash SDPA without a mask (is_causal or no mask)", sdpa)
+            return False
+        q, k, v = sdpa.args[:3]
+        qv = _val(q)
+        if qv is None or qv.dim() != 4:
+            self.near_miss("query is not [B, H, T, D]", sdpa)
+            return False
+        batch, heads, qlen, head = qv.shape
+        if not isinstance(qlen, int) or not isinstance(batch, int):
+            self.near_miss("symbolic shapes", sdpa)
+            return False
+        if qlen != 1:
+            self.near_miss(f"{qlen} query tokens (prefill), not one", sdpa)
+            return False
+        if qv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or head > MAX_HEAD:
+            self.near_miss(f"query dtype {qv.dtype} / head size {head} not taken", sdpa)
+            return False
+        if float(_arg(sdpa, "dropout_p", 0.0)) != 0.0:
+            self.near_miss("dropout", sdpa)
+            return False
+        if _arg(sdpa, "is_causal", False):
+            self.near_miss("is_causal (SDPA's top-left causal mask)", sdpa)
+            return False
+        mask = _arg(sdpa, "attn_mask" if kind.endswith("_for_cpu") else "attn_bias")
+        if mask is None:
+            self.near_miss("no mask (attention over every slot of the cache)", sdpa)
+            return False
+        outs = list(sdpa.users)
+        if not all(u.target is operator.getitem for u in outs):
+            self.near_miss("SDPA result used other than through getitem", sdpa)
+            return False
+        if any(u.args[1] != 0 and u.users for u in outs):
+            self.near_miss("log-sum-exp (or another SDPA output) is used", sdpa)
+            return False
+        kc, why = self._repeat_kv_source(k, heads)
+        if kc is None:
+            self.near_miss(f"key: {why}", sdpa)
+            return False
+        vc, why = self._repeat_kv_source(v, heads)
+        if vc is None:
+            self.near_miss(f"value: {why}", sdpa)
+            return False
+        kcv, vcv = _val(kc), _val(vc)
+        if kcv.shape != vcv.shape or kcv.shape[0] != batch or kcv.shape[3] != head or \
+                kcv.dtype != qv.dtype or vcv.dtype != qv.dtype:
+            self.near_miss("key / value caches differ in shape or dtype from each other or the "
+                           "query", sdpa)
+            return False
+        if head > 1 and (kcv.stride(3) != 1 or vcv.stride(3) != 1):
+            self.near_miss("cache not contiguous in head_size", sdpa)
+            return False
+        length = kcv.shape[2]
+        ml, why = self._mask_lens(mask, length)
+        if ml is None:
+            self.near_miss(why, sdpa)
+            return False
+        q_root, off = ml
+        mv = _val(mask)
+        if mv.dim() < 1 or mv.shape[-1] != length or mv.dim() > 4 or \
+                any(s != 1 for s in mv.shape[-2:-1]):
+            self.near_miss("mask shape is not [..., 1, max_cache_len]", sdpa)
+            return False
+        scale = _arg(sdpa, "scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min((u for u in outs if u.users), key=lambda n: order[n], default=None)
+        if first is None:
+            return False
+        for n in (q, kc, vc, q_root):
+            if order[n] > order[sdpa]:
+                return False
+        lens = self._lens_node(graph, sdpa, q_root, off, batch)
+        if order.get(lens, -1) > order[sdpa]:  # a shared lens placed after this SDPA: rebuild
+            self._lens.pop((q_root, off, batch))
+            lens = self._lens_node(graph, sdpa, q_root, off, batch)
+
+        with graph.inserting_before(sdpa):
+            q3 = graph.call_function(aten.reshape.default, (q, [batch, heads, head]))
+            out = graph.call_function(aten.empty.memory_format, ([batch, heads, head],),
+                                      {"dtype": qv.dtype, "device": qv.device})
+            af = graph.call_function(
+                torch.ops.higher_order.auto_functionalized,
+                (torch.ops.compile_ops.static_cache_attention.default,),
+                {"out": out, "query": q3, "key_cache": kc, "value_cache": vc, "seq_lens": lens,
+                 "scale": scale})
+            res = graph.call_function(operator.getitem, (af, 1))
+            o4 = graph.call_function(aten.reshape.default, (res, [batch, heads, 1, head]))
+        with _fake_mode(qv):
+            q3v = qv.reshape(batch, heads, head)
+            outv = torch.empty((batch, heads, head), dtype=qv.dtype, device=qv.device)
+            o4v = outv.reshape(batch, heads, 1, head)
+        q3.meta["val"], out.meta["val"], res.meta["val"], o4.meta["val"] = q3v, outv, outv, o4v
+        af.meta["val"] = (None, outv)
+        for u in outs:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(o4)
+        for u in outs:
+            graph.erase_node(u)
+        graph.erase_node(sdpa)
+        _erase_dead(graph, [k, v, mask])
+        self.matched("%s: [%d, %d, 1, %d] over %s / %s (%d slots), lens = %s + %d", kind, batch,
+                     heads, head, kc.name, vc.name, length, q_root.name, off)
+        return True
+
+
+def _fake_mode(v):
+    return getattr(v, "fake_mode", None) or contextlib.nullcontext()
+
+
+def _erase_dead(graph, roots):
+    """Erase the pure call nodes reachable upward from `roots` that nothing uses any more."""
+    stack = [r for r in roots if isinstance(r, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n.op != "call_function" or n.users or n.graph is not graph:
+            continue
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+            continue
+        ins = [a for a in n.all_input_nodes]
+        graph.erase_node(n)
+        stack.extend(ins)
