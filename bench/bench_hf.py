@@ -105,6 +105,23 @@ def decode(fn, token, context, steps, device):
     return torch.cat(tokens, 1), logits
 
 
+def cache_rewinder(cache, position: int):
+    """A callable that sets every layer's write position back to `position`: transformers'
+    StaticCache layers keep their own counter (``cumulative_length``, a device tensor that each
+    step advances in place, and which places the write and the mask), so a replayed step would
+    otherwise move one slot on per replay and run off the cache. One ``_foreach_copy_`` (one
+    small kernel for all layers, in every variant's timing alike)."""
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+    if not counters:
+        return lambda: None
+    src = [torch.full_like(c, position) for c in counters]
+
+    def rewind():
+        torch._foreach_copy_(counters, src)
+    return rewind
+
+
 def step_bytes(model, config, batch, context) -> int:
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if "embed_tokens" not in n)
@@ -170,10 +187,13 @@ def bench_point(rep, model, config, batch, cache_len, context, variants, check_s
                 rep.notes.append(f"{label}: passes {pass_counters() or 'none ran'}")
             pos = torch.tensor([context + check_steps], device="cuda")
             token = tokens[:, -1:].clone()
+            rewind = cache_rewinder(cache, context + check_steps)
 
-            def call(fn=fn, token=token, pos=pos):
+            def call(fn=fn, token=token, pos=pos, rewind=rewind):
                 with torch.no_grad():
-                    return fn(token, pos)
+                    res = fn(token, pos)
+                    rewind()  # every replay writes and attends at the same position
+                    return res
 
             t = harness.time_calls([call], nbytes, use_graph=True)
             rep.add(harness.Result(case, variant, t["seconds"], nbytes, t["graph"], t["sets"],

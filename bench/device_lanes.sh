@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (the `device` tool, nvidia-h200-x2 preferred): build, then two lanes at once.
 # Bench lane (GPU 0, cores 0-7): bench/tune_decode_attention.py checks, then the benchmarks named
-# in BENCHES (paged wide h256 breakdown e2e ablate cache cache_old sampling rope backend hf; CACHE_ARGS
+# in BENCHES (paged wide h256 breakdown e2e ablate cache cache_old sampling rope backend static hf; CACHE_ARGS
 # go to bench_cache.py, HF_ARGS to bench_hf.py). Test lane (GPU 1 when there are two, cores 8+): pytest -m cuda over
 # TEST_SEL (then TEST_SEL2 if set), then
 # compute-sanitizer memcheck / racecheck (SANITIZE, SAN_FILES, SAN_K, SAN2_FILES, SAN2_K, RACECHECK,
@@ -79,6 +79,7 @@ bench_lane() {
       sampling) $tc timeout $(( $(left) - 10 )) python3 bench/bench_sampling.py --out "$R" > "$R/bench_sampling.log" 2>&1 ;;
       rope) $tc timeout $(( $(left) - 10 )) python3 bench/bench_rope_cache.py --layout paged --quick --out "$R" > "$R/bench_rope_cache.log" 2>&1 ;;
       backend) $tc timeout $(( $(left) - 10 )) python3 bench/bench_backend.py --out "$R" > "$R/bench_backend.log" 2>&1 ;;
+      static) $tc timeout $(( $(left) - 10 )) python3 bench/bench_static_cache.py --out "$R" ${STATIC_ARGS:-} > "$R/bench_static_cache.log" 2>&1 ;;
       hf) $tc timeout $(( $(left) - 10 )) python3 bench/bench_hf.py --out "$R" ${HF_ARGS:-} > "$R/bench_hf.log" 2>&1 ;;
     esac
     el "bench $spec rc $?"

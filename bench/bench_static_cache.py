@@ -1,0 +1,129 @@
+"""Decode attention over a static KV cache (issue 16): ``static_cache_attention`` against what a
+Hugging Face Llama runs for it, side by side (bf16, 32 query / 8 KV heads of 128, one query token
+per sequence, ``context`` tokens in a ``[batch, 8, max_cache_len, 128]`` cache; CUDA-graph timing):
+
+- ``hf_eager``: ``repeat_kv`` (expand + reshape: a copy of the whole cache) then SDPA with the
+  float mask ``where(arange(L) <= pos, 0, -inf)`` over all ``max_cache_len`` slots (HF's
+  ``sdpa_attention_forward``);
+- ``hf_inductor``: the same function under ``torch.compile`` (backend inductor);
+- ``sdpa_gqa_dense``: SDPA with ``enable_gqa=True`` over only the first ``context`` slots (a
+  contiguous copy made outside the timing): the strongest dense peer, which needs the length on
+  the host;
+- ``compile_ops``: ``static_cache_attention`` (lengths on the device).
+
+Bytes: query + output + the K and V of the ``context`` tokens (what a decode step must read).
+A CPU check (``--cpu-check``) compares the op with the HF formulation.
+
+    python bench/bench_static_cache.py
+    python bench/bench_static_cache.py --batch 1 32 --cache-len 4096
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import compile_ops  # noqa: E402, F401
+
+HEADS, KV_HEADS, HEAD = 32, 8, 128
+VARIANTS = ("hf_eager", "hf_inductor", "sdpa_gqa_dense", "compile_ops")
+
+
+def hf_attention(q, kc, vc, pos):
+    """HF Llama's decode attention over a static cache: repeat_kv, mask, SDPA."""
+    b, hkv, length, d = kc.shape
+    g = q.shape[1] // hkv
+    k = kc[:, :, None].expand(b, hkv, g, length, d).reshape(b, hkv * g, length, d)
+    v = vc[:, :, None].expand(b, hkv, g, length, d).reshape(b, hkv * g, length, d)
+    kv_idx = torch.arange(length, device=q.device)
+    mask = torch.where(kv_idx[None, None, None, :] <= pos[None, None, :, None], 0.0,
+                       float("-inf")).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5)
+
+
+def ours(q, kc, vc, pos):
+    b, h, _, d = q.shape
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    lens = (pos + 1).expand(b).contiguous()
+    torch.ops.compile_ops.static_cache_attention(out, q.view(b, h, d), kc, vc, lens, d ** -0.5)
+    return out.view(b, h, 1, d)
+
+
+def make_case(batch, cache_len, context, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, HEADS, 1, HEAD, generator=g, device=device, dtype=dtype)
+    kc = torch.randn(batch, KV_HEADS, cache_len, HEAD, generator=g, device=device, dtype=dtype)
+    vc = torch.randn(batch, KV_HEADS, cache_len, HEAD, generator=g, device=device, dtype=dtype)
+    kc[:, :, context:] = 0  # slots not yet written
+    vc[:, :, context:] = 0
+    pos = torch.tensor([context - 1], device=device)
+    return q, kc, vc, pos
+
+
+def cpu_check():
+    for batch, cache_len, context in ((2, 64, 17), (1, 40, 40), (3, 32, 1)):
+        q, kc, vc, pos = make_case(batch, cache_len, context, torch.float32, "cpu")
+        want = hf_attention(q, kc, vc, pos)
+        got = ours(q, kc, vc, pos)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        comp = torch.compile(hf_attention, backend="compile_ops", fullgraph=True)
+        torch.testing.assert_close(comp(q, kc, vc, pos), want, atol=2e-5, rtol=2e-5)
+    print("cpu check ok: static_cache_attention matches HF's repeat_kv + masked SDPA")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--cache-len", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--context", type=int, default=None, help="default max_cache_len / 2")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    harness.add_common_args(p)
+    args = p.parse_args()
+    dtype, copy_bw = harness.start(args)
+    if args.cpu_check:
+        cpu_check()
+        return
+    rep = harness.Report("Decode attention over a static cache (32/8 heads of 128)", copy_bw,
+                         "hf_inductor", ["batch", "max_cache_len", "context"])
+    compiled = torch.compile(hf_attention, backend="inductor", fullgraph=True, dynamic=False)
+    for cache_len in args.cache_len:
+        for batch in args.batch:
+            context = args.context or cache_len // 2
+            case = {"batch": batch, "max_cache_len": cache_len, "context": context}
+            es = torch.empty(0, dtype=dtype).element_size()
+            nbytes = 2 * batch * HEADS * HEAD * es + 2 * batch * KV_HEADS * context * HEAD * es
+            want = None
+            for variant in args.variants:
+                def make(variant=variant):
+                    q, kc, vc, pos = make_case(batch, cache_len, context, dtype, "cuda")
+                    if variant == "hf_eager":
+                        return lambda: hf_attention(q, kc, vc, pos)
+                    if variant == "hf_inductor":
+                        return lambda: compiled(q, kc, vc, pos)
+                    if variant == "sdpa_gqa_dense":
+                        k, v = kc[:, :, :context].contiguous(), vc[:, :, :context].contiguous()
+                        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True,
+                                                                      scale=HEAD ** -0.5)
+                    return lambda: ours(q, kc, vc, pos)
+                call = make()
+                got = call().float()
+                if want is None:
+                    want = got
+                else:
+                    err = (got - want).abs().max().item()
+                    if err > 2e-2:
+                        raise AssertionError(f"{case} {variant}: max error {err} vs "
+                                             f"{args.variants[0]}")
+                rep.add(harness.measure(case, variant, make, nbytes, use_graph=True))
+    paths = rep.write(args.out, harness.device_stem("static_cache"), plot_x="batch",
+                      plot_group=["max_cache_len"])
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
