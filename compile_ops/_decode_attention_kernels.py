@@ -209,7 +209,9 @@ def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
     h = tl.program_id(0).to(tl.int64)
     seq = tl.program_id(1).to(tl.int64)
     length = tl.maximum(tl.load(LENS + seq), 0)
-    n = tl.minimum(tl.cdiv(length, SPLIT), nsplit)  # partials written for this sequence
+    # Partials written for this sequence: min(cdiv(length, SPLIT), nsplit), with the length
+    # capped first (an int32 seq_len near 2**31 would overflow length + SPLIT - 1).
+    n = tl.cdiv(tl.minimum(length, nsplit * SPLIT), SPLIT)
     base = (seq * HEADS + h) * nsplit
     pp = tl.arange(0, PCH)
     ff = tl.arange(0, FINE)
