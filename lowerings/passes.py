@@ -81,6 +81,19 @@ def graph_ops(graph: torch.fx.Graph) -> list[str]:
     return sorted(op_name(n) for n in graph.nodes if n.op == "call_function")
 
 
+def _dump(directory: str, when: str, graph: torch.fx.Graph) -> None:
+    """COMPILE_OPS_DUMP_GRAPHS=dir: the post-grad graph before and after our passes, as text
+    (one numbered pair of files per compiled graph)."""
+    os.makedirs(directory, exist_ok=True)
+    n = len([f for f in os.listdir(directory) if f.endswith("_before.txt")])
+    n = n - 1 if when == "after" else n
+    with open(os.path.join(directory, f"graph{n:03d}_{when}.txt"), "w") as f:
+        try:
+            f.write(graph.python_code("self", verbose=True).src)
+        except Exception:  # noqa: BLE001  (the plain form is enough)
+            f.write(str(graph))
+
+
 class PassManager(CustomGraphPass):
     """Runs the fusion passes in order; records the op list after the last run."""
 
@@ -91,10 +104,15 @@ class PassManager(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.ops_before = graph_ops(graph)
+        dump = os.environ.get("COMPILE_OPS_DUMP_GRAPHS", "")
+        if dump:
+            _dump(dump, "before", graph)
         for p in self.passes:
             if p.apply(graph):
                 graph.lint()
         self.ops_after = graph_ops(graph)
+        if dump:
+            _dump(dump, "after", graph)
 
     def uuid(self):
         h = hashlib.sha256()

@@ -117,6 +117,54 @@ def _is_kv_index(node, length: int) -> bool:
     return False
 
 
+MASK_VIEWS = (aten.expand.default, aten.alias.default, aten.clone.default, aten.view.default,
+              aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default)
+
+
+def _strip_mask(mask, length: int):
+    """What SDPA's mask preprocessing adds around the mask, removed: broadcasts to
+    [B, H, 1, L] (the efficient / cuDNN kernels take an expanded bias), copies, and the
+    alignment padding ``slice(constant_pad_nd(m, [0, pad]), -1, 0, L)``, which gives back the
+    first L columns of m unchanged."""
+    while isinstance(mask, torch.fx.Node) and mask.op == "call_function":
+        t = mask.target
+        if t in MASK_VIEWS:
+            mask = mask.args[0]
+            continue
+        if t is aten.slice.Tensor:
+            dim = mask.args[1] if len(mask.args) > 1 else 0
+            start = mask.args[2] if len(mask.args) > 2 else 0
+            end = mask.args[3] if len(mask.args) > 3 else None
+            step = mask.args[4] if len(mask.args) > 4 else 1
+            src = mask.args[0]
+            sv = _val(src)
+            if sv is None or dim not in (-1, sv.dim() - 1) or start not in (0, None) or \
+                    step != 1 or end is None or min(end, sv.shape[-1]) != length:
+                break
+            if src.op == "call_function" and src.target is aten.constant_pad_nd.default:
+                pad = src.args[1]
+                if len(pad) >= 2 and pad[0] == 0 and all(p == 0 for p in pad[2:]):
+                    mask = src.args[0]
+                    continue
+            if sv.shape[-1] == length:
+                mask = src
+                continue
+            break
+        break
+    return mask
+
+
+def _describe(node, depth: int = 3) -> str:
+    """A short nested description of the ops producing `node` (for near-miss reasons)."""
+    if not isinstance(node, torch.fx.Node):
+        return repr(node)
+    if node.op != "call_function" or depth == 0:
+        return node.op if node.op != "call_function" else "..."
+    name = getattr(node.target, "__name__", str(node.target))
+    args = ", ".join(_describe(a, depth - 1) for a in node.args if isinstance(a, torch.fx.Node))
+    return f"{name}({args})"
+
+
 class StaticCacheAttentionPass(FusionPass):
     name = "static_cache_attention"
 
@@ -165,13 +213,15 @@ class StaticCacheAttentionPass(FusionPass):
         mv = _val(mask)
         if mv is None:
             return None, "mask without metadata"
+        mask = _strip_mask(mask, length)
         cond = mask
         if mv.dtype != torch.bool:
-            if not (mask.op == "call_function" and mask.target is aten.where.self and
+            if not (isinstance(mask, torch.fx.Node) and mask.op == "call_function" and
+                    mask.target is aten.where.self and
                     _const_full(mask.args[1], 0.0) and _const_full(mask.args[2], float("-inf"))):
-                return None, "float mask is not where(cond, 0, -inf)"
+                return None, f"float mask is not where(cond, 0, -inf): {_describe(mask)}"
             cond = mask.args[0]
-        cond = _through(cond, (aten.expand.default, aten.alias.default))
+        cond = _through(cond, MASK_VIEWS)
         if not (isinstance(cond, torch.fx.Node) and cond.op == "call_function" and
                 cond.target in _CMP):
             return None, f"mask condition is {getattr(cond, 'target', cond)}, not a comparison " \
