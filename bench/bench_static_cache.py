@@ -76,12 +76,55 @@ def cpu_check():
     print("cpu check ok: static_cache_attention matches HF's repeat_kv + masked SDPA")
 
 
+def tune(rep, case, nbytes, dtype, want):
+    """static_decode under forced plans (split: the default's x 1/2, x 1, x 2)."""
+    from compile_ops import decode_attention as da
+
+    batch, cache_len, context = case["batch"], case["max_cache_len"], case["context"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    base = da.static_plan(batch, HEADS, KV_HEADS, HEAD, cache_len, 2, sms)
+    for bn in (32, 64):
+        for w in (2, 4):
+            for st in (2, 3):
+                for f in (0.5, 1, 2):
+                    split = max(bn, int(base.split * f))
+                    if split > max(cache_len, bn) * 2:
+                        continue
+                    p = da.static_plan(batch, HEADS, KV_HEADS, HEAD, cache_len, 2, sms,
+                                       block_n=bn, num_warps=w, num_stages=st, split=split)
+
+                    def make(p=p):
+                        q, kc, vc, pos = make_case(batch, cache_len, context, dtype, "cuda")
+                        lens = (pos + 1).expand(batch).contiguous()
+                        out = torch.empty(batch, HEADS, HEAD, dtype=dtype, device="cuda")
+
+                        def call():
+                            da.static_decode(out, q.view(batch, HEADS, HEAD), kc, vc, lens,
+                                             HEAD ** -0.5, p)
+                            return out
+                        return call
+                    try:
+                        got = make()().float().view_as(want)
+                        err = (got - want).abs().max().item()
+                        if err > 2e-2:
+                            print(f"{case} bn{bn}/w{w}/st{st}/split{split}: error {err}")
+                            continue
+                        rep.add(harness.measure(case, f"bn{bn}/w{w}/st{st}/split{split}", make,
+                                                nbytes, use_graph=True))
+                    except Exception as exc:  # noqa: BLE001  (a plan Triton cannot build)
+                        print(f"{case} bn{bn}/w{w}/st{st}/split{split}: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--cache-len", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--context", type=int, default=None, help="default max_cache_len / 2")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--tune", action="store_true",
+                   help="also time static_cache_attention under other plans: tile (block_n) x "
+                        "warps x stages x split scale, as variants named bn/w/st/split")
     harness.add_common_args(p)
     args = p.parse_args()
     dtype, copy_bw = harness.start(args)
@@ -120,6 +163,8 @@ def main():
                         raise AssertionError(f"{case} {variant}: max error {err} vs "
                                              f"{args.variants[0]}")
                 rep.add(harness.measure(case, variant, make, nbytes, use_graph=True))
+            if args.tune:
+                tune(rep, case, nbytes, dtype, want)
     paths = rep.write(args.out, harness.device_stem("static_cache"), plot_x="batch",
                       plot_group=["max_cache_len"])
     print("wrote", *paths)

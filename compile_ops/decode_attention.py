@@ -341,6 +341,21 @@ def validate(op: str, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                IndexError)
 
 
+def static_plan(batch: int, heads: int, kv_heads: int, head: int, max_len: int,
+                elem_bytes: int, sms: int, **kw) -> Plan:
+    """``static_decode``'s plan: splits up to the whole cache (no 512-token cap: there is no v2
+    contract here), halved while that gives fewer than two programs per SM over max_cache_len
+    (only the slots below seq_lens have work, and the graph does not know how many there are).
+    Keywords go to ``plan`` (tile, warps, stages, or ``split`` itself)."""
+    if "split" not in kw:
+        base = batch * kv_heads * -(-(heads // kv_heads) // MAX_BLOCK_G)
+        split = max(triton_next_pow2(max_len), 32)
+        while split > 64 and base * -(-max_len // split) < 2 * sms:
+            split //= 2
+        kw["split"] = split
+    return plan(batch, heads, kv_heads, head, max_len, elem_bytes, sms, **kw)
+
+
 def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                   the_plan: Optional[Plan] = None) -> Optional[Plan]:
@@ -365,17 +380,8 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     if query.stride(2) != 1 and head > 1:
         query = query.contiguous()
     sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
-    if the_plan is None:
-        # Splits up to the whole cache (no 512-token cap: there is no v2 contract here), halved
-        # while that gives fewer than two programs per SM over max_cache_len (only the slots
-        # below seq_lens have work, and the graph does not know how many there are).
-        base = batch * kv_heads * -(-(heads // kv_heads) // MAX_BLOCK_G)
-        split = max(triton_next_pow2(max_len), 32)
-        while split > 64 and base * -(-max_len // split) < 2 * sms:
-            split //= 2
-        the_plan = plan(batch, heads, kv_heads, head, max_len, key_cache.element_size(), sms,
-                        split=split)
-    p = the_plan
+    p = the_plan or static_plan(batch, heads, kv_heads, head, max_len,
+                                key_cache.element_size(), sms)
     block_d = triton_next_pow2(max(head, 16))
     dev = query.device
     if p.direct:
