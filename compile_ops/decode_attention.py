@@ -344,15 +344,22 @@ def validate(op: str, block_tables: torch.Tensor, seq_lens: torch.Tensor,
 def static_plan(batch: int, heads: int, kv_heads: int, head: int, max_len: int,
                 elem_bytes: int, sms: int, **kw) -> Plan:
     """``static_decode``'s plan: splits up to the whole cache (no 512-token cap: there is no v2
-    contract here), halved while that gives fewer than two programs per SM over max_cache_len
-    (only the slots below seq_lens have work, and the graph does not know how many there are).
-    Keywords go to ``plan`` (tile, warps, stages, or ``split`` itself)."""
+    contract here; one split per sequence needs no merge), halved while that gives fewer
+    programs than SMs over max_cache_len (only the slots below seq_lens have work, and the graph
+    does not know how many there are); 16-bit caches with heads up to 128: tiles of 64 tokens,
+    4 warps, 3 stages. From ``bench_static_cache.py --tune`` on the H200 (bench/NOTES.md,
+    session 9): at 4096 slots, 2048 used, bf16, 32/8 heads of 128, this picks the best or
+    within 6% of the best of 24 plans at batch 1, 8 and 32. Keywords go to ``plan``."""
     if "split" not in kw:
         base = batch * kv_heads * -(-(heads // kv_heads) // MAX_BLOCK_G)
-        split = max(triton_next_pow2(max_len), 32)
-        while split > 64 and base * -(-max_len // split) < 2 * sms:
+        split = max(triton_next_pow2(max_len), 64)
+        while split > 64 and base * -(-max_len // split) < sms:
             split //= 2
         kw["split"] = split
+    if elem_bytes == 2 and head <= 128:
+        kw.setdefault("block_n", 64)
+        kw.setdefault("num_warps", 4)
+        kw.setdefault("num_stages", 3)
     return plan(batch, heads, kv_heads, head, max_len, elem_bytes, sms, **kw)
 
 

@@ -96,6 +96,23 @@ def _const_full(node, value) -> bool:
     return isinstance(v, (int, float)) and (v == value or (math.isnan(v) and math.isnan(value)))
 
 
+# The fill of masked slots: -inf, or a finite value this low (SDPA's cuDNN path turns a boolean
+# mask into where(mask, 0, -65536)). exp(logit - 1e4 - max) is 0 in float32 for any logits that
+# differ by less than 1e4 - 104, as attention logits do; and the slots it leaves out are exactly
+# those the op never reads. (All slots masked would differ: SDPA averages V under a finite fill,
+# the op gives zeros; a decode mask j <= pos always keeps slot 0.)
+MASKED_AT_MOST = -1e4
+
+
+def _masked_fill(node) -> bool:
+    node = _through(node, BROADCASTS)
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and
+            node.target in (aten.full.default, aten.scalar_tensor.default)):
+        return False
+    v = node.args[1] if node.target is aten.full.default else node.args[0]
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= MASKED_AT_MOST
+
+
 def _is_kv_index(node, length: int) -> bool:
     """`node` is iota / arange(0, L, 1) broadcast only along the last dimension."""
     v = _val(node)
@@ -218,7 +235,7 @@ class StaticCacheAttentionPass(FusionPass):
         if mv.dtype != torch.bool:
             if not (isinstance(mask, torch.fx.Node) and mask.op == "call_function" and
                     mask.target is aten.where.self and
-                    _const_full(mask.args[1], 0.0) and _const_full(mask.args[2], float("-inf"))):
+                    _const_full(mask.args[1], 0.0) and _masked_fill(mask.args[2])):
                 return None, f"float mask is not where(cond, 0, -inf): {_describe(mask)}"
             cond = mask.args[0]
         cond = _through(cond, MASK_VIEWS)
