@@ -104,21 +104,36 @@ def _const_full(node, value) -> bool:
 MASKED_AT_MOST = -1e4
 
 
-def _masked_fill(node) -> bool:
+def _masked_fill(node, cast=None) -> bool:
+    """`node` is a constant fill <= MASKED_AT_MOST (also once cast to the float dtype `cast`)."""
     node = _through(node, BROADCASTS)
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and
             node.target in (aten.full.default, aten.scalar_tensor.default)):
         return False
     v = node.args[1] if node.target is aten.full.default else node.args[0]
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= MASKED_AT_MOST
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v > MASKED_AT_MOST:
+        return False
+    return cast is None or torch.tensor(v, dtype=torch.float64).to(cast).item() <= MASKED_AT_MOST
 
 
-def _is_kv_index(node, length: int) -> bool:
-    """`node` is iota / arange(0, L, 1) broadcast only along the last dimension."""
+def _kv_index_shift(node, length: int):
+    """c when `node` is iota / arange(0, L, 1) + c (c an int constant, HF's ``kv_offset``; 0 on
+    the H200, folded away on the CPU) broadcast only along the last dimension; else None."""
     v = _val(node)
     if v is None or v.dim() == 0 or v.shape[-1] != length or v.numel() != length:
-        return False
+        return None
     root = _through(node, BROADCASTS)
+    shift = 0
+    while isinstance(root, torch.fx.Node) and root.op == "call_function" and \
+            root.target in (aten.add.Tensor, aten.sub.Tensor) and len(root.args) == 2 and \
+            isinstance(root.args[1], int) and not isinstance(root.args[1], bool) and \
+            root.kwargs.get("alpha", 1) == 1:
+        shift += root.args[1] if root.target is aten.add.Tensor else -root.args[1]
+        root = _through(root.args[0], BROADCASTS)
+    return shift if _is_arange(root, length) else None
+
+
+def _is_arange(root, length: int) -> bool:
     if not (isinstance(root, torch.fx.Node) and root.op == "call_function"):
         return False
     if root.target is prims.iota.default:
@@ -209,7 +224,7 @@ class StaticCacheAttentionPass(FusionPass):
                 return None, "K/V is a reshape of something other than repeat_kv's expand"
             uns = inner.args[0]
             if not (uns.op == "call_function" and uns.target is aten.unsqueeze.default and
-                    uns.args[1] == 2):
+                    uns.args[1] in (2, -3)):  # -3: the same dim of a 4-d cache
                 return None, "K/V's expand is not of unsqueeze(cache, 2)"
             src = uns.args[0]
             sv, ev = _val(src), _val(inner)
@@ -233,11 +248,18 @@ class StaticCacheAttentionPass(FusionPass):
         mask = _strip_mask(mask, length)
         cond = mask
         if mv.dtype != torch.bool:
-            if not (isinstance(mask, torch.fx.Node) and mask.op == "call_function" and
-                    mask.target is aten.where.self and
-                    _const_full(mask.args[1], 0.0) and _masked_fill(mask.args[2])):
+            where, cast = mask, None
+            if isinstance(where, torch.fx.Node) and where.op == "call_function" and \
+                    where.target is prims.convert_element_type.default and \
+                    _val(where.args[0]) is not None and _val(where.args[0]).dtype.is_floating_point:
+                # where(cond, 0., -inf).to(query dtype) (a float32 mask cast to bf16 / fp16):
+                # where(cond, 0, the fill cast), the fill checked in the mask's dtype
+                where, cast = _through(where.args[0], MASK_VIEWS), mv.dtype
+            if not (isinstance(where, torch.fx.Node) and where.op == "call_function" and
+                    where.target is aten.where.self and
+                    _const_full(where.args[1], 0.0) and _masked_fill(where.args[2], cast)):
                 return None, f"float mask is not where(cond, 0, -inf): {_describe(mask)}"
-            cond = mask.args[0]
+            cond = where.args[0]
         cond = _through(cond, MASK_VIEWS)
         if not (isinstance(cond, torch.fx.Node) and cond.op == "call_function" and
                 cond.target in _CMP):
@@ -246,8 +268,10 @@ class StaticCacheAttentionPass(FusionPass):
         order, off = _CMP[cond.target]
         a, b = cond.args[0], cond.args[1]
         kv, q = (a, b) if order == "kv_q" else (b, a)
-        if not isinstance(kv, torch.fx.Node) or not _is_kv_index(kv, length):
-            return None, "mask's key side is not arange(max_cache_len)"
+        shift = _kv_index_shift(kv, length) if isinstance(kv, torch.fx.Node) else None
+        if shift is None:
+            return None, f"mask's key side is not arange(max_cache_len) + c: {_describe(kv)}"
+        off -= shift  # kv + c <= q  <=>  kv <= q - c
         qv = _val(q)
         if not isinstance(q, torch.fx.Node) or qv is None or qv.dtype.is_floating_point or \
                 qv.dtype == torch.bool:
