@@ -24,6 +24,7 @@ far below the copy rate.
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -90,7 +91,40 @@ def prefill(model, config, batch, cache_len, context, device, seed):
 def compiled(step, variant):
     if variant == "eager":
         return step
-    return torch.compile(step, backend=variant, fullgraph=True, dynamic=False)
+    backend = "compile_ops" if variant.startswith("compile_ops-") else variant
+    return torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+
+
+def variant_ok(v: str) -> str:
+    """eager, inductor, compile_ops, or compile_ops-<pass>[-<pass>...]: compile_ops without
+    those passes (an ablation: what each pass is worth end to end)."""
+    if v in VARIANTS:
+        return v
+    if v.startswith("compile_ops-"):
+        import lowerings
+
+        names = {p.name for p in lowerings.pass_manager().passes}
+        for name in v[len("compile_ops-"):].split("-"):
+            if name not in names:
+                raise argparse.ArgumentTypeError(f"{v}: no pass named {name!r} ({sorted(names)})")
+        return v
+    raise argparse.ArgumentTypeError(f"unknown variant {v!r}")
+
+
+@contextlib.contextmanager
+def passes_for(variant: str):
+    """compile_ops-<a>-<b>: the pass manager without passes a and b while the variant runs."""
+    import lowerings
+
+    pm = lowerings.pass_manager()
+    saved = list(pm.passes)
+    if variant.startswith("compile_ops-"):
+        drop = set(variant[len("compile_ops-"):].split("-"))
+        pm.passes = [p for p in saved if p.name not in drop]
+    try:
+        yield
+    finally:
+        pm.passes = saved
 
 
 def decode(fn, token, context, steps, device):
@@ -162,49 +196,68 @@ def cpu_check() -> None:
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4,
                                        msg=lambda m, i=i: f"{variant} step {i}: {m}")
         print(f"{variant}: tokens {tokens.tolist()}; passes: {pass_counters() or 'none ran'}")
+        if variant == "compile_ops":
+            got = pass_counters().get("static_cache_attention", {}).get("matched", 0)
+            if got != config.num_hidden_layers:
+                raise AssertionError(f"static_cache_attention matched {got} times, want one per "
+                                     f"layer ({config.num_hidden_layers}): {pass_counters()}")
+        rewind = cache_rewinder(cache, context)
+        rewind()
+        if any(int(layer.cumulative_length) != context for layer in cache.layers):
+            raise AssertionError("cache_rewinder did not set every layer's position")
     print("cpu check ok: hf variants match")
 
 
 def bench_point(rep, model, config, batch, cache_len, context, variants, check_steps, seed):
     case = {"batch": batch, "max_cache_len": cache_len, "context": context}
     nbytes = step_bytes(model, config, batch, context)
-    want = None
+    want = []  # (variant, tokens) of the first variant that ran
     for variant in variants:
         label = f"batch {batch} x max_cache_len {cache_len}: {variant}"
         try:
-            torch._dynamo.reset()
-            cache, first = prefill(model, config, batch, cache_len, context, "cuda", seed)
-            fn = compiled(make_step(model, cache), variant)
-            tokens, _ = decode(fn, first, context, check_steps, "cuda")
-            note = ""
-            if want is None:
-                want = (variant, tokens)
-            elif not torch.equal(tokens, want[1]):
-                same = (tokens == want[1]).float().mean().item()
-                note = f"greedy tokens differ from {want[0]}'s ({same:.0%} equal)"
-                rep.notes.append(f"{label}: {note}")
-            if variant == "compile_ops":
-                rep.notes.append(f"{label}: passes {pass_counters() or 'none ran'}")
-            pos = torch.tensor([context + check_steps], device="cuda")
-            token = tokens[:, -1:].clone()
-            rewind = cache_rewinder(cache, context + check_steps)
-
-            def call(fn=fn, token=token, pos=pos, rewind=rewind):
-                with torch.no_grad():
-                    res = fn(token, pos)
-                    rewind()  # every replay writes and attends at the same position
-                    return res
-
-            t = harness.time_calls([call], nbytes, use_graph=True)
-            rep.add(harness.Result(case, variant, t["seconds"], nbytes, t["graph"], t["sets"],
-                                   t["spread"], l2_resident=False,
-                                   extra={"check": note or "tokens equal"}))
+            with passes_for(variant):
+                bench_variant(rep, model, config, batch, cache_len, context, variant,
+                              check_steps, seed, case, nbytes, label, want)
         except Exception as exc:  # noqa: BLE001  (record it, go on with the next variant)
             traceback.print_exc()
             rep.notes.append(f"{label}: failed: {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def bench_variant(rep, model, config, batch, cache_len, context, variant, check_steps, seed,
+                  case, nbytes, label, want):
+    import lowerings
+
+    torch._dynamo.reset()
+    lowerings.reset_counters()
+    cache, first = prefill(model, config, batch, cache_len, context, "cuda", seed)
+    fn = compiled(make_step(model, cache), variant)
+    tokens, _ = decode(fn, first, context, check_steps, "cuda")
+    note = ""
+    if not want:
+        want.extend((variant, tokens))
+    elif not torch.equal(tokens, want[1]):
+        same = (tokens == want[1]).float().mean().item()
+        note = f"greedy tokens differ from {want[0]}'s ({same:.0%} equal)"
+        rep.notes.append(f"{label}: {note}")
+    if variant.startswith("compile_ops"):
+        rep.notes.append(f"{label}: passes {pass_counters() or 'none ran'}")
+    pos = torch.tensor([context + check_steps], device="cuda")
+    token = tokens[:, -1:].clone()
+    rewind = cache_rewinder(cache, context + check_steps)
+
+    def call(fn=fn, token=token, pos=pos, rewind=rewind):
+        with torch.no_grad():
+            res = fn(token, pos)
+            rewind()  # every replay writes and attends at the same position
+            return res
+
+    t = harness.time_calls([call], nbytes, use_graph=True)
+    rep.add(harness.Result(case, variant, t["seconds"], nbytes, t["graph"], t["sets"],
+                           t["spread"], l2_resident=False,
+                           extra={"check": note or "tokens equal"}))
 
 
 class HFReport(harness.Report):
@@ -232,7 +285,9 @@ def main():
     p.add_argument("--context", type=int, default=None,
                    help="tokens in the cache before the timed step (default max_cache_len / 2)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of Llama 3 8B's shapes")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=variant_ok,
+                   help="eager, inductor, compile_ops, or compile_ops-<pass>[-<pass>]: "
+                        "compile_ops without those passes")
     p.add_argument("--check-steps", type=int, default=4,
                    help="greedy steps compared with the first variant's before the timing")
     p.add_argument("--seed", type=int, default=0)
