@@ -10,7 +10,8 @@ mask that hides the slots past the current position. In the post-grad graph::
     V   = the same of vc'                                     # (g = 1: kc', vc' themselves)
     m   = where(le(kv_idx, q_idx), 0, -inf)   or the boolean le(kv_idx, q_idx) (also lt, ge, gt
                                               with the operands swapped)
-          kv_idx = iota(L) as [1, 1, 1, L];  q_idx = one position ([1] or [], or [B] per sequence)
+          kv_idx = iota(L) (+ c) as [1, 1, 1, L];  q_idx = one position shared by the batch
+          ([1] or []; a position per sequence is a near miss for now)
     o   = getitem(aten._scaled_dot_product_{flash_attention_for_cpu, efficient_attention,
                                              cudnn_attention}(q [B, Hq, 1, D], K, V, m), 0)
 
@@ -130,23 +131,26 @@ def _kv_index_shift(node, length: int):
             root.kwargs.get("alpha", 1) == 1:
         shift += root.args[1] if root.target is aten.add.Tensor else -root.args[1]
         root = _through(root.args[0], BROADCASTS)
-    return shift if _is_arange(root, length) else None
+    start = _arange_start(root, length)
+    return None if start is None else shift + start
 
 
-def _is_arange(root, length: int) -> bool:
+def _arange_start(root, length: int):
+    """s when `root` is iota(L, start=s, step=1) / arange(s, s + L): L consecutive ints."""
     if not (isinstance(root, torch.fx.Node) and root.op == "call_function"):
-        return False
+        return None
+    a = root.args
     if root.target is prims.iota.default:
-        return (root.args[0] == length and root.kwargs.get("start", 0) == 0 and
-                root.kwargs.get("step", 1) == 1)
-    if root.target is aten.arange.default:
-        return root.args[0] == length
-    if root.target is aten.arange.start_step:
-        return root.args[0] == 0 and root.args[1] == length and \
-            (len(root.args) < 3 or root.args[2] == 1)
-    if root.target is aten.arange.start:
-        return root.args[0] == 0 and root.args[1] == length
-    return False
+        ok = a[0] == length and root.kwargs.get("step", 1) == 1
+        start = root.kwargs.get("start", 0)
+    elif root.target is aten.arange.default:
+        ok, start = a[0] == length, 0
+    elif root.target in (aten.arange.start_step, aten.arange.start):
+        step = a[2] if root.target is aten.arange.start_step and len(a) > 2 else 1
+        ok, start = step == 1 and isinstance(a[0], int) and a[1] == a[0] + length, a[0]
+    else:
+        return None
+    return start if ok and isinstance(start, int) and not isinstance(start, bool) else None
 
 
 MASK_VIEWS = (aten.expand.default, aten.alias.default, aten.clone.default, aten.view.default,

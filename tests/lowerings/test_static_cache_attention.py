@@ -201,6 +201,7 @@ def test_rewritten(groups, dtype, mask):
     (dict(fill=-1e4), torch.float32),  # the highest fill taken (MASKED_AT_MOST)
     (dict(fill=torch.finfo(torch.float32).min), torch.float32),
     (dict(kv_index="arange+1"), torch.float32),  # kv + 1 <= pos: lens = pos
+    (dict(kv_index="arange(1, L+1)"), torch.float32),  # iota(start=1): the same shift
     (dict(kv_index="arange-2", mask="bool", cmp="ge"), torch.float32),  # lens = pos + 3
     (dict(kv="repeat_interleave"), torch.float32),
     (dict(kv="unsqueeze(-3)"), torch.float32),
@@ -329,8 +330,6 @@ MASK = "where.self(le.Tensor(unsqueeze.default(...), unsqueeze.default(...)), fu
                                         "comparison of key slot and query position"),
     (dict(kv_index="flip"), KEY_SIDE),
     (dict(kv_index="step_2"), KEY_SIDE),
-    # the same slots as arange(L) + 1 (rewritten above), but iota's start is not read
-    (dict(kv_index="arange(1, L+1)"), KEY_SIDE),
     (dict(fill=-100.0), f"float mask is not where(cond, 0, -inf): {MASK}"),
     (dict(keep=1.0), f"float mask is not where(cond, 0, -inf): {MASK}"),
     (dict(kv="tile"), "key: K/V's expand is not of unsqueeze(cache, 2)"),
