@@ -129,10 +129,11 @@ def default_passes() -> list[FusionPass]:
     from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
     from lowerings.argmax import ArgmaxPass
+    from lowerings.rms_norm_math import RMSNormMathPass
     from lowerings.rope_cache import RopeCachePass
     from lowerings.static_cache_attention import StaticCacheAttentionPass
 
-    return [StaticCacheAttentionPass(), AddRMSNormPass(), RopeCachePass(),
+    return [StaticCacheAttentionPass(), RMSNormMathPass(), AddRMSNormPass(), RopeCachePass(),
             ActivationLoweringPass(), ArgmaxPass()]
 
 
