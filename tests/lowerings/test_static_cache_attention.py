@@ -542,3 +542,44 @@ def test_hf_llama_decode_with_attention_mask():
     assert counts() == {reason: 2}, counts()
     assert ops_after().count(SDPA_CPU) == 2 and OP not in ops_after(), ops_after()
     _assert_hf_same(eager, got)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_hf_llama_decode(dtype):
+    """The tiny Hugging Face Llama's decode step on the GPU under backend="compile_ops": every
+    layer's attention rewritten (SDPA's CUDA forms: cuDNN / efficient attention with their mask
+    preprocessing), the module-math RMSNorms rewritten and fused with the residual adds, the
+    StaticCache written as eager writes it. float32: greedy tokens equal eager's over 4 steps and
+    logits to float32 rounding; bfloat16: the first step's logits to bfloat16 rounding (greedy
+    tokens of random bf16 weights tie within one bf16 step, so later steps may pick the other)."""
+    import lowerings
+
+    bench_hf = _bench_hf()
+    config = bench_hf.llama_config(2, tiny=True)
+    model = bench_hf.build_model(config, "cuda", dtype)
+    batch, cache_len, context, steps = 2, 64, 16, 4
+    results = []
+    for variant in ("eager", "compile_ops"):
+        torch._dynamo.reset()
+        lowerings.reset_counters()
+        cache, first = bench_hf.prefill(model, config, batch, cache_len, context, "cuda", seed=1)
+        fn = bench_hf.compiled(bench_hf.make_step(model, cache), variant)
+        tokens, logits = bench_hf.decode(fn, first, context, steps, "cuda")
+        results.append((tokens, logits, cache))
+    c = lowerings.counters()
+    assert c["static_cache_attention"] == {"matched": 2}, c
+    assert c["rms_norm_math"] == {"matched": 5}, c
+    assert c["add_rms_norm"]["matched"] == 4, c
+    (et, el, ec), (gt, gl, gc) = results
+    if dtype == torch.float32:
+        assert torch.equal(gt, et), (gt.tolist(), et.tolist())
+        for a, b in zip(gl, el):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for le, lg in zip(ec.layers, gc.layers):
+            torch.testing.assert_close(lg.keys, le.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lg.values, le.values, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(gl[0], el[0], atol=0.25, rtol=0.05)
+        assert torch.equal(gt[:, 0], et[:, 0]) or \
+            (el[0].topk(2).values.diff(dim=-1).abs() <= 0.0625).any()
