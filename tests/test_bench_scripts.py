@@ -21,6 +21,8 @@ SCRIPTS = [
     ("bench/bench_e2e.py", "cpu check ok: e2e variants match"),
     ("bench/bench_sampling.py", "cpu check ok: argmax variants match"),
     ("bench/bench_hf.py", "cpu check ok: hf variants match"),
+    ("bench/bench_static_cache.py",
+     "cpu check ok: static_cache_attention matches HF's repeat_kv + masked SDPA"),
 ]
 
 
