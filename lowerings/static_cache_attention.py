@@ -377,9 +377,11 @@ class StaticCacheAttentionPass(FusionPass):
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = min((u for u in outs if u.users), key=lambda n: order[n], default=None)
         if first is None:
+            self.near_miss("the attention output is not used", sdpa)
             return False
         for n in (q, kc, vc, q_root):
             if order[n] > order[sdpa]:
+                self.near_miss(f"{n.name} is computed after the attention", sdpa)
                 return False
         lens = self._lens_node(graph, sdpa, q_root, off, batch)
         if order.get(lens, -1) > order[sdpa]:  # a shared lens placed after this SDPA: rebuild
