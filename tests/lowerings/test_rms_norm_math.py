@@ -9,6 +9,7 @@ from expecttest import TestCase
 
 import lowerings
 from compile_ops.testing import assert_close
+from tests.lowerings.test_add_rms_norm import CallRecorder  # the profiler helper, shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HIDDEN = 32
@@ -114,20 +115,6 @@ def ops_before():
 
 def ops_after():
     return "\n".join(lowerings.pass_manager().ops_after)
-
-
-class CallRecorder:
-    """The compile_ops ops a compiled function calls at run time (profiler events)."""
-
-    def __enter__(self):
-        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._prof.__exit__(*exc)
-        self.calls = [e.name for e in self._prof.events() if e.name.startswith("compile_ops::")]
-        return False
 
 
 class TestMatch(TestCase):
