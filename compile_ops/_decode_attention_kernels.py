@@ -257,16 +257,20 @@ def merge_kernel(OUT, PO, PM, PL, LENS, ML, ES, TMP, nsplit,
 
 @triton.jit
 def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scale, d, dmask,
+                 m_base, m_h, m_l, g_idx, gmask,
                  DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr,
-                 TAIL: tl.constexpr):
+                 TAIL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                 MASK_HEADS: tl.constexpr):
     """One tile of BLOCK_N tokens `tok` of one sequence and KV head: logits, online softmax,
-    P V. Full tiles load without a token mask; the TAIL tile (the one holding the sequence's
-    end) masks the loads, so no slot at or past `end` is read (stale ones may be NaN, and past
-    max_cache_len there is no memory)."""
+    P V. Full tiles load without a token mask; the TAIL tile (the one holding the range's end)
+    masks the loads, so no slot at or past `end` is read (stale ones may be NaN, and past
+    max_cache_len there is no memory). HAS_MASK: the caller's attention mask for these slots
+    (bool: keep where nonzero; float: added to the logits), one row for every head of the group
+    unless MASK_HEADS (a mask that differs between heads)."""
     k_ptr = k_base + d[:, None] + tok[None, :].to(tl.int64) * kc_p  # [BLOCK_D, BLOCK_N]
     v_ptr = v_base + tok[:, None].to(tl.int64) * vc_p + d[None, :]  # [BLOCK_N, BLOCK_D]
+    tmask = tok < end
     if TAIL:
-        tmask = tok < end
         k = tl.load(k_ptr, mask=tmask[None, :] & dmask[:, None], other=0.0)
         v = tl.load(v_ptr, mask=tmask[:, None] & dmask[None, :], other=0.0)
     elif DPAD:
@@ -280,6 +284,23 @@ def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scal
     else:
         s = tl.dot(q, k)
     s = s * qk_scale
+    if HAS_MASK:
+        if MASK_HEADS:
+            mp = m_base + g_idx[:, None] * m_h + tok[None, :].to(tl.int64) * m_l
+            if TAIL:
+                mk = tl.load(mp, mask=gmask[:, None] & tmask[None, :], other=0)
+            else:
+                mk = tl.load(mp, mask=gmask[:, None], other=0)
+        else:
+            mp = m_base + tok.to(tl.int64) * m_l
+            if TAIL:
+                mk = tl.load(mp, mask=tmask, other=0)[None, :]
+            else:
+                mk = tl.load(mp)[None, :]
+        if MASK_BOOL:
+            s = tl.where(mk != 0, s, float("-inf"))
+        else:  # natural-log units added before the base-2 softmax
+            s = s + mk.to(tl.float32) * 1.4426950408889634
     if TAIL:
         s = tl.where(tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -299,15 +320,20 @@ def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scal
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h"])
-def static_split_kernel(Q, KC, VC, LENS, OUT, PO, PM, PL, scale, nsplit, max_len,
-                        q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p,
+@triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h", "m_b", "m_h", "m_l"])
+def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, scale, nsplit, max_len,
+                        q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p, m_b, m_h, m_l,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SLICES: tl.constexpr,
                         HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr,
-                        DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr):
+                        DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr,
+                        HAS_START: tl.constexpr, HAS_MASK: tl.constexpr,
+                        MASK_BOOL: tl.constexpr, MASK_HEADS: tl.constexpr):
     """Program (KV head x slice, sequence, split): the split's tokens of one sequence for every
-    query head of the slice. The sequence's length is seq_lens clamped into [0, max_len]."""
+    query head of the slice. The sequence reads slots [start, length): length = seq_lens clamped
+    into [0, max_len], start = seq_starts clamped into [0, length] (0 without seq_starts). A
+    split before the start writes an empty partial (the merge reads every split below the
+    length)."""
     pid = tl.program_id(0)
     kvh = pid // SLICES
     g0 = (pid % SLICES) * BLOCK_G
@@ -316,6 +342,11 @@ def static_split_kernel(Q, KC, VC, LENS, OUT, PO, PM, PL, scale, nsplit, max_len
     length = tl.minimum(tl.maximum(tl.load(LENS + seq), 0), max_len).to(tl.int32)
     start = split * SPLIT
     end = tl.minimum(length, start + SPLIT)
+    lo = start
+    if HAS_START:
+        first = tl.minimum(tl.maximum(tl.load(STARTS + seq), 0), length).to(tl.int32)
+        lo = tl.maximum(start, first)
+    hi = tl.maximum(end, lo)
     if start < length + (1 if DIRECT else 0):  # DIRECT writes zeros for an empty sequence
         g = tl.arange(0, BLOCK_G)
         gmask = (g0 + g) < GROUP
@@ -330,15 +361,20 @@ def static_split_kernel(Q, KC, VC, LENS, OUT, PO, PM, PL, scale, nsplit, max_len
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         k_base = KC + seq * kc_b + kvh.to(tl.int64) * kc_h
         v_base = VC + seq * vc_b + kvh.to(tl.int64) * vc_h
-        n_full = (end - start) // BLOCK_N
+        m_base = MASK + seq * m_b  # without MASK_HEADS the mask is one row for every head
+        n_full = (hi - lo) // BLOCK_N
         for i in range(0, n_full):
-            tok = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end,
-                                         qk_scale, d, dmask, DPAD, IEEE, PSPLIT, False)
-        if start + n_full * BLOCK_N < end:
-            tok = start + n_full * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end,
-                                         qk_scale, d, dmask, DPAD, IEEE, PSPLIT, True)
+            tok = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
+                                         qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
+                                         DPAD, IEEE, PSPLIT, False, HAS_MASK, MASK_BOOL,
+                                         MASK_HEADS)
+        if lo + n_full * BLOCK_N < hi:
+            tok = lo + n_full * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
+                                         qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
+                                         DPAD, IEEE, PSPLIT, True, HAS_MASK, MASK_BOOL,
+                                         MASK_HEADS)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         omask = gmask[:, None] & dmask[None, :]
         if DIRECT:

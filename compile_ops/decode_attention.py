@@ -365,11 +365,14 @@ def static_plan(batch: int, heads: int, kv_heads: int, head: int, max_len: int,
 
 def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                  the_plan: Optional[Plan] = None) -> Optional[Plan]:
+                  the_plan: Optional[Plan] = None, *, attn_mask: Optional[torch.Tensor] = None,
+                  seq_starts: Optional[torch.Tensor] = None) -> Optional[Plan]:
     """``static_cache_attention``'s CUDA path (its checks have run): ``static_split_kernel`` over
     [batch, kv_heads, max_cache_len, head] caches, cut by ``plan`` as a paged cache of
     max_cache_len tokens per sequence would be, then ``merge_kernel`` when a sequence has more
-    than one split. The plan depends only on shapes (the lengths stay on the device)."""
+    than one split. The plan depends only on shapes (the lengths, starts and mask stay on the
+    device). ``attn_mask`` (broadcastable to [batch, heads, 1, max_cache_len], bool or float) is
+    read through its broadcast strides; ``seq_starts`` moves each sequence's first slot."""
     from compile_ops import _decode_attention_kernels as k
 
     batch, heads, head = query.shape
@@ -381,7 +384,8 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         return None
     if out.stride(2) != 1 and head > 1:  # the kernels write head_size-contiguous rows
         res = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        p = static_decode(res, query, key_cache, value_cache, seq_lens, scale, the_plan)
+        p = static_decode(res, query, key_cache, value_cache, seq_lens, scale, the_plan,
+                          attn_mask=attn_mask, seq_starts=seq_starts)
         out.copy_(res)
         return p
     if query.stride(2) != 1 and head > 1:
@@ -397,15 +401,29 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         po = torch.empty(batch, heads, p.nsplit, head, dtype=torch.float32, device=dev)
         pm = torch.empty(batch, heads, p.nsplit, dtype=torch.float32, device=dev)
         pl = torch.empty_like(pm)
+    if attn_mask is not None:
+        m4 = attn_mask
+        while m4.dim() < 4:
+            m4 = m4.unsqueeze(0)
+        m4 = m4.expand(batch, heads, 1, max_len)
+        if m4.dtype == torch.bool:
+            m4 = m4.view(torch.uint8)  # the kernel reads bytes (nonzero: attend)
+        m_b, m_h, m_l = m4.stride(0), m4.stride(1), m4.stride(3)
+        mask_heads = m_h != 0 and heads > 1
+    else:
+        m4, m_b, m_h, m_l, mask_heads = seq_lens, 0, 0, 0, False
+    starts = seq_starts if seq_starts is not None else seq_lens
     k.static_split_kernel[(kv_heads * p.slices, batch, p.nsplit)](
-        query, key_cache, value_cache, seq_lens, out, po, pm, pl, float(scale), p.nsplit,
-        max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query, key_cache, value_cache, seq_lens, starts, m4, out, po, pm, pl, float(scale),
+        p.nsplit, max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), m_b, m_h, m_l,
         GROUP=heads // kv_heads, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
         BLOCK_D=block_d, BLOCK_N=p.block_n, SPLIT=p.split, DIRECT=p.direct,
         DPAD=block_d != head, IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
-        num_warps=p.num_warps, num_stages=p.num_stages)
+        HAS_START=seq_starts is not None, HAS_MASK=attn_mask is not None,
+        MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+        MASK_HEADS=mask_heads, num_warps=p.num_warps, num_stages=p.num_stages)
     if not p.direct:
         pch = max(1, min(triton_next_pow2(p.nsplit), 16))
         k.merge_kernel[(heads, batch)](

@@ -1,13 +1,14 @@
-"""Decode attention over a static (dense) KV cache: ``static_cache_attention`` (issue 16).
+"""Decode attention over a static (dense) KV cache: ``static_cache_attention`` (issues 16, 24).
 
 Not one of vLLM's ops: the layout is Hugging Face's ``StaticCache`` (and gpt-fast's ``KVCache``),
 one ``[batch, kv_heads, max_cache_len, head_size]`` tensor for keys and one for values, token t of
 sequence b at ``[b, :, t]``. ``lowerings/static_cache_attention.py`` puts this op in place of the
-``repeat_kv`` copy + SDPA over the whole cache that such models run at decode; it can also be
-called directly::
+``repeat_kv`` copy + SDPA over the whole cache that such models run at decode, and
+``compile_ops.hf`` registers it with transformers' ``AttentionInterface`` as
+``attn_implementation="compile_ops"``; it can also be called directly::
 
     torch.ops.compile_ops.static_cache_attention(out, query, key_cache, value_cache, seq_lens,
-                                                 scale) -> None
+                                                 scale, attn_mask=None, seq_starts=None) -> None
 
 - ``query``, ``out``: ``[batch, num_heads, head_size]`` (one query token per sequence), float32 /
   float16 / bfloat16, one dtype; any strides (``out`` is written through its strides).
@@ -15,17 +16,32 @@ called directly::
   dtype and device, contiguous in ``head_size`` (any other strides); ``num_heads`` a multiple of
   ``num_kv_heads`` (grouped-query attention: query head h reads KV head ``h // (num_heads /
   num_kv_heads)``, which is what ``repeat_kv`` spells out); head sizes up to 256.
-- ``seq_lens``: int32 or int64 ``[batch]``: sequence b attends to cache positions
-  ``0 .. seq_lens[b] - 1``, each clamped into ``[0, max_cache_len]`` (a length past the cache
-  attends the whole cache, as a causal mask over ``max_cache_len`` slots does; 0 or less gives
-  zeros). The clamp runs in the kernel, so no host sync and CUDA graphs capture the op.
+- ``seq_lens``: int32 or int64 ``[batch]``: sequence b reads cache slots below ``seq_lens[b]``,
+  clamped into ``[0, max_cache_len]`` (a length past the cache reads the whole cache, as a causal
+  mask over ``max_cache_len`` slots does; 0 or less gives zeros). The clamp runs in the kernel, so
+  no host sync and CUDA graphs capture the op.
+- ``seq_starts`` (optional): int32 or int64 ``[batch]``: sequence b reads slots from
+  ``seq_starts[b]`` on, clamped into ``[0, seq_lens[b]]`` (a sliding window, left padding).
+  Slots outside ``[seq_starts[b], seq_lens[b])`` are never read and take no part.
+- ``attn_mask`` (optional): the attention mask as SDPA takes it, for the one query token: boolean
+  (True: attend) or float (added to the scaled logits; float32 or the query's dtype), any shape
+  that broadcasts to ``[batch, num_heads, 1, max_cache_len]`` (e.g. Hugging Face's
+  ``[batch, 1, 1, max_cache_len]``), any strides. It is read per tile of slots inside the
+  range above, a few bytes per slot against the kilobytes of K/V.
 - ``scale``: the logit scale (``1 / sqrt(head_size)`` for SDPA's default).
-- Softmax in float32, output rounded once to the query dtype.
+- Softmax in float32, output rounded once to the query dtype. A sequence with no slot to attend
+  (an empty range, or every slot of it masked with False / -inf) gives zeros, as SDPA does.
+
+With a mask, the op is exact for any mask as long as the range covers every slot the mask lets
+through: ``mask_bounds(attn_mask, batch, max_cache_len)`` computes that range (first and last
+live slot of each sequence, on the device), which is what the pass and the attention interface
+use, so slots before a sliding window or a left padding and after the current position are not
+read at all.
 
 CUDA: the split-KV Triton kernels of ``compile_ops/decode_attention.py`` (``static_split_kernel``
 then, when a sequence is cut into several splits, the paged kernels' merge): one program per
 (sequence, KV head, split), every query head of the GQA group in one tensor-core dot, so each K/V
-byte of the tokens so far is read once; slots past ``seq_lens`` are never read.
+byte of the range is read once; slots outside the range are never read.
 """
 
 from typing import Optional
@@ -38,7 +54,33 @@ OP = "static_cache_attention"
 MAX_HEAD = 256
 
 
-def _check(out, query, key_cache, value_cache, seq_lens, scale):
+def _check_lengths(name, t, batch, device):
+    C.check_tensor(OP, name, t)
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or t.shape[0] != batch:
+        C.fail(OP, f"{name} must be int32 or int64 [{batch}], got {t.dtype} {tuple(t.shape)}",
+               TypeError if t.dtype.is_floating_point else ValueError)
+    if t.device != device:
+        C.fail(OP, f"{name} must be on device {device} (same as query), got {t.device}")
+
+
+def check_mask(op, attn_mask, batch, heads, length, dtype, device, name="attn_mask"):
+    """`attn_mask` broadcasts to [batch, heads, 1, length]: bool, float32 or `dtype`."""
+    C.check_tensor(op, name, attn_mask)
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, dtype):
+        C.fail(op, f"{name} must be bool, float32 or {dtype} (the query's dtype), got "
+                   f"{attn_mask.dtype}", TypeError)
+    if attn_mask.device != device:
+        C.fail(op, f"{name} must be on device {device} (same as query), got {attn_mask.device}")
+    want = (batch, heads, 1, length)
+    shape = tuple(attn_mask.shape)
+    ok = 1 <= len(shape) <= 4 and all(s in (1, w) for s, w in zip(shape[::-1], want[::-1]))
+    if not ok or (len(shape) >= 2 and shape[-2] != 1) or shape[-1] != length:
+        C.fail(op, f"{name} must broadcast to [batch, num_heads, 1, max_cache_len] = "
+                   f"{list(want)} with its last dimension max_cache_len = {length}, got "
+                   f"{list(shape)}")
+
+
+def _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
     C.check_tensor(OP, "query", query)
     C.check_float_dtype(OP, "query", query)
     if query.dim() != 3:
@@ -62,74 +104,133 @@ def _check(out, query, key_cache, value_cache, seq_lens, scale):
     if kv_heads == 0 or heads % kv_heads:
         C.fail(OP, f"num_heads {heads} must be a multiple of key_cache's num_kv_heads "
                    f"{kv_heads}")
-    C.check_tensor(OP, "seq_lens", seq_lens)
-    if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.dim() != 1 or \
-            seq_lens.shape[0] != batch:
-        C.fail(OP, f"seq_lens must be int32 or int64 [{batch}], got {seq_lens.dtype} "
-                   f"{tuple(seq_lens.shape)}", TypeError if seq_lens.dtype.is_floating_point
-               else ValueError)
-    if seq_lens.device != query.device:
-        C.fail(OP, f"seq_lens must be on device {query.device} (same as query), got "
-                   f"{seq_lens.device}")
+    _check_lengths("seq_lens", seq_lens, batch, query.device)
+    if seq_starts is not None:
+        _check_lengths("seq_starts", seq_starts, batch, query.device)
+    if attn_mask is not None:
+        check_mask(OP, attn_mask, batch, heads, key_cache.shape[2], query.dtype, query.device)
     if isinstance(scale, bool) or not isinstance(scale, (float, int)):
         C.fail(OP, f"scale must be a float, got {type(scale).__name__}", TypeError)
     C.check_no_partial_overlap(OP, "out", out, "query", query, allow_same=True)
-    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        C.check_no_partial_overlap(OP, "out", out, name, cache, allow_same=False)
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache),
+                    ("attn_mask", attn_mask), ("seq_lens", seq_lens),
+                    ("seq_starts", seq_starts)):
+        if t is not None:
+            C.check_no_partial_overlap(OP, "out", out, name, t, allow_same=False)
 
 
-def static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale):
+def _ranges(seq_lens, seq_starts, length):
+    """(starts, ends) int64 [batch]: the slot range each sequence reads, clamped."""
+    ends = seq_lens.long().clamp(0, length)
+    if seq_starts is None:
+        return torch.zeros_like(ends), ends
+    return torch.minimum(seq_starts.long().clamp(min=0), ends), ends
+
+
+def static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale, attn_mask=None,
+                               seq_starts=None):
     """The op's result (float32 math, one rounding): the reference and the CPU kernel."""
     batch, heads, head = query.shape
     kv_heads, length = key_cache.shape[1], key_cache.shape[2]
-    lens = seq_lens.long().clamp(0, length)
-    n = int(lens.max()) if batch else 0
+    starts, ends = _ranges(seq_lens, seq_starts, length)
+    n = int(ends.max()) if batch else 0
     if n == 0:
         return torch.zeros_like(query)
+    s0 = int(starts.min())
     group = heads // kv_heads
-    # Only slots < seq_len are read: stale cache entries past it (NaN included) never count.
-    valid = torch.arange(n, device=query.device)[None, :] < lens[:, None]  # [batch, n]
-    keys = torch.where(valid[:, None, :, None], key_cache[:, :, :n].float(), 0.0)
-    vals = torch.where(valid[:, None, :, None], value_cache[:, :, :n].float(), 0.0)
+    # Only slots in [start, end) are read: stale cache entries outside (NaN included) never count.
+    j = torch.arange(s0, n, device=query.device)
+    valid = (j[None, :] < ends[:, None]) & (j[None, :] >= starts[:, None])  # [batch, n - s0]
+    keys = torch.where(valid[:, None, :, None], key_cache[:, :, s0:n].float(), 0.0)
+    vals = torch.where(valid[:, None, :, None], value_cache[:, :, s0:n].float(), 0.0)
     q = query.float().view(batch, kv_heads, group, head)
     logits = torch.einsum("bngd,bnld->bngl", q, keys) * float(scale)
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = logits.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), 0.0, m)
-    e = torch.exp(logits - m)
+    keep = valid[:, None, None, :]
+    if attn_mask is not None:
+        m = attn_mask[..., s0:n].expand(batch, heads, 1, n - s0).reshape(
+            batch, kv_heads, group, n - s0)
+        if m.dtype == torch.bool:
+            keep = keep & m
+        else:
+            logits = logits + m.float()
+    logits = logits.masked_fill(~keep, float("-inf"))
+    mx = logits.amax(-1, keepdim=True)
+    mx = torch.where(torch.isinf(mx) & (mx < 0), 0.0, mx)
+    e = torch.exp(logits - mx)
     s = e.sum(-1, keepdim=True)
     o = torch.einsum("bngl,bnld->bngd", e, vals) / torch.where(s == 0, 1.0, s)
     return o.reshape(batch, heads, head).to(query.dtype)
 
 
+def mask_bounds(attn_mask: torch.Tensor, batch: int, max_cache_len: int):
+    """(seq_starts, seq_lens), int32 [batch]: each sequence's first live slot and last live slot
+    + 1 under `attn_mask` (any head; live: True, or a float other than -inf), (0, 0) when no slot
+    is live. What the op needs so that a masked call reads only what the mask lets through: the
+    pass and the attention interface compute it once per mask (plain PyTorch: Inductor makes it
+    one small reduction kernel, shared by every layer)."""
+    m = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    live = m.amax(dim=(1, 2)) if m.shape[1] * m.shape[2] > 1 else m[:, 0, 0]  # [B or 1, L]
+    idx = torch.arange(max_cache_len, device=attn_mask.device, dtype=torch.int32)
+    ends = torch.where(live, idx + 1, 0).amax(-1)
+    starts = torch.where(live, idx, max_cache_len).amin(-1)
+    starts = torch.minimum(starts, ends)  # no live slot: (0, 0)
+    return starts.expand(batch).contiguous(), ends.expand(batch).contiguous()
+
+
 @torch.library.custom_op("compile_ops::static_cache_attention", mutates_args=("out",))
 def _static_cache_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
-                            value_cache: torch.Tensor, seq_lens: torch.Tensor,
-                            scale: float) -> None:
+                            value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            attn_mask: Optional[torch.Tensor] = None,
+                            seq_starts: Optional[torch.Tensor] = None) -> None:
     """Decode attention over a static [batch, kv_heads, max_cache_len, head_size] cache."""
-    _check(out, query, key_cache, value_cache, seq_lens, scale)
-    out.copy_(static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale))
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
+    out.copy_(static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale,
+                                         attn_mask, seq_starts))
 
 
 @_static_cache_attention.register_fake
-def _(out, query, key_cache, value_cache, seq_lens, scale):
-    _check(out, query, key_cache, value_cache, seq_lens, scale)
+def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
 
 
 @_static_cache_attention.register_kernel("cuda")
-def _(out, query, key_cache, value_cache, seq_lens, scale):
-    _check(out, query, key_cache, value_cache, seq_lens, scale)
+def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
     from compile_ops import decode_attention
 
-    decode_attention.static_decode(out, query, key_cache, value_cache, seq_lens, scale)
+    decode_attention.static_decode(out, query, key_cache, value_cache, seq_lens, scale,
+                                   attn_mask=attn_mask, seq_starts=seq_starts)
 
 
 def static_cache_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: Optional[float] = None) -> None:
+                           scale: Optional[float] = None,
+                           attn_mask: Optional[torch.Tensor] = None,
+                           seq_starts: Optional[torch.Tensor] = None) -> None:
     """``torch.ops.compile_ops.static_cache_attention``; ``scale`` defaults to
     ``1 / sqrt(head_size)``."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
     torch.ops.compile_ops.static_cache_attention(out, query, key_cache, value_cache, seq_lens,
-                                                 float(scale))
+                                                 float(scale), attn_mask, seq_starts)
+
+
+def masked_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                            scale: Optional[float] = None, bounds=None) -> torch.Tensor:
+    """SDPA's decode-step result for a static cache, without ``repeat_kv``: ``query``
+    ``[batch, num_heads, head_size]``, caches ``[batch, kv_heads, max_cache_len, head_size]``,
+    ``attn_mask`` as SDPA takes it (None: every slot). Returns ``[batch, num_heads, head_size]``.
+    ``bounds``: ``mask_bounds``' result when the caller already has it."""
+    batch = query.shape[0]
+    length = key_cache.shape[2]
+    if attn_mask is None:
+        lens = torch.full((batch,), length, dtype=torch.int32, device=query.device)
+        starts = None
+    else:
+        starts, lens = bounds if bounds is not None else mask_bounds(attn_mask, batch, length)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    static_cache_attention(out, query, key_cache, value_cache, lens, scale, attn_mask, starts)
+    return out

@@ -190,6 +190,67 @@ def _strip_mask(mask, length: int):
     return mask
 
 
+def _right_shape(shape) -> tuple:
+    """The shape without its leading 1s (what right-aligned broadcasting sees)."""
+    shape = list(shape)
+    while shape and shape[0] == 1:
+        shape.pop(0)
+    return tuple(shape)
+
+
+IDENTITY_VIEWS = (aten.alias.default, aten.clone.default)
+SHAPE_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+               aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default)
+
+
+def _strip_broadcasts(node, length: int):
+    """Walk up from the mask SDPA receives through what changes no value of the mask as SDPA
+    broadcasts it: copies, expand (right-aligned broadcasting), views that only add or drop
+    leading 1s, and the alignment padding ``slice(constant_pad_nd(m, [0, pad]), -1, 0, L)``."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        t = node.target
+        src = node.args[0] if node.args else None
+        if t in IDENTITY_VIEWS or t is aten.expand.default:
+            node = src
+            continue
+        if t in SHAPE_VIEWS:
+            sv, nv = _val(src), _val(node)
+            if sv is not None and nv is not None and \
+                    _right_shape(sv.shape) == _right_shape(nv.shape):
+                node = src
+                continue
+            break
+        if t is aten.slice.Tensor:
+            stripped = _strip_mask(node, length)
+            if stripped is not node:
+                node = stripped
+                continue
+        break
+    return node
+
+
+def _where_cond(node):
+    """cond when `node` is where(cond, 0, fill) with a boolean cond and fill -inf or <= -1e4
+    (also cast to another float dtype, the fill checked there); else None."""
+    cast = None
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            node.target is prims.convert_element_type.default and \
+            _val(node.args[0]) is not None and _val(node.args[0]).dtype.is_floating_point and \
+            _val(node) is not None:
+        cast = _val(node).dtype
+        node = _through(node.args[0], (aten.alias.default, aten.clone.default))
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and
+            node.target is aten.where.self):
+        return None
+    cond = node.args[0]
+    cv = _val(cond)
+    if cv is None or cv.dtype != torch.bool:
+        return None
+    if not (_const_full(node.args[1], 0.0) and _masked_fill(node.args[2], cast)):
+        return None
+    return cond
+
+
 def _describe(node, depth: int = 3) -> str:
     """A short nested description of the ops producing `node` (for near-miss reasons)."""
     if not isinstance(node, torch.fx.Node):
@@ -306,6 +367,36 @@ class StaticCacheAttentionPass(FusionPass):
         self._lens[key] = lens
         return lens
 
+    def _op_mask(self, mask, length: int, batch: int, heads: int, dtype):
+        """The mask to hand the op (SDPA's mask with its broadcasts and padding removed; a
+        where(bool, 0, -inf) replaced by the bool), or (None, reason)."""
+        node = _strip_broadcasts(mask, length)
+        cond = _where_cond(node)
+        if cond is not None:
+            node = _strip_broadcasts(cond, length)
+        v = _val(node)
+        if v is None:
+            return None, "mask without metadata"
+        if v.dtype != torch.bool and v.dtype not in (torch.float32, dtype):
+            return None, f"mask dtype {v.dtype} is neither bool, float32 nor the query's"
+        shape, want = tuple(v.shape), (batch, heads, 1, length)
+        if not (1 <= len(shape) <= 4 and shape[-1] == length and
+                all(a in (1, b) for a, b in zip(shape[::-1], want[::-1]))):
+            return None, f"mask shape {list(shape)} does not broadcast to {list(want)}"
+        return node, None
+
+    def _bounds_nodes(self, graph, before, mask, batch, length):
+        """(seq_starts, seq_lens) nodes: compile_ops.static_cache.mask_bounds of `mask`, traced
+        into the graph once per mask (the layers share it)."""
+        key = ("bounds", mask, batch, length)
+        if key in self._lens:
+            return self._lens[key]
+        from compile_ops.static_cache import mask_bounds
+
+        res = _insert_traced(graph, before, lambda m: mask_bounds(m, batch, length), [mask])
+        self._lens[key] = res
+        return res
+
     # -- one SDPA ------------------------------------------------------------------------------
     def _try(self, graph, sdpa) -> bool:
         kind = SDPA_OPS[sdpa.target]
@@ -362,13 +453,8 @@ class StaticCacheAttentionPass(FusionPass):
             self.near_miss("cache not contiguous in head_size", sdpa)
             return False
         length = kcv.shape[2]
-        ml, why = self._mask_lens(mask, length)
-        if ml is None:
-            self.near_miss(why, sdpa)
-            return False
-        q_root, off = ml
         mv = _val(mask)
-        if mv.dim() < 1 or mv.shape[-1] != length or mv.dim() > 4 or \
+        if mv is None or mv.dim() < 1 or mv.shape[-1] != length or mv.dim() > 4 or \
                 any(s != 1 for s in mv.shape[-2:-1]):
             self.near_miss("mask shape is not [..., 1, max_cache_len]", sdpa)
             return False
@@ -379,14 +465,35 @@ class StaticCacheAttentionPass(FusionPass):
         if first is None:
             self.near_miss("the attention output is not used", sdpa)
             return False
-        for n in (q, kc, vc, q_root):
+        for n in (q, kc, vc):
             if order[n] > order[sdpa]:
                 self.near_miss(f"{n.name} is computed after the attention", sdpa)
                 return False
-        lens = self._lens_node(graph, sdpa, q_root, off, batch)
-        if order.get(lens, -1) > order[sdpa]:  # a shared lens placed after this SDPA: rebuild
-            self._lens.pop((q_root, off, batch))
+        # The mask: proven to be "slot j < position + c" (then the op needs only the lengths and
+        # never reads the mask), or any other mask, which the op reads, within the live range
+        # that mask_bounds finds.
+        ml, why = self._mask_lens(mask, length)
+        op_mask = starts = None
+        if ml is not None:
+            q_root, off = ml
+            if order[q_root] > order[sdpa]:
+                self.near_miss(f"{q_root.name} is computed after the attention", sdpa)
+                return False
             lens = self._lens_node(graph, sdpa, q_root, off, batch)
+            if order.get(lens, -1) > order[sdpa]:  # a shared lens placed after this SDPA
+                self._lens.pop((q_root, off, batch))
+                lens = self._lens_node(graph, sdpa, q_root, off, batch)
+            how = f"lens = {q_root.name} + {off}"
+        else:
+            op_mask, why = self._op_mask(mask, length, batch, heads, qv.dtype)
+            if op_mask is None:
+                self.near_miss(why, sdpa)
+                return False
+            starts, lens = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
+            if order.get(lens, -1) > order[sdpa]:
+                self._lens.pop(("bounds", op_mask, batch, length))
+                starts, lens = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
+            how = f"mask {op_mask.name} ({_val(op_mask).dtype}), bounds from it"
 
         with graph.inserting_before(sdpa):
             q3 = graph.call_function(aten.reshape.default, (q, [batch, heads, head]))
@@ -396,7 +503,7 @@ class StaticCacheAttentionPass(FusionPass):
                 torch.ops.higher_order.auto_functionalized,
                 (torch.ops.compile_ops.static_cache_attention.default,),
                 {"out": out, "query": q3, "key_cache": kc, "value_cache": vc, "seq_lens": lens,
-                 "scale": scale})
+                 "scale": scale, "attn_mask": op_mask, "seq_starts": starts})
             res = graph.call_function(operator.getitem, (af, 1))
             o4 = graph.call_function(aten.reshape.default, (res, [batch, heads, 1, head]))
         with _fake_mode(qv):
@@ -412,8 +519,8 @@ class StaticCacheAttentionPass(FusionPass):
             graph.erase_node(u)
         graph.erase_node(sdpa)
         _erase_dead(graph, [k, v, mask])
-        self.matched("%s: [%d, %d, 1, %d] over %s / %s (%d slots), lens = %s + %d", kind, batch,
-                     heads, head, kc.name, vc.name, length, q_root.name, off)
+        self.matched("%s: [%d, %d, 1, %d] over %s / %s (%d slots), %s", kind, batch,
+                     heads, head, kc.name, vc.name, length, how)
         return True
 
 
@@ -434,3 +541,30 @@ def _erase_dead(graph, roots):
         ins = [a for a in n.all_input_nodes]
         graph.erase_node(n)
         stack.extend(ins)
+
+
+def _insert_traced(graph, before, fn, inputs):
+    """Trace `fn` over the fake values of `inputs` (aten ops, as make_fx records them) and copy
+    its nodes into `graph` before `before`; returns the nodes of its outputs (same structure)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    vals = [_val(n) for n in inputs]
+    with _fake_mode(vals[0]):  # Inductor's decompositions: the ops its lowerings take
+        gm = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    env = {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph, n in zip(phs, inputs):
+        env[ph] = n
+    result = None
+    with graph.inserting_before(before):
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                result = torch.fx.map_arg(n.args[0], lambda a: env[a])
+                break
+            if n.op != "call_function":
+                raise RuntimeError(f"traced helper holds a {n.op} node ({n.name})")
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return result
