@@ -9,13 +9,15 @@ from lowerings.passes import (  # noqa: F401
     PassManager,
     counters,
     graph_ops,
+    pass_device_policy,
+    pass_devices,
     pass_manager,
     reset_counters,
 )
 from lowerings.backend import compile_ops_backend  # noqa: F401
 
 __all__ = ["PassManager", "compile_ops_backend", "counters", "disable", "enable", "graph_ops",
-           "pass_manager", "reset_counters"]
+           "pass_device_policy", "pass_devices", "pass_manager", "reset_counters"]
 
 _saved = []
 

@@ -3,6 +3,16 @@ functionalized post-grad graph (``post_grad_custom_pre_pass``), one ``uuid()`` f
 graph cache, per-pattern match counters and a debug log of matches and near misses.
 
 COMPILE_OPS_DEBUG_FUSION=1 logs every match and every near miss (with its reason) to stderr.
+
+Where the passes rewrite (issue 24: never slower than Inductor, on any device): each pass lists
+the device types its kernels beat Inductor's own code on (``FusionPass.devices``). On the CPU
+the ops run their pure-PyTorch reference bodies through the Python dispatcher, which Inductor's
+generated C++ beats on every measured graph (bench/NOTES.md, session 10), so by default no pass
+rewrites a CPU graph: Inductor compiles it as ``backend="inductor"`` would. The policy
+(``COMPILE_OPS_PASS_DEVICES``, or ``pass_devices(...)`` as a context manager):
+
+- ``auto`` (default): each pass on the devices in its ``devices``;
+- ``all``: every pass on every device (the CPU tests use it to check the rewrites on CPU graphs).
 """
 
 from __future__ import annotations
@@ -40,10 +50,59 @@ def reset_counters() -> None:
     COUNTERS.clear()
 
 
+POLICIES = ("auto", "all")
+_policy: list[str] = []
+
+
+def pass_device_policy() -> str:
+    """``auto`` or ``all`` (see the module docstring)."""
+    if _policy:
+        return _policy[-1]
+    value = os.environ.get("COMPILE_OPS_PASS_DEVICES", "auto") or "auto"
+    if value not in POLICIES:
+        raise ValueError(f"COMPILE_OPS_PASS_DEVICES must be one of {POLICIES}, got {value!r}")
+    return value
+
+
+class pass_devices:
+    """``with pass_devices("all"): ...`` (or ``.set()`` / ``.reset()``): the policy while the
+    block runs (compiles in the block; Inductor's FX graph cache keys include it)."""
+
+    def __init__(self, policy: str):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
+
+    def __enter__(self):
+        _policy.append(self.policy)
+        return self
+
+    def __exit__(self, *exc):
+        _policy.pop()
+
+
+def graph_device_type(graph: torch.fx.Graph) -> str:
+    """"cuda" when a graph input lives on a CUDA device, else "cpu" (what the graph computes on:
+    a decode step's small host tensors, e.g. CPU positions, do not count)."""
+    kinds = set()
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            kinds.add(v.device.type)
+    for k in ("cuda", "xpu", "mps"):
+        if k in kinds:
+            return k
+    return "cpu"
+
+
 class FusionPass:
     """One fusion. Subclasses set ``name`` and implement ``apply(graph) -> matches``."""
 
     name = "fusion"
+    # Device types where this pass's kernels beat Inductor's own code (the "auto" policy).
+    devices: tuple = ("cuda",)
 
     def apply(self, graph: torch.fx.Graph) -> int:
         raise NotImplementedError
@@ -107,7 +166,13 @@ class PassManager(CustomGraphPass):
         dump = os.environ.get("COMPILE_OPS_DUMP_GRAPHS", "")
         if dump:
             _dump(dump, "before", graph)
+        policy = pass_device_policy()
+        device = graph_device_type(graph)
         for p in self.passes:
+            if policy == "auto" and device not in p.devices:
+                COUNTERS[p.name][f"skipped: {device} graph (Inductor's own code is faster "
+                                 "there; COMPILE_OPS_PASS_DEVICES=all rewrites anyway)"] += 1
+                continue
             if p.apply(graph):
                 graph.lint()
         self.ops_after = graph_ops(graph)
@@ -122,6 +187,8 @@ class PassManager(CustomGraphPass):
                 with open(f, "rb") as fh:
                     h.update(fh.read())
             h.update(repr(sorted(p.settings().items())).encode())
+            h.update(repr(p.devices).encode())
+        h.update(pass_device_policy().encode())
         return h.hexdigest()
 
 

@@ -98,6 +98,17 @@ def _seed_global_rng():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _passes_on_every_device():
+    """The passes rewrite CPU graphs too in every test (lowerings' "all" policy): the tests
+    check the rewrites on the CPU. Tests of the default policy ("auto": CPU graphs left to
+    Inductor) set it themselves with ``lowerings.pass_devices("auto")``."""
+    import lowerings
+
+    with lowerings.pass_devices("all"):
+        yield
+
+
 @pytest.fixture
 def fresh_compile():
     """Compile from scratch: no Dynamo, AOT or FX graph cache hits (the passes must run, so their
