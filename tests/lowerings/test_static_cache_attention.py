@@ -1,9 +1,13 @@
 """The static-cache decode attention rewrite (lowerings/static_cache_attention.py) on compiled
 graphs: Hugging Face's GQA ``repeat_kv`` + masked SDPA over a ``[B, Hkv, L, D]`` cache, one query
-token -> ``compile_ops.static_cache_attention``. Matches (mask and K/V forms, dtypes, GQA groups),
-the op list before / after the pass, compiled vs eager outputs and caches, the graphs that must
-not be rewritten (each a near miss with its reason, SDPA left in place), the GPU SDPA ops on
-hand-traced graphs, and a tiny Hugging Face Llama decoding through a StaticCache."""
+token -> ``compile_ops.static_cache_attention``. Two kinds of match: a mask proven to be "slot <
+position + c" (the op gets only the lengths and never reads the mask), and any other mask (a
+graph input as generate() passes it, padding, sliding windows, per-sequence positions, float
+biases), which the op reads, within the live range that ``mask_bounds`` finds (traced into the
+graph once per mask). Matches (mask and K/V forms, dtypes, GQA groups), the op list before / after
+the pass, compiled vs eager outputs and caches, the graphs that must not be rewritten (each a near
+miss with its reason, SDPA left in place), the GPU SDPA ops on hand-traced graphs, and a tiny
+Hugging Face Llama decoding through a StaticCache."""
 
 import os
 import sys
@@ -152,7 +156,7 @@ def assert_same(eager, ea, got, ca, per_batch=False):
     assert_close(got, eager)
     for e, c in zip(ea[3:5], ca[3:5]):
         assert torch.equal(c, e)
-    q, k, v, kc, vc, pos = ca
+    q, k, v, kc, vc, pos = ca[:6]
     kc = kc if kc.shape[2] == L else kc.transpose(2, 3)
     for cache, new in ((kc, k), (vc, v)):
         if per_batch:
@@ -324,40 +328,150 @@ MASK = "where.self(le.Tensor(unsqueeze.default(...), unsqueeze.default(...)), fu
 @pytest.mark.parametrize("form,reason", [
     (dict(mask=None), "no mask (attention over every slot of the cache)"),
     (dict(mask=None, is_causal=True), "is_causal (SDPA's top-left causal mask)"),
-    (dict(extra="padding"), "mask condition is aten.bitwise_and.Tensor, not a comparison of key "
-                            "slot and query position"),
-    (dict(extra="window", mask="bool"), "mask condition is aten.bitwise_and.Tensor, not a "
-                                        "comparison of key slot and query position"),
-    (dict(kv_index="flip"), KEY_SIDE),
-    (dict(kv_index="step_2"), KEY_SIDE),
-    (dict(fill=-100.0), f"float mask is not where(cond, 0, -inf): {MASK}"),
-    (dict(keep=1.0), f"float mask is not where(cond, 0, -inf): {MASK}"),
     (dict(kv="tile"), "key: K/V's expand is not of unsqueeze(cache, 2)"),
     # the key cache read through a transpose (D strided); (written by index_copy_ instead, it is
     # first copied back contiguous by functionalization, and rewritten: test_rewritten_forms)
     (dict(kv="transposed", write="setitem"), "cache not contiguous in head_size"),
-    (dict(write="per_batch"), "mask's query side is not one position (one query token)"),
-    (dict(write="per_batch", mask="bool", batch_mask=True),
-     "mask's query side is not one position (one query token)"),
 ], ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else "")
 def test_not_rewritten(form, reason):
+    args = inputs(transposed=form.get("kv") == "transposed")
+    assert_near_miss(*run(attention(**form), args), reason)
+
+
+# -- any other mask: read by the op ------------------------------------------------------------
+BOUNDS_OPS = ("aten.amax.default", "aten.amin.default")
+
+
+def assert_rewritten_reading_mask(eager, ea, got, ca, n=1, per_batch=False):
+    """Rewritten (n ops, no SDPA) with the mask handed to the op: the bounds (one amin for the
+    first live slot, one amax for the last, shared by every op of the mask) are in the graph."""
+    c = counts()
+    assert c == {"matched": n}, c
+    after = ops_after()
+    assert after.count(OP) == n, after
+    assert not any("scaled_dot_product" in o for o in after), after
+    for op in BOUNDS_OPS:
+        assert after.count(op) == 1, after
+    assert_same(eager, ea, got, ca, per_batch)
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("form,dtype", [
+    (dict(extra="padding"), F32),                 # causal & a padding pattern
+    (dict(extra="padding"), BF16),
+    (dict(extra="window", mask="bool"), F32),     # a sliding window of 4 positions
+    (dict(extra="window", batch_mask=True), BF16),
+    (dict(kv_index="flip"), F32),                 # not a comparison with arange: any mask
+    (dict(kv_index="step_2"), F32),
+    (dict(fill=-100.0), F32),                     # a finite fill above -1e4: the float mask
+    (dict(keep=1.0), F32),                        # a bias on the kept slots
+    (dict(write="per_batch"), F32),               # a position per sequence
+    (dict(write="per_batch", mask="bool", batch_mask=True), BF16),
+], ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else str(x))
+def test_any_decode_mask_rewritten(form, dtype):
+    """Masks the pass cannot prove causal: the op reads them (exact for any mask)."""
     per_batch = form.get("write") == "per_batch"
-    args = inputs(per_batch=per_batch, transposed=form.get("kv") == "transposed")
-    assert_near_miss(*run(attention(**form), args), reason, per_batch)
-
-
-def test_prefill_not_rewritten():
-    """Four query tokens (a prefill chunk into the static cache) with the same causal mask."""
-    assert_near_miss(*run(attention(), inputs(tokens=4)), "4 query tokens (prefill), not one")
+    args = inputs(4, dtype, per_batch=per_batch)
+    assert_rewritten_reading_mask(*run(attention(**form), args), per_batch=per_batch)
 
 
 @pytest.mark.parametrize("fill", [-100.0, -1e4])
 def test_bf16_fill_checked_after_the_cast(fill):
     """The fill is checked as SDPA sees it, in the mask's dtype: -100 is too high in either, and
-    -1e4 (taken in float32: test_rewritten_forms) is -9984 once cast to bf16."""
-    assert_near_miss(*run(attention(fill=fill), inputs(4, torch.bfloat16)),
-                     "float mask is not where(cond, 0, -inf): convert_element_type.default("
-                     "where.self(le.Tensor(..., ...), full.default(), full.default()))")
+    -1e4 (taken in float32: test_rewritten_forms) is -9984 once cast to bf16: not the lengths
+    form, so the op reads the bf16 mask itself (exact)."""
+    assert_rewritten_reading_mask(*run(attention(fill=fill), inputs(4, torch.bfloat16)))
+
+
+def masked_step(groups=4, layers=1):
+    """generate()'s decode step: the mask is a graph input (built outside the compiled forward);
+    `layers` attentions under that one mask, each over its own caches."""
+    def fn(q, k, v, kc, vc, pos, mask):
+        out = q
+        for i in range(layers):
+            kci, vci = (kc, vc) if i == 0 else (kc * (i + 1), vc.flip(2))
+            kci.index_copy_(2, pos, k)
+            vci.index_copy_(2, pos, v)
+            out = F.scaled_dot_product_attention(out, repeat_kv(kci, groups),
+                                                 repeat_kv(vci, groups), attn_mask=mask)
+        return out
+    return fn
+
+
+def graph_masks(dtype=torch.float32, heads=HKV * 4):
+    """Masks as models build them: left padding (sequence 1 starts at slot 3) and causal over the
+    slots up to POS, a sliding window of 4, every form SDPA broadcasts."""
+    j = torch.arange(L)
+    causal = j <= POS
+    pad = torch.stack([j >= 0, j >= 3])                       # [B, L]
+    window = causal & (j > POS - 4)
+    boolm = (causal & pad)[:, None, None, :]                  # [B, 1, 1, L]
+    fmin = torch.finfo(dtype).min
+    return {
+        "bool": boolm,
+        "float_min": torch.where(boolm, 0.0, fmin).to(dtype),  # HF's eager-style float mask
+        "float_inf": torch.where(boolm, 0.0, NEG_INF).to(dtype),
+        "window_2d": window[None, :],                         # [1, L]
+        "per_head": (causal & (j % heads >= 0))[None, None, None, :].expand(B, heads, 1, L) &
+                    (torch.arange(heads)[None, :, None, None] <= j),  # heads differ
+        "batch1": window[None, None, None, :],                # [1, 1, 1, L]
+    }
+
+
+@pytest.mark.parametrize("kind,dtype", [
+    ("bool", F32), ("bool", BF16), ("float_min", F32), ("float_min", BF16), ("float_inf", F32),
+    ("window_2d", F32), ("per_head", F32), ("batch1", BF16)])
+def test_graph_input_mask(kind, dtype):
+    """The mask as generate() hands it to the compiled forward: a graph input (nothing in the
+    graph says what it holds): rewritten, the op reads it; numerics and caches equal eager's."""
+    mask = graph_masks(dtype)[kind]
+    args = inputs(4, dtype) + [mask]
+    assert_rewritten_reading_mask(*run(masked_step(), args))
+
+
+def test_layers_share_one_mask_bounds():
+    """Two attentions under one graph-input mask: both rewritten, the bounds (one amin, one
+    amax) computed once and read by both ops."""
+    args = inputs(4) + [graph_masks()["bool"]]
+    assert_rewritten_reading_mask(*run(masked_step(layers=2), args), n=2)
+
+
+class TestMaskSnapshot(TestCase):
+    def test_ops_after_graph_input_mask(self):
+        """A bool graph-input mask: repeat_kv's copies and SDPA gone; the op reads the mask and
+        the bounds traced from compile_ops.static_cache.mask_bounds."""
+        run(masked_step(), inputs(4) + [graph_masks()["bool"]])
+        self.assertEqual(counts(), {"matched": 1})
+        self.assertExpectedInline("\n".join(ops_after()), """\
+aten.add.Tensor
+aten.amax.default
+aten.amin.default
+aten.copy_.default
+aten.copy_.default
+aten.empty.memory_format
+aten.expand.default
+aten.expand.default
+aten.index_put.default
+aten.index_put.default
+aten.minimum.default
+aten.reshape.default
+aten.reshape.default
+aten.scalar_tensor.default
+aten.scalar_tensor.default
+aten.select.int
+aten.select.int
+aten.where.self
+aten.where.self
+auto_functionalized(compile_ops.static_cache_attention.default)
+getitem
+prims.iota.default""")
+
+
+def test_prefill_not_rewritten():
+    """Four query tokens (a prefill chunk into the static cache) with the same causal mask."""
+    assert_near_miss(*run(attention(), inputs(tokens=4)), "4 query tokens (prefill), not one")
 
 
 def test_dropout_sdpa_is_decomposed_before_the_pass():
@@ -534,13 +648,13 @@ def test_hf_llama_decode():
 
 def test_hf_llama_decode_with_attention_mask():
     """An explicit 2-d attention_mask makes transformers `and` a padding mask (from the tensor,
-    unknown at compile time) into the causal one: not a decode mask the pass can prove, so SDPA
-    stays (a near miss per layer) and the results are eager's."""
+    unknown at compile time) into the causal one: not a form the pass can prove causal, so the op
+    reads the mask (one rewrite per layer, one bounds computation); results equal eager's."""
     eager, got = _hf_decode(with_mask=True)
-    reason = ("near_miss: mask condition is aten.bitwise_and.Tensor, not a comparison of key "
-              "slot and query position")
-    assert counts() == {reason: 2}, counts()
-    assert ops_after().count(SDPA_CPU) == 2 and OP not in ops_after(), ops_after()
+    assert counts() == {"matched": 2}, counts()
+    after = ops_after()
+    assert after.count(OP) == 2 and not any("scaled_dot_product" in o for o in after), after
+    assert after.count("aten.amax.default") == 1, after
     _assert_hf_same(eager, got)
 
 
