@@ -142,6 +142,35 @@ def _mean_centred(x) -> bool:
     return src is a or (conv is not None and conv[0] is a)
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.permute.default, aten.transpose.int, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.expand.default, aten.alias.default, aten.slice.Tensor,
+          aten.select.int, aten.split.Tensor, aten.split_with_sizes.default, operator.getitem)
+
+
+def _feeds_only_pointwise(node) -> bool:
+    """Every use of `node` (through views) is an elementwise aten op: Inductor would fuse the
+    norm's math into those kernels, where our op is a kernel of its own and a round trip through
+    memory. A GEMM, a custom op, a reduction or a graph output among the uses: False."""
+    stack, seen, users = [node], set(), 0
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op != "call_function":
+                return False
+            if u.target in _VIEWS:
+                stack.append(u)
+                continue
+            tags = getattr(u.target, "tags", ())
+            if torch.Tag.pointwise not in tags and u.target is not aten.cat.default:
+                return False
+            users += 1
+    return users > 0
+
+
 class RMSNormMathPass(FusionPass):
     name = "rms_norm_math"
 
@@ -297,6 +326,12 @@ class RMSNormMathPass(FusionPass):
                 self.near_miss("the weight multiply changes the dtype or shape", wmul)
                 return False
             out = wmul
+
+        if _feeds_only_pointwise(out):
+            self.near_miss("the normalized output feeds only pointwise math (a per-head q/k norm "
+                           "before RoPE, as Qwen3's): Inductor fuses the norm into that kernel",
+                           out)
+            return False
 
         # -- rewrite -------------------------------------------------------------------------------
         static = all(type(s) is int for s in xv.shape)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -96,6 +98,10 @@ def _seed_global_rng():
     """Tests that draw from the global generator (model weights, plain randn) see the same numbers
     on every run, so a failure reproduces; the boundary cases that matter have explicit tests."""
     torch.manual_seed(0)
+
+
+# Child processes the tests start (debug-log and interpreter tests) rewrite CPU graphs too.
+os.environ.setdefault("COMPILE_OPS_PASS_DEVICES", "all")
 
 
 @pytest.fixture(autouse=True)

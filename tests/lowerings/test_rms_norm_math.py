@@ -278,6 +278,23 @@ class TestNoMatch(TestCase):
         self.assertEqual(list(near_misses()), [reason], near_misses())
         self.assertNotIn("compile_ops", ops_after())
 
+    def test_per_head_norm_feeding_only_rope(self):
+        """Qwen3's q/k norm: each head's slice normed, then only pointwise math (RoPE's
+        rotate_half, cos / sin multiplies): Inductor fuses the norm into that one kernel, which
+        our op would split in two. Left alone (the same model's norm feeding a GEMM is
+        rewritten: test_per_head_norm_feeding_a_matmul)."""
+        def f(x, w):  # x [T, 4 heads * 8]; w [8]
+            h = x.view(x.shape[0], 4, 8)
+            h32 = h.float()
+            n = w[:8] * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+            n = n.transpose(0, 1)
+            cos, sin = torch.cos(torch.arange(8.0)), torch.sin(torch.arange(8.0))
+            rot = torch.cat((-n[..., 4:], n[..., :4]), dim=-1)
+            return n * cos + rot * sin
+
+        self._check(Fn(f), x_in(), "the normalized output feeds only pointwise math (a per-head "
+                    "q/k norm before RoPE, as Qwen3's): Inductor fuses the norm into that kernel")
+
     def test_mean_over_another_dim(self):
         def f(x, w):
             x32 = x.float()
@@ -371,6 +388,22 @@ class TestNoMatch(TestCase):
         self._check(Fn(written_out), x_in(), "the input is mean-centred (LayerNorm, not RMSNorm)")
 
 
+class TestPointwiseRule(TestCase):
+    def test_per_head_norm_feeding_a_matmul(self):
+        """The same per-head norm with a GEMM among its uses: rewritten (the norm is a kernel of
+        its own either way)."""
+        def f(x, w):
+            h = x.view(x.shape[0], 4, 8)
+            h32 = h.float()
+            n = w[:8] * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+            return n * 2.0, n.reshape(x.shape[0], 32) @ w[:32, None].expand(32, 3)
+
+        eager, got = run_both(Fn(f), x_in())
+        for a, b in zip(got, eager):
+            assert_close(a, b)
+        self.assertEqual(matched(), 1)
+
+
 class TestHuggingFaceLlama(TestCase):
     """A tiny LlamaForCausalLM decode step (bench/bench_hf.py's cpu_check), backend=compile_ops."""
 
@@ -411,6 +444,12 @@ class TestHuggingFaceLlama(TestCase):
         # apart (6.094 and 6.0625), so any other rounding may pick either (compile_ops without
         # this pass already picks the other one).
         layers, out = self._decode(bf16, steps=1)
+        # The logits against eager's: each rewrite keeps eager's rounding steps, but Inductor's
+        # fused code around them (the residual adds, the GEMM epilogues) rounds bf16 at other
+        # points, so the bound is a few bf16 steps (2**-8 relative) of logits of O(1-10):
+        # atol 0.1, rtol 2**-6.
+        (_, logits), (_, want_logits) = out["compile_ops"], out["eager"]
+        torch.testing.assert_close(logits[0], want_logits[0], atol=0.1, rtol=2 ** -6)
         self.assertEqual(counts(), {"matched": 2 * layers + 1})
         self.assertEqual(matched("add_rms_norm"), 2 * layers)
         self.assertNotIn("aten.rsqrt.default", ops_after())
