@@ -9,7 +9,13 @@ per sequence, ``context`` tokens in a ``[batch, 8, max_cache_len, 128]`` cache; 
 - ``sdpa_gqa_dense``: SDPA with ``enable_gqa=True`` over only the first ``context`` slots (a
   contiguous copy made outside the timing): the strongest dense peer, which needs the length on
   the host;
-- ``compile_ops``: ``static_cache_attention`` (lengths on the device).
+- ``compile_ops``: ``static_cache_attention`` (lengths on the device);
+- ``hf_inductor_mask``: HF's formulation under Inductor with the mask a boolean input
+  ``[batch, 1, 1, max_cache_len]`` (what transformers' generate() hands its compiled forward);
+- ``compile_ops_mask``: what the pass makes of that: ``mask_bounds`` (the live range, from the
+  mask) + ``static_cache_attention`` reading the mask per tile, the two under ``torch.compile``
+  (in a model the bounds are computed once per step for all layers: this charges them to one);
+- ``compile_ops_mask_op``: the op alone with the mask and precomputed bounds (its per-layer cost).
 
 Bytes: query + output + the K and V of the ``context`` tokens (what a decode step must read).
 A CPU check (``--cpu-check``) compares the op with the HF formulation.
@@ -31,7 +37,25 @@ import harness  # noqa: E402
 import compile_ops  # noqa: E402, F401
 
 HEADS, KV_HEADS, HEAD = 32, 8, 128
-VARIANTS = ("hf_eager", "hf_inductor", "sdpa_gqa_dense", "compile_ops")
+VARIANTS = ("hf_eager", "hf_inductor", "sdpa_gqa_dense", "compile_ops", "hf_inductor_mask",
+            "compile_ops_mask", "compile_ops_mask_op")
+
+
+def hf_attention_mask(q, kc, vc, mask):
+    """HF's decode attention with the mask generate() builds: a boolean graph input."""
+    b, hkv, length, d = kc.shape
+    g = q.shape[1] // hkv
+    k = kc[:, :, None].expand(b, hkv, g, length, d).reshape(b, hkv * g, length, d)
+    v = vc[:, :, None].expand(b, hkv, g, length, d).reshape(b, hkv * g, length, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5)
+
+
+def ours_mask(q, kc, vc, mask, bounds=None):
+    from compile_ops.static_cache import masked_decode_attention
+
+    b, h, _, d = q.shape
+    return masked_decode_attention(q.view(b, h, d), kc, vc, mask, d ** -0.5,
+                                   bounds=bounds).view(b, h, 1, d)
 
 
 def hf_attention(q, kc, vc, pos):
@@ -73,6 +97,9 @@ def cpu_check():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
         comp = torch.compile(hf_attention, backend="compile_ops", fullgraph=True)
         torch.testing.assert_close(comp(q, kc, vc, pos), want, atol=2e-5, rtol=2e-5)
+        mask = (torch.arange(cache_len) < context)[None, None, None].expand(batch, 1, 1, cache_len)
+        torch.testing.assert_close(hf_attention_mask(q, kc, vc, mask), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(ours_mask(q, kc, vc, mask), want, atol=2e-5, rtol=2e-5)
     print("cpu check ok: static_cache_attention matches HF's repeat_kv + masked SDPA")
 
 
@@ -119,7 +146,7 @@ def tune(rep, case, nbytes, dtype, want):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--cache-len", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--cache-len", type=int, nargs="+", default=[512, 4096, 16384])
     p.add_argument("--context", type=int, default=None, help="default max_cache_len / 2")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--tune", action="store_true",
@@ -134,6 +161,10 @@ def main():
     rep = harness.Report("Decode attention over a static cache (32/8 heads of 128)", copy_bw,
                          "hf_inductor", ["batch", "max_cache_len", "context"])
     compiled = torch.compile(hf_attention, backend="inductor", fullgraph=True, dynamic=False)
+    compiled_mask = torch.compile(hf_attention_mask, backend="inductor", fullgraph=True,
+                                  dynamic=False)
+    compiled_ours_mask = torch.compile(ours_mask, backend="inductor", fullgraph=True,
+                                       dynamic=False)
     for cache_len in args.cache_len:
         for batch in args.batch:
             context = args.context or cache_len // 2
@@ -144,6 +175,17 @@ def main():
             for variant in args.variants:
                 def make(variant=variant):
                     q, kc, vc, pos = make_case(batch, cache_len, context, dtype, "cuda")
+                    mask = (torch.arange(cache_len, device="cuda") < context)[None, None, None]
+                    mask = mask.expand(batch, 1, 1, cache_len).contiguous()
+                    if variant == "hf_inductor_mask":
+                        return lambda: compiled_mask(q, kc, vc, mask)
+                    if variant == "compile_ops_mask":
+                        return lambda: compiled_ours_mask(q, kc, vc, mask)
+                    if variant == "compile_ops_mask_op":
+                        from compile_ops.static_cache import mask_bounds
+
+                        bounds = mask_bounds(mask, batch, cache_len)
+                        return lambda: ours_mask(q, kc, vc, mask, bounds)
                     if variant == "hf_eager":
                         return lambda: hf_attention(q, kc, vc, pos)
                     if variant == "hf_inductor":
