@@ -42,7 +42,7 @@ import torch
 
 import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from compile_ops.static_cache import MAX_HEAD
-from lowerings.passes import FusionPass
+from lowerings.passes import FusionPass, graph_device_type, pass_device_policy
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -262,11 +262,24 @@ def _describe(node, depth: int = 3) -> str:
     return f"{name}({args})"
 
 
+# On the CPU the op's body is the PyTorch reference (a few eager kernels through the dispatcher,
+# tens of microseconds per call), which loses to Inductor's C++ for small caches and wins by far
+# once repeat_kv's copy of the cache is large (bench/NOTES.md, session 10): under the "auto" device
+# policy a CPU graph is rewritten only from this many elements in the repeat_kv'ed K
+# (batch x query heads x max_cache_len x head_size).
+CPU_MIN_ELEMENTS = 1 << 20
+
+
 class StaticCacheAttentionPass(FusionPass):
     name = "static_cache_attention"
+    devices = ("cuda", "cpu")  # the CPU from CPU_MIN_ELEMENTS on
+
+    def settings(self) -> dict:
+        return {"cpu_min_elements": CPU_MIN_ELEMENTS}
 
     def apply(self, graph: torch.fx.Graph) -> int:
         matches = 0
+        self._cpu_auto = graph_device_type(graph) == "cpu" and pass_device_policy() == "auto"
         self._lens = {}
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in SDPA_OPS:
@@ -453,6 +466,11 @@ class StaticCacheAttentionPass(FusionPass):
             self.near_miss("cache not contiguous in head_size", sdpa)
             return False
         length = kcv.shape[2]
+        if self._cpu_auto and batch * heads * length * head < CPU_MIN_ELEMENTS:
+            self.near_miss(f"CPU: repeat_kv copies {batch * heads * length * head} elements, "
+                           f"below {CPU_MIN_ELEMENTS}: Inductor's own code is faster there",
+                           sdpa)
+            return False
         mv = _val(mask)
         if mv is None or mv.dim() < 1 or mv.shape[-1] != length or mv.dim() > 4 or \
                 any(s != 1 for s in mv.shape[-2:-1]):

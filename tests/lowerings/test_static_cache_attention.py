@@ -697,3 +697,34 @@ def test_cuda_hf_llama_decode(dtype):
         torch.testing.assert_close(gl[0], el[0], atol=0.25, rtol=0.05)
         assert torch.equal(gt[:, 0], et[:, 0]) or \
             (el[0].topk(2).values.diff(dim=-1).abs() <= 0.0625).any()
+
+
+# -- the default device policy on the CPU ------------------------------------------------------
+def test_cpu_auto_policy_small_cache_left_to_inductor():
+    """Under the default policy ("auto") a CPU graph whose repeat_kv copy is small stays
+    Inductor's (the op's CPU body costs more than the copy it saves): a near miss saying so."""
+    from lowerings.static_cache_attention import CPU_MIN_ELEMENTS
+
+    args = inputs(4) + [graph_masks()["bool"]]
+    with lowerings.pass_devices("auto"):
+        eager, ea, got, ca = run(masked_step(), args)
+    n = B * HKV * 4 * L * D
+    assert counts() == {f"near_miss: CPU: repeat_kv copies {n} elements, below "
+                        f"{CPU_MIN_ELEMENTS}: Inductor's own code is faster there": 1}, counts()
+    assert OP not in ops_after()
+    assert_same(eager, ea, got, ca)
+
+
+def test_cpu_auto_policy_large_cache_rewritten():
+    """... and from CPU_MIN_ELEMENTS on (1 sequence, 32 query heads of 128, 256 slots: 2**20)
+    it is rewritten: the op reads the live slots, Inductor would copy the cache four times."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 32, 1, 128, generator=g), torch.randn(1, 8, 1, 128, generator=g),
+               torch.randn(1, 8, 1, 128, generator=g))
+    kc, vc = torch.randn(1, 8, 256, 128, generator=g), torch.randn(1, 8, 256, 128, generator=g)
+    mask = (torch.arange(256) <= 40)[None, None, None]
+    with lowerings.pass_devices("auto"):
+        eager, ea, got, ca = run(masked_step(), [q, k, v, kc, vc, torch.tensor([40]), mask])
+    assert counts() == {"matched": 1}, counts()
+    assert OP in ops_after()
+    assert_close(got, eager)
