@@ -390,6 +390,9 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         return p
     if query.stride(2) != 1 and head > 1:
         query = query.contiguous()
+    seq_lens = seq_lens.contiguous()  # the kernels read element b at offset b
+    if seq_starts is not None:
+        seq_starts = seq_starts.contiguous()
     sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
     p = the_plan or static_plan(batch, heads, kv_heads, head, max_len,
                                 key_cache.element_size(), sms)

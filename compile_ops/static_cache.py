@@ -31,6 +31,9 @@ sequence b at ``[b, :, t]``. ``lowerings/static_cache_attention.py`` puts this o
 - ``scale``: the logit scale (``1 / sqrt(head_size)`` for SDPA's default).
 - Softmax in float32, output rounded once to the query dtype. A sequence with no slot to attend
   (an empty range, or every slot of it masked with False / -inf) gives zeros, as SDPA does.
+  Masked slots inside the range are still read (a NaN there meets a zero weight, as in SDPA);
+  the CUDA kernel clamps float mask values at -1e38 (a finite minimum such as float32's stays
+  finite once in base-2 units), which changes nothing unless every slot of a row lies below it.
 
 With a mask, the op is exact for any mask as long as the range covers every slot the mask lets
 through: ``mask_bounds(attn_mask, batch, max_cache_len)`` computes that range (first and last
@@ -168,6 +171,9 @@ def mask_bounds(attn_mask: torch.Tensor, batch: int, max_cache_len: int):
     is live. What the op needs so that a masked call reads only what the mask lets through: the
     pass and the attention interface compute it once per mask (plain PyTorch: Inductor makes it
     one small reduction kernel, shared by every layer)."""
+    if max_cache_len == 0:
+        z = torch.zeros(batch, dtype=torch.int32, device=attn_mask.device)
+        return z, z.clone()
     m = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
     while m.dim() < 4:
         m = m.unsqueeze(0)

@@ -4,10 +4,17 @@ sequences and heads, slots read one by one, repeat_kv's GQA) and against Hugging
 + SDPA with a float mask; strided views, opcheck, the checks (nothing written on error),
 torch.compile; the CUDA path's Triton kernels interpreted on the CPU (TRITON_INTERPRET=1, a child
 process) and on the GPU (CUDA graphs, torch.compile). Cache slots at or past seq_len hold NaN
-wherever the comparison allows it: they must never be read."""
+wherever the comparison allows it: they must never be read.
+
+attn_mask and seq_starts: the same, against a masked float64 oracle (bool masks leave slots out,
+float ones are added to the logits; every broadcast shape and layout of the mask), against SDPA
+with Hugging Face's decode masks (left padding, sliding windows) over the whole cache, with
+mask_bounds' range (NaN outside it); mask_bounds by hand and by brute force; the cases where the
+Triton path once disagreed with the reference are regression tests (KERNEL_REGRESSIONS)."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compile_ops.static_cache import static_cache_attention, static_cache_attention_ref
+from compile_ops.static_cache import (mask_bounds, masked_decode_attention, static_cache_attention,
+                                      static_cache_attention_ref)
 from compile_ops.testing import assert_close, assert_raises_eager_and_fake, softmax_tolerance
 
 ops = torch.ops.compile_ops
@@ -431,6 +439,522 @@ def test_torch_compile_fullgraph_cpu(gen):
 
 
 # ---------------------------------------------------------------------------------------------
+# attn_mask and seq_starts (CPU): the reference against a masked float64 oracle, against SDPA as
+# Hugging Face runs it, mask_bounds, masked_decode_attention, checks, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+NEG = float("-inf")
+
+
+def clamped(lens, starts, b, L):
+    """Sequence b's slot range (start, end) as the contract has it: seq_lens clamped into
+    [0, L], seq_starts into [0, end] (0 without seq_starts)."""
+    n = min(max(int(lens[b]), 0), L)
+    s = 0 if starts is None else min(max(int(starts[b]), 0), n)
+    return s, n
+
+
+def poison_outside(kc, vc, lens, starts, value=NAN):
+    """Fill every slot outside each sequence's (clamped) range [start, len) with `value`, in
+    place: the op must never read them."""
+    L = kc.shape[2]
+    for b in range(kc.shape[0]):
+        s, n = clamped(lens, starts, b, L)
+        for c in (kc, vc):
+            c[b, :, :s] = value
+            c[b, :, n:] = value
+
+
+def mask_row(mask, b, h):
+    """The [max_cache_len] row of `mask` that query head h of sequence b sees, by SDPA's
+    broadcast: `mask`'s dimensions right-aligned with [batch, heads, 1, max_cache_len], a
+    dimension of size 1 repeated."""
+    lead = (b, h, 0)[4 - mask.dim():]
+    return mask[tuple(i if size > 1 else 0 for i, size in zip(lead, mask.shape[:-1]))]
+
+
+def masked_oracle(q, kc, vc, lens, scale, mask=None, starts=None):
+    """float64, one sequence and one query head at a time, keys and values read slot by slot over
+    [start, len) only (repeat_kv's GQA); a bool mask leaves slots out, a float mask is added to
+    the logits (-inf: left out). Returns (out, empty): empty[b, h] when nothing is attended
+    (then out is 0)."""
+    batch, heads, head = q.shape
+    kv_heads, L = kc.shape[1], kc.shape[2]
+    group = heads // kv_heads
+    out = torch.zeros(batch, heads, head, dtype=torch.float64)
+    empty = torch.ones(batch, heads, dtype=torch.bool)
+    for b in range(batch):
+        s, n = clamped(lens, starts, b, L)
+        if n == s:
+            continue
+        K = torch.stack([kc[b, :, t].double() for t in range(s, n)], 1)  # [kv_heads, n-s, d]
+        V = torch.stack([vc[b, :, t].double() for t in range(s, n)], 1)
+        for h in range(heads):
+            kvh = h // group  # what repeat_kv spells out
+            logits, vals = (K[kvh] @ q[b, h].double()) * scale, V[kvh]
+            if mask is not None:
+                row = mask_row(mask, b, h)[s:n]
+                if row.dtype == torch.bool:
+                    logits, vals = logits[row], vals[row]
+                else:
+                    logits = logits + row.double()
+            live = logits != NEG
+            logits, vals = logits[live], vals[live]
+            if logits.numel():
+                out[b, h] = torch.softmax(logits, 0) @ vals
+                empty[b, h] = False
+    return out, empty
+
+
+def run_masked(q, kc, vc, lens, scale, mask=None, starts=None, out=None):
+    out = torch.full_like(q, NAN) if out is None else out
+    ops.static_cache_attention(out, q, kc, vc, lens, scale, mask, starts)
+    return out
+
+
+def additive(keep, mdtype, gen, fill=NEG):
+    """bool -> float mask of dtype `mdtype`: finite random biases (N(0, 2)) where `keep`, `fill`
+    elsewhere."""
+    return torch.where(keep, torch.randn(keep.shape, generator=gen) * 2, fill).to(mdtype)
+
+
+# Masks of every supported kind: bool / float32 / the query's dtype; shapes [B,1,1,L] (HF's),
+# [1,1,1,L], [B,H,1,L] (per head), [H,1,L], [1,L], [L]; -inf and finfo.min fills; a slice of a
+# wider tensor, an expanded one (stride 0), one every other element, a per-head mask stored
+# [L, H, B]. Rows with nothing to attend: sequence 1 of "bool [B,1,1,L]", head 1 of sequence 0
+# in "bool [B,H,1,L]", sequence 2 of "dtype [B,1,1,L]" (all -inf).
+MASK_KINDS = ["bool [B,1,1,L]", "bool [1,1,1,L]", "bool [B,H,1,L]", "bool [L]", "float32 [1,L]",
+              "dtype [B,1,1,L]", "float32 [H,1,L] finfo.min", "dtype [B,H,1,L] finfo.min",
+              "bool slice of [B,1,1,L+9]", "float32 [B,H,1,L] stored [L,H,B]",
+              "bool [1,1,1,L] expanded to [B,H,1,L]", "dtype [B,1,1,L] every other element",
+              "none"]
+
+
+def make_mask(kind, batch, heads, L, dtype, gen, lens):
+    """The mask of `kind` (MASK_KINDS). finfo.min fills keep slot len - 1 of every sequence
+    live (a row of finite minima only is not empty: SDPA averages it)."""
+    if kind == "none":
+        return None
+    B, H = batch, heads
+    mdtype = torch.float32 if kind.startswith("float32") else dtype
+    rnd = torch.rand
+
+    def last_live(keep, per_batch):
+        for b in range(batch):
+            n = min(max(int(lens[b]), 0), L)
+            if n:
+                keep[(b if per_batch else slice(None), ..., n - 1)] = True
+        return keep
+
+    if kind == "bool [B,1,1,L]":
+        m = rnd(B, 1, 1, L, generator=gen) < 0.7
+        m[1] = False
+        return m
+    if kind == "bool [1,1,1,L]":
+        return rnd(1, 1, 1, L, generator=gen) < 0.6
+    if kind == "bool [B,H,1,L]":
+        m = rnd(B, H, 1, L, generator=gen) < 0.5
+        m[0, 1] = False
+        return m
+    if kind == "bool [L]":
+        return rnd(L, generator=gen) < 0.7
+    if kind == "float32 [1,L]":
+        return additive(rnd(1, L, generator=gen) < 0.8, mdtype, gen)
+    if kind == "dtype [B,1,1,L]":
+        keep = rnd(B, 1, 1, L, generator=gen) < 0.7
+        keep[2] = False
+        return additive(keep, mdtype, gen)
+    if kind == "float32 [H,1,L] finfo.min":
+        keep = last_live(rnd(H, 1, L, generator=gen) < 0.5, False)
+        return torch.where(keep, 0.0, torch.finfo(mdtype).min).to(mdtype)
+    if kind == "dtype [B,H,1,L] finfo.min":
+        keep = last_live(rnd(B, H, 1, L, generator=gen) < 0.5, True)
+        return additive(keep, mdtype, gen, torch.finfo(mdtype).min)
+    if kind == "bool slice of [B,1,1,L+9]":
+        return (rnd(B, 1, 1, L + 9, generator=gen) < 0.7)[..., 4:4 + L]
+    if kind == "float32 [B,H,1,L] stored [L,H,B]":
+        m = additive(rnd(L, H, B, generator=gen) < 0.7, mdtype, gen)
+        return m.permute(2, 1, 0)[:, :, None]
+    if kind == "bool [1,1,1,L] expanded to [B,H,1,L]":
+        return (rnd(L, generator=gen) < 0.7)[None, None, None].expand(B, H, 1, L)
+    if kind == "dtype [B,1,1,L] every other element":
+        return additive(rnd(B, 1, 1, 2 * L, generator=gen) < 0.7, mdtype, gen)[..., ::2]
+    raise AssertionError(kind)
+
+
+# (heads, kv_heads, head, max_cache_len): GQA groups 1, 4, 8; head sizes 64, 80, 96 (Phi-3),
+# 256 (Gemma)
+MASK_SHAPES = [(8, 8, 64, 37), (8, 2, 80, 50), (16, 2, 96, 37), (8, 1, 256, 20)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head,max_len", MASK_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_matches_oracle(dtype, heads, kv_heads, head, max_len, gen):
+    """Every mask kind, each with seq_starts None or one of two sets of starts (in range,
+    negative, past the length; int64, int32), in turn over the shapes; NaN in every slot outside
+    [start, len); rows with nothing to attend (an empty range, all False, all -inf) exactly
+    zero."""
+    L = max_len
+    lens = torch.tensor([L, L // 2 + 1, L + 7, 3, 0, L - 2], dtype=torch.int32)
+    starts_sets = [None, torch.tensor([L // 3, -4, L // 2, 5, 0, 1], dtype=torch.int64),
+                   torch.tensor([0, 2, L, 1, -1, L - 3], dtype=torch.int32)]
+    q, kc0, vc0, _ = make(6, heads, kv_heads, L, head, dtype, [L] * 6, gen, fill=None)
+    caches = []
+    for starts in starts_sets:
+        kc, vc = kc0.clone(), vc0.clone()
+        poison_outside(kc, vc, lens, starts)
+        caches.append((kc, vc))
+    scale = 1.3 / math.sqrt(head)
+    turn = MASK_SHAPES.index((heads, kv_heads, head, max_len))
+    for i, kind in enumerate(MASK_KINDS):
+        mask = make_mask(kind, 6, heads, L, dtype, gen, lens)
+        starts, (kc, vc) = starts_sets[(i + turn) % 3], caches[(i + turn) % 3]
+        msg = f"{kind}, seq_starts {None if starts is None else starts.tolist()}"
+        out = run_masked(q, kc, vc, lens, scale, mask, starts)
+        want, empty = masked_oracle(q, kc, vc, lens, scale, mask, starts)
+        assert_close(out, want.to(dtype), msg=msg)
+        assert (out[empty] == 0).all(), msg
+        assert empty[4].all() and not empty[0].all(), msg  # seq_len 0; a full row
+        if kind == "bool [B,1,1,L]":
+            assert empty[1].all(), msg
+        if kind == "dtype [B,1,1,L]":
+            assert empty[2].all(), msg
+        if kind == "bool [B,H,1,L]":
+            assert empty[0, 1], msg
+
+
+def test_mask_of_batch_size_heads_is_per_head(gen):
+    """A 3-d mask [n, 1, L] right-aligns as [1, n, 1, L]: with batch == heads == n it is one row
+    per head (not per sequence), as SDPA reads it."""
+    q, kc, vc, lens = make(4, 4, 2, 30, 64, torch.float32, [30, 20, 9, 25], gen)
+    m3 = torch.rand(4, 1, 30, generator=gen) < 0.6
+    out = run_masked(q, kc, vc, lens, 0.125, m3)
+    assert torch.equal(out, run_masked(q, kc, vc, lens, 0.125, m3[None]))
+    assert_close(out, masked_oracle(q, kc, vc, lens, 0.125, m3[None])[0].float())
+    per_seq = run_masked(q, kc, vc, lens, 0.125, m3[:, None])  # [B, 1, 1, L]: per sequence
+    assert not torch.equal(out, per_seq)
+
+
+def test_masked_slots_outside_the_range_are_never_read(gen):
+    """With a mask (bool, or its 0 / -inf float twin) and seq_starts, whatever the slots
+    outside [start, len) hold (NaN, inf, huge), the result is the same."""
+    q, kc, vc, _ = make(3, 8, 2, 40, 64, torch.float16, [40] * 3, gen, fill=None)
+    lens = torch.tensor([40, 17, 30], dtype=torch.int64)
+    starts = torch.tensor([5, 0, 29], dtype=torch.int64)
+    mask = torch.rand(3, 1, 1, 40, generator=gen) < 0.7
+    mask[:, :, :, 29] = True
+    want = run_masked(q, kc, vc, lens, 0.125, mask, starts)
+    for value in (NAN, float("inf"), NEG, 6e4):
+        k2, v2 = kc.clone(), vc.clone()
+        poison_outside(k2, v2, lens, starts, value)
+        assert torch.equal(run_masked(q, k2, v2, lens, 0.125, mask, starts), want), value
+        float_mask = torch.where(mask, 0.0, NEG)
+        assert torch.equal(run_masked(q, k2, v2, lens, 0.125, float_mask, starts), want), value
+    # seq_starts only moves the range: with the mask False before each start, the same result
+    # without seq_starts (finite slots there)
+    cut = mask & (torch.arange(40) >= starts[:, None, None, None])
+    assert_close(run_masked(q, kc, vc, lens, 0.125, cut),
+                 run_masked(q, kc, vc, lens, 0.125, cut, starts))
+
+
+def test_finite_minimum_row_is_not_empty(gen):
+    """A row masked everywhere by a finite minimum (HF's finfo.min fill) is not empty: like
+    SDPA, the softmax of equal (shifted) logits, not zeros; -inf everywhere gives zeros."""
+    q, kc, vc, lens = make(2, 8, 2, 24, 64, torch.float32, [24, 24], gen)
+    mask = torch.full((2, 1, 1, 24), torch.finfo(torch.float32).min)
+    mask[0, ..., 3:9] = 0.0
+    out = run_masked(q, kc, vc, lens, 0.125, mask)
+    sdpa = F.scaled_dot_product_attention(q[:, :, None], repeat_kv(kc, 4), repeat_kv(vc, 4),
+                                          attn_mask=mask, scale=0.125)[:, :, 0]
+    assert_close(out, sdpa)
+    assert_close(out[1], vc[1].mean(1).repeat_interleave(4, 0))  # uniform weights
+    mask[1] = NEG
+    out = run_masked(q, kc, vc, lens, 0.125, mask)
+    assert (out[1] == 0).all()
+
+
+def test_masked_empty_shapes(gen):
+    """Batch 0, max_cache_len 0 and zero heads with a mask and seq_starts: zeros."""
+    for (b, h, kvh, L, d) in [(0, 8, 2, 30, 64), (3, 8, 2, 0, 64), (3, 0, 2, 30, 64)]:
+        q, kc, vc, lens = make(b, h, kvh, L, d, torch.float32, [5] * b, gen)
+        for mask in (torch.ones(b, 1, 1, L, dtype=torch.bool), torch.zeros(b, h, 1, L)):
+            out = run_masked(q, kc, vc, lens, 0.125, mask, torch.zeros(b, dtype=torch.int32))
+            assert out.shape == (b, h, d) and (out == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# What Hugging Face runs: repeat_kv + SDPA with the mask over the whole cache
+# ---------------------------------------------------------------------------------------------
+def sdpa_masked(q, kc, vc, mask, scale=None):
+    """repeat_kv, then SDPA over the whole cache with `mask` (bool or float, as given)."""
+    group = q.shape[1] // kc.shape[1]
+    m = mask if mask is None or mask.dtype == torch.bool else mask.to(q.dtype)
+    while m is not None and m.dim() < 4:  # SDPA broadcasts from 2 dimensions up
+        m = m[None]
+    return F.scaled_dot_product_attention(q[:, :, None], repeat_kv(kc, group),
+                                          repeat_kv(vc, group), attn_mask=m,
+                                          scale=scale)[:, :, 0]
+
+
+def hf_decode_mask(scenario, L):
+    """A batch of 4 at decode as Hugging Face masks it: bool [4, 1, 1, L], slot j live iff
+    causal (j <= pos), not left padding (j >= pad) and in the sliding window (j > pos - W).
+    Returns (mask, pos, pad, W) and the bounds a hand computes: (first live, pos + 1)."""
+    if scenario == "left padding":
+        pos, pad, W = [L - 5] * 4, [0, 3, L // 2, L - 5], None
+    elif scenario == "sliding window":
+        pos, pad, W = [L - 1, L // 2, 4, 20], [0] * 4, 12
+    elif scenario == "window and padding":
+        pos, pad, W = [L - 1, L // 2, 4, 20], [0, 5, 0, 10], 12
+    else:
+        raise AssertionError(scenario)
+    j = torch.arange(L)
+    rows = []
+    for p, a in zip(pos, pad):
+        live = (j <= p) & (j >= a)
+        if W is not None:
+            live &= j > p - W
+        rows.append(live)
+    first = [max(a, 0 if W is None else max(p - W + 1, 0)) for p, a in zip(pos, pad)]
+    bounds = (torch.tensor(first, dtype=torch.int32),
+              torch.tensor([p + 1 for p in pos], dtype=torch.int32))
+    return torch.stack(rows)[:, None, None, :], bounds
+
+
+@pytest.mark.parametrize("fill", ["bool", "-inf", "finfo.min"])
+@pytest.mark.parametrize("scenario", ["left padding", "sliding window", "window and padding"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_matches_hf_sdpa(dtype, scenario, fill, gen):
+    """The op with mask_bounds' range equals repeat_kv + SDPA with the same mask over the whole
+    cache (the mask bool, or 0 / -inf, or 0 / finfo.min in the query dtype as HF's eager masks):
+    against SDPA on float32-upcast inputs rounded once, and SDPA in the dtype, both at the
+    dtype's tolerance. Slots outside the bounds hold NaN for the op (finite garbage for SDPA),
+    except for finfo.min fills, whose bounds are the whole cache (finfo.min is live)."""
+    for heads, kv_heads, head, L in [(16, 4, 128, 64), (8, 2, 80, 48)]:
+        q, kc, vc, _ = make(4, heads, kv_heads, L, head, dtype, [L] * 4, gen, fill=None)
+        keep, (first, end) = hf_decode_mask(scenario, L)
+        mask = keep if fill == "bool" else \
+            torch.where(keep, 0.0, NEG if fill == "-inf" else torch.finfo(dtype).min).to(dtype)
+        starts, lens = mask_bounds(mask, 4, L)
+        if fill == "finfo.min":
+            assert starts.tolist() == [0] * 4 and lens.tolist() == [L] * 4
+        else:
+            assert torch.equal(starts, first) and torch.equal(lens, end)
+        kp, vp = kc.clone(), vc.clone()
+        poison_outside(kp, vp, lens, starts)
+        scale = head ** -0.5
+        out = run_masked(q, kp, vp, lens, scale, mask, starts)
+        msg = f"{tuple(q.shape)} L {L}"
+        exact = sdpa_masked(q.float(), kc.float(), vc.float(), mask, scale)
+        assert_close(out, exact.to(dtype), msg=msg)
+        assert_close(out, sdpa_masked(q, kc, vc, mask, scale), msg=msg)
+        assert torch.equal(masked_decode_attention(q, kp, vp, mask, scale), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_decode_attention_matches_sdpa(dtype, gen):
+    """masked_decode_attention against SDPA directly: no mask (every slot), a per-head bool
+    mask (one head of a sequence masked everywhere: zeros, as SDPA gives here), a float mask
+    in the query dtype with a 1-d shape, an expanded [1, 1, 1, L] one; default scale; bounds
+    passed in give the very same result; a contiguous [batch, heads, head] out."""
+    q, kc, vc, _ = make(3, 8, 2, 40, 96, dtype, [40] * 3, gen, fill=None)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # a strided query
+    per_head = torch.rand(3, 8, 1, 40, generator=gen) < 0.3
+    per_head[2, 5] = False
+    masks = [None, per_head, additive(torch.rand(40, generator=gen) < 0.7, dtype, gen),
+             (torch.rand(1, 1, 1, 40, generator=gen) < 0.5).expand(3, 8, 1, 40)]
+    for mask in masks:
+        got = masked_decode_attention(q, kc, vc, mask)
+        assert got.shape == q.shape and got.is_contiguous()
+        exact = sdpa_masked(q.float(), kc.float(), vc.float(), mask)
+        assert_close(got, exact.to(dtype))
+        assert_close(got, sdpa_masked(q, kc, vc, mask))
+        if mask is not None:
+            bounds = mask_bounds(mask, 3, 40)
+            assert torch.equal(masked_decode_attention(q, kc, vc, mask, 0.1, bounds),
+                               masked_decode_attention(q, kc, vc, mask, 0.1))
+    assert (masked_decode_attention(q, kc, vc, per_head)[2, 5] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_bounds
+# ---------------------------------------------------------------------------------------------
+def bounds_of(mask, batch, L):
+    starts, lens = mask_bounds(mask, batch, L)
+    for t in (starts, lens):
+        assert t.dtype == torch.int32 and t.shape == (batch,) and t.is_contiguous()
+    return starts.tolist(), lens.tolist()
+
+
+def test_mask_bounds_hand_checked():
+    T, F_ = True, False
+    # left padding (2 pads) at position 5 of 8; a window of 3 ending at 6; all False; all True
+    m = torch.tensor([[F_, F_, T, T, T, T, F_, F_], [F_, F_, F_, F_, T, T, T, F_],
+                      [F_] * 8, [T] * 8])[:, None, None]
+    assert bounds_of(m, 4, 8) == ([2, 4, 0, 0], [6, 7, 0, 8])
+    # holes inside the range do not cut it
+    assert bounds_of(torch.tensor([F_, T, F_, F_, T, F_]), 1, 6) == ([1], [5])
+    # float: -inf is dead, any finite value (finfo.min included) live; all -inf: (0, 0)
+    for dt in DTYPES:
+        lo = torch.finfo(dt).min
+        f = torch.tensor([[NEG, NEG, 0.0, -1e9 if dt != torch.float16 else -6e4, lo, NEG],
+                          [NEG] * 6, [lo] * 6, [NEG, 3.0, NEG, NEG, NEG, NEG]], dtype=dt)
+        assert bounds_of(f[:, None, None], 4, 6) == ([2, 0, 0, 1], [5, 0, 6, 2]), dt
+    # per head: the union over heads (sequence 0: head 0 {1}, head 1 {5, 6}; sequence 1:
+    # head 0 nothing, head 1 {0}; sequence 2: nothing)
+    ph = torch.zeros(3, 2, 1, 8, dtype=torch.bool)
+    ph[0, 0, 0, 1] = ph[0, 1, 0, 5] = ph[0, 1, 0, 6] = ph[1, 1, 0, 0] = True
+    assert bounds_of(ph, 3, 8) == ([1, 0, 0], [7, 1, 0])
+    assert bounds_of(torch.where(ph, 0.5, NEG), 3, 8) == ([1, 0, 0], [7, 1, 0])
+    # [H, 1, L] (no batch dimension): the union over heads, for every sequence
+    assert bounds_of(ph[0], 5, 8) == ([1] * 5, [7] * 5)
+    # batch 1 broadcast to the batch: [1, 1, 1, L], [1, L], [L], an expanded one
+    row = torch.tensor([F_, F_, T, F_, T, F_, F_])
+    for m in (row[None, None, None], row[None], row, row[None, None, None].expand(3, 4, 1, 7)):
+        assert bounds_of(m, 3, 7) == ([2] * 3, [5] * 3), tuple(m.shape)
+    # a strided mask: a slice of a wider row
+    wide = torch.tensor([T, F_, F_, F_, T, T, F_, F_, T, T])  # [1::2]: F, F, T, F, T
+    assert bounds_of(wide[1::2][None, None, None], 2, 5) == ([2, 2], [5, 5])
+
+
+@pytest.mark.parametrize("mdtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_mask_bounds_matches_brute_force(mdtype, gen):
+    """Random sparse masks of every shape against a loop over sequences, heads and slots."""
+    B, H, L = 5, 4, 23
+    for shape in [(B, 1, 1, L), (B, H, 1, L), (1, H, 1, L), (H, 1, L), (1, L), (L,),
+                  (1, 1, 1, L)]:
+        keep = torch.rand(shape, generator=gen) < 0.08
+        mask = keep if mdtype == torch.bool else additive(keep, mdtype, gen)
+        want_s, want_e = [], []
+        for b in range(B):
+            live = [j for h in range(H) for j in range(L) if bool(mask_row(keep, b, h)[j])]
+            want_s.append(min(live) if live else 0)
+            want_e.append(max(live) + 1 if live else 0)
+        assert bounds_of(mask, B, L) == (want_s, want_e), shape
+
+
+def test_mask_bounds_empty_cache(gen):
+    """max_cache_len 0: (0, 0) for every sequence, and masked_decode_attention gives zeros, as
+    the op does."""
+    assert bounds_of(torch.ones(2, 1, 1, 0, dtype=torch.bool), 2, 0) == ([0, 0], [0, 0])
+    q = torch.randn(2, 4, 64, generator=gen)
+    kc = torch.zeros(2, 2, 0, 64)
+    out = masked_decode_attention(q, kc, kc, torch.ones(2, 1, 1, 0, dtype=torch.bool))
+    assert (out == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# attn_mask and seq_starts: checks, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_mask_errors_name_the_argument_and_write_nothing(gen):
+    q, kc, vc, lens = make(2, 4, 2, 10, 64, torch.float32, [3, 10], gen, fill=None)
+    qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    outs = []
+
+    def call(attn_mask=None, seq_starts=None, bf16=False):
+        out = torch.full_like(qb if bf16 else q, NAN)
+        outs.append(out)
+        args = (qb, kb, vb) if bf16 else (q, kc, vc)
+        return lambda: ops.static_cache_attention(out, *args, lens, 0.125, attn_mask,
+                                                  seq_starts)
+
+    def raises(exc, fragment, **kw):
+        assert_raises_eager_and_fake(call(**kw), exc, fragment)
+
+    ok = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    raises(TypeError, r"attn_mask must be bool, float32 or torch.float32 \(the query's dtype\), "
+                      r"got torch.int64", attn_mask=ok.long())
+    raises(TypeError, r"attn_mask must be bool, float32 or torch.float32 .*got torch.uint8",
+           attn_mask=ok.to(torch.uint8))
+    raises(TypeError, r"attn_mask must be bool, float32 or torch.float32 .*got torch.float64",
+           attn_mask=ok.double())
+    raises(TypeError, r"attn_mask must be bool, float32 or torch.bfloat16 \(the query's "
+                      r"dtype\), got torch.float16", attn_mask=ok.half(), bf16=True)
+    shape = r"attn_mask must broadcast to \[batch, num_heads, 1, max_cache_len\] = " \
+            r"\[2, 4, 1, 10\] with its last dimension max_cache_len = 10, got "
+    for bad in [(2, 1, 1, 9), (2, 1, 1, 11), (9,), (2, 1, 2, 10), (1, 2, 1, 1, 10),
+                (3, 1, 1, 10), (2, 3, 1, 10), (2, 10), (2, 1, 10), (3, 1, 10), (0, 1, 1, 10),
+                (2, 4, 0, 10), ()]:
+        raises(ValueError, shape + re.escape(str(list(bad))), attn_mask=torch.ones(bad))
+    raises(TypeError, r"seq_starts must be int32 or int64 \[2\], got torch.float32",
+           attn_mask=ok, seq_starts=torch.zeros(2))
+    raises(ValueError, r"seq_starts must be int32 or int64 \[2\], got torch.int32 \(3,\)",
+           seq_starts=torch.zeros(3, dtype=torch.int32))
+    raises(ValueError, r"seq_starts must be int32 or int64 \[2\], got torch.int64 \(2, 1\)",
+           seq_starts=torch.zeros(2, 1, dtype=torch.int64))
+    raises(ValueError, r"seq_starts must be int32 or int64 \[2\], got torch.int16",
+           seq_starts=torch.zeros(2, dtype=torch.int16))
+    raises(ValueError, r"seq_starts must be int32 or int64 \[2\], got torch.int32 \(\)",
+           seq_starts=torch.tensor(0, dtype=torch.int32))
+    # on another device than query (meta: the only other device of a CPU machine); eager only
+    with pytest.raises(ValueError, match="attn_mask must be on device cpu"):
+        call(attn_mask=ok.to("meta"))()
+    with pytest.raises(ValueError, match="seq_starts must be on device cpu"):
+        call(seq_starts=torch.zeros(2, dtype=torch.int32, device="meta"))()
+    # overlaps with out (real tensors only, so eager only)
+    buf = torch.zeros(2 * 4 * 64 + 10)
+    with pytest.raises(ValueError, match="out and attn_mask overlap in memory"):
+        ops.static_cache_attention(buf[:512].view(2, 4, 64), q, kc, vc, lens, 0.125,
+                                   buf[505:515])
+    with pytest.raises(ValueError, match="out and seq_starts overlap in memory"):
+        ops.static_cache_attention(buf[:512].view(2, 4, 64), q, kc, vc, lens, 0.125, None,
+                                   buf.view(torch.int32)[510:512])
+    assert (buf == 0).all()
+    assert len(outs) == 24
+    for o in outs:  # nothing written on any error
+        assert torch.isnan(o).all()
+
+
+def test_masked_opcheck(gen):
+    """opcheck with a bool mask and int32 seq_starts, a per-head float mask in the query dtype
+    with int64 seq_starts (NaN outside the range), an expanded float32 mask."""
+    q, kc, vc, lens = make(3, 8, 2, 20, 64, torch.float32, [20, 3, 24], gen, fill=None)
+    starts = torch.tensor([4, -1, 30], dtype=torch.int32)
+    poison_outside(kc, vc, lens, starts)
+    mask = torch.rand(3, 1, 1, 20, generator=gen) < 0.7
+    torch.library.opcheck(ops.static_cache_attention.default,
+                          (torch.empty_like(q), q, kc, vc, lens, 0.125, mask, starts))
+    q, kc, vc, lens = make(2, 4, 4, 16, 80, torch.bfloat16, [16, 7], gen,
+                           lens_dtype=torch.int64, fill=None)
+    starts = torch.tensor([2, 0], dtype=torch.int64)
+    poison_outside(kc, vc, lens, starts)
+    mask = additive(torch.rand(2, 4, 1, 16, generator=gen) < 0.7, torch.bfloat16, gen)
+    torch.library.opcheck(ops.static_cache_attention.default,
+                          (torch.empty_like(q), q, kc, vc, lens, 0.1, mask, starts))
+    mask = additive(torch.rand(16, generator=gen) < 0.7, torch.float32, gen)
+    torch.library.opcheck(ops.static_cache_attention.default,
+                          (torch.empty_like(q), q, kc, vc, lens, 0.1,
+                           mask[None, None, None].expand(2, 4, 1, 16), None))
+
+
+def test_masked_torch_compile_fullgraph_cpu(gen):
+    """Inductor, fullgraph, one graph: the op with a float mask and seq_starts into an out that
+    is a graph input, and mask_bounds + the op with a bool mask (masked_decode_attention, as the
+    pass and the attention interface run it) into an out allocated in the graph: as eager
+    computes them."""
+    q, kc, vc, _ = make(3, 8, 2, 40, 64, torch.float32, [40] * 3, gen, fill=None)
+    keep = hf_decode_mask("window and padding", 40)[0][:3]
+    fmask = torch.where(keep, torch.randn(keep.shape, generator=gen), NEG)
+    starts = torch.tensor([30, -2, 1], dtype=torch.int64)
+    lens = torch.tensor([40, 21, 5], dtype=torch.int32)
+
+    def f(out, q, kc, vc, lens, keep, fmask, starts):
+        ops.static_cache_attention(out, q, kc, vc, lens, 0.125, fmask, starts)
+        return masked_decode_attention(q * 2, kc, vc, keep, 0.125) + 1
+
+    torch._dynamo.reset()
+    try:
+        out = torch.full_like(q, NAN)
+        got = torch.compile(f, backend="inductor", fullgraph=True)(out, q, kc, vc, lens, keep,
+                                                                   fmask, starts)
+        eager = torch.full_like(q, NAN)
+        assert torch.equal(got, f(eager, q, kc, vc, lens, keep, fmask, starts))
+        assert torch.equal(out, eager)
+        assert torch.equal(out, run_masked(q, kc, vc, lens, 0.125, fmask, starts))
+    finally:
+        torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
 # The CUDA path's Triton kernels, interpreted on the CPU
 # ---------------------------------------------------------------------------------------------
 _INTERPRETED = r"""
@@ -523,6 +1047,185 @@ def test_triton_kernels_interpreted_on_cpu():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "static interpreted ok" in proc.stdout
+
+
+_INTERPRETED_MASKS = r"""
+import time
+
+import torch
+from compile_ops import decode_attention as da
+from compile_ops.static_cache import mask_bounds, static_cache_attention_ref as ref
+from compile_ops.testing import assert_close
+from tests.ops.test_static_cache import NAN, NEG, additive, make, poison_outside
+
+t_start = time.time()
+gen = torch.Generator().manual_seed(11)
+seen = set()
+launches = 0
+
+def run(q, kc, vc, lens, split, mask=None, starts=None, msg=""):
+    global launches
+    batch, heads, head = q.shape
+    kvh, L = kc.shape[1], kc.shape[2]
+    p = None if split is None else da.plan(batch, heads, kvh, head, L, kc.element_size(), 132,
+                                           split=split)
+    out = torch.full_like(q, NAN)
+    got = da.static_decode(out, q, kc, vc, lens, head ** -0.5, p, attn_mask=mask,
+                           seq_starts=starts)
+    launches += 1
+    want = ref(q, kc, vc, lens, head ** -0.5, mask, starts)
+    msg = f"{msg} {q.dtype} {tuple(q.shape)} L {L} {got}"
+    assert_close(out, want, msg=msg)
+    zero = (want == 0).all(-1)  # rows with nothing to attend
+    assert (out[zero] == 0).all(), msg
+    seen.add(("direct" if got.direct else "merged", split))
+    return out, zero
+
+def rnd(*shape):
+    return torch.rand(shape, generator=gen)
+
+# group 4, L 70: the default plan merges 2 splits of 64; group 1 with head 80 (padded), L 45:
+# the default plan is one split (direct). float32 (the IEEE dots) on the second only: the masks
+# are read the same way.
+A, B_ = (3, 8, 2, 70, 64), (2, 4, 4, 45, 80)
+for dtype, shapes in ((torch.float16, [A, B_]), (torch.float32, [B_])):
+    for B, H, KVH, L, D in shapes:
+        q, kc, vc, _ = make(B, H, KVH, L, D, dtype, [L] * B, gen, fill=None)
+        lo = torch.finfo(dtype).min
+        live = rnd(B, 1, 1, L) < 0.6
+        live[1] = False                                     # sequence 1: nothing
+        ph = rnd(B, H, 1, L) < 0.4
+        ph[0, 3] = False                                    # head 3 of sequence 0: nothing
+        keep = rnd(B, 1, 1, L) < 0.7
+        keep[0] = False                                     # sequence 0: all -inf
+        fin = rnd(B, H, 1, L) < 0.3
+        fin[..., L // 2] = True
+        masks = {
+            "bool [B,1,1,L]": live,
+            "float32 [B,1,1,L], sequence 0 all -inf": additive(keep, torch.float32, gen),
+            "bool per head [B,H,1,L]": ph,
+            "dtype per head [H,1,L]": additive(rnd(H, 1, L) < 0.5, dtype, gen),
+            "bool [L]": rnd(L) < 0.5,
+            "float32 slice of [B,1,1,L+9]": additive(rnd(B, 1, 1, L + 9) < 0.7, torch.float32,
+                                                     gen)[..., 4:4 + L],
+            "bool [1,1,1,L] expanded": (rnd(1, 1, 1, L) < 0.5).expand(B, H, 1, L),
+            "float32 per head stored [L,H,B]": additive(rnd(L, H, B) < 0.5, torch.float32,
+                                                        gen).permute(2, 1, 0)[:, :, None],
+            "dtype per head, finfo.min fill": additive(fin, dtype, gen, lo),
+        }
+        for i, (name, mask) in enumerate(masks.items()):
+            split = (32, 64, None)[i % 3]
+            # the bounds mask_bounds gives, NaN outside them
+            starts, lens = mask_bounds(mask, B, L)
+            kp, vp = kc.clone(), vc.clone()
+            poison_outside(kp, vp, lens, starts)
+            _, zero = run(q, kp, vp, lens, split, mask, starts, name)
+            if name == "bool [B,1,1,L]":
+                assert lens[1] == 0 and zero[1].all()
+            if name.startswith("float32 [B,1,1,L]"):
+                assert lens[0] == 0 and zero[0].all()
+            if name == "bool per head [B,H,1,L]":
+                assert zero[0, 3] and not zero[0].all()
+        # explicit ranges: starts in range, negative, past the length; the whole cache
+        lens = torch.tensor([L, L // 2, L + 100][:B], dtype=torch.int64)
+        starts = torch.tensor([L // 3, -7, L][:B], dtype=torch.int32)
+        kp, vp = kc.clone(), vc.clone()
+        poison_outside(kp, vp, lens, starts)
+        run(q, kp, vp, lens, 32, masks["dtype per head [H,1,L]"], starts, "explicit starts")
+        run(q, kp, vp, lens, None, None, starts, "seq_starts without a mask")
+        full = torch.full((B,), L, dtype=torch.int32)
+        run(q, kc, vc, full, 64, masks["bool per head [B,H,1,L]"], None, "whole cache")
+    print("ok", dtype, round(time.time() - t_start, 1))
+assert seen >= {("direct", 64), ("direct", None), ("merged", 32), ("merged", 64),
+                ("merged", None)}, seen
+
+# group 128 (two slices of 64 heads) with a per-head mask
+q, kc, vc, _ = make(2, 128, 1, 40, 32, torch.float16, [40] * 2, gen, fill=None)
+mask = rnd(2, 128, 1, 40) < 0.3
+mask[1, 100] = False
+starts, lens = mask_bounds(mask, 2, 40)
+poison_outside(kc, vc, lens, starts)
+_, zero = run(q, kc, vc, lens, None, mask, starts, "group 128")
+assert zero[1, 100] and zero.sum() == 1
+print("static masked interpreted ok", launches, round(time.time() - t_start, 1))
+"""
+
+
+def test_triton_masked_kernels_interpreted_on_cpu():
+    """static_decode with attn_mask and seq_starts, its Triton kernels interpreted on the CPU (a
+    child process): bool masks and float ones (float32, the query's dtype, -inf and finfo.min
+    fills), per-head masks ([B,H,1,L], [H,1,L], stored [L,H,B]), a 1-d mask, a slice of a
+    wider mask, an expanded one (stride 0); the bounds mask_bounds gives, explicit seq_starts
+    (negative, past the length) with and without a mask, a mask over the whole cache; forced
+    splits of 32 and 64 and the default plan (merged and direct); GQA groups 1, 4 and 128 (two
+    slices), head 80 (padded); rows with nothing to attend (an empty range, all False, all
+    -inf, one head of a group) zeros; NaN in every slot outside the range. float16 and float32
+    (the interpreter's bfloat16 dot is wrong)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_MASKS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "static masked interpreted ok" in proc.stdout
+
+
+_INTERPRETED_REGRESSIONS = r"""
+import torch
+from compile_ops import decode_attention as da
+from compile_ops.static_cache import static_cache_attention_ref as ref
+from tests.ops.test_static_cache import regression_inputs
+
+for case in ("finfo.min row", "strided seq_lens and seq_starts"):
+    q, kc, vc, lens, mask, starts = regression_inputs(case, "cpu")
+    out = torch.full_like(q, float("nan"))
+    da.static_decode(out, q, kc, vc, lens, 0.125, attn_mask=mask, seq_starts=starts)
+    want = ref(q, kc, vc, lens, 0.125, mask, starts)
+    err = float((out - want).abs().max())
+    print(case, "ok" if err < 1e-5 else f"differs: {err:.3g}")
+"""
+
+
+def regression_inputs(case, device):
+    """Inputs on which the Triton path and the reference disagree (fp32, batch 3, 8 / 2 heads
+    of 64, 40 slots): (q, kc, vc, seq_lens, attn_mask, seq_starts)."""
+    gen = torch.Generator().manual_seed(5)
+    q, kc, vc, lens = make(3, 8, 2, 40, 64, torch.float32, [40] * 3, gen)
+    mask = starts = None
+    if case == "finfo.min row":
+        # sequence 1: every slot at float32's finite minimum (not -inf): SDPA's uniform
+        # average, the reference's too
+        mask = torch.full((3, 1, 1, 40), torch.finfo(torch.float32).min)
+        mask[0, ..., 3:9] = 0.0
+        mask[2, ..., 39] = 0.0
+    elif case == "strided seq_lens and seq_starts":
+        pairs = torch.tensor([[40, 5], [20, 9], [33, 1]], dtype=torch.int32, device=device)
+        lens, starts = pairs[:, 0], pairs[:, 1]  # views of stride 2
+    else:
+        raise AssertionError(case)
+    move = (lambda t: None if t is None else t.to(device))
+    return move(q), move(kc), move(vc), move(lens), move(mask), move(starts)
+
+
+KERNEL_REGRESSIONS = {  # found by these tests, fixed: what the kernel did wrong
+    "finfo.min row": "static_split_kernel multiplies a float mask by log2(e): float32's (and "
+                     "bfloat16's) finite minimum overflows to -inf, so a row masked everywhere "
+                     "by it gives zeros, not SDPA's (and the reference's) average",
+    "strided seq_lens and seq_starts": "static_decode hands seq_lens / seq_starts to the "
+                                       "kernels without .contiguous(): they read element b "
+                                       "at offset b",
+}
+
+
+def test_triton_kernels_interpreted_regressions():
+    """Cases where the Triton path once disagreed with the reference (KERNEL_REGRESSIONS), in
+    one child process (it prints which one differs)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_REGRESSIONS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for case in KERNEL_REGRESSIONS:
+        assert f"{case} ok" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,3 +1410,210 @@ def test_cuda_torch_compile(mode):
             assert_close(got, cpu_ref(q * 2, kc, vc, lens_i, 0.0625), msg=f"call {i}")
     finally:
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: attn_mask and seq_starts
+# ---------------------------------------------------------------------------------------------
+def cuda_masked_ref(q, kc, vc, lens, scale, mask=None, starts=None):
+    """The CPU reference of CUDA inputs, with a mask and seq_starts."""
+    def cpu(t):
+        return None if t is None else t.cpu()
+
+    return static_cache_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), lens.cpu(), scale, cpu(mask),
+                                      cpu(starts))
+
+
+def decode_mask(kind, batch, heads, L, dtype, seed=0):
+    """A decode step's mask, built on the CPU: (mask or None, seq_starts, seq_lens) with the
+    bounds mask_bounds gives for it (explicit ones for "explicit starts", no mask).
+    left padding: every sequence at position L - 8, pads of up to L / 2 (the last sequence is
+    all padding but its current token); sliding window: positions around L / 2, windows of
+    L / 4; per head: windows of L / 8 .. L / 2 by head, with random holes; "1-d window": one
+    [L] window for every sequence and head."""
+    g = torch.Generator().manual_seed(seed)
+    j = torch.arange(L)
+    if kind == "explicit starts":
+        lens = torch.tensor(around_half(batch, L), dtype=torch.int64)
+        lens[0] = L + 9
+        starts = lens - L // 4 + 10 * torch.arange(batch)
+        starts[1], starts[-1] = -5, L + 3  # negative; past the length (nothing)
+        return None, starts, lens
+    if kind.startswith("left padding"):
+        pos = torch.full((batch, 1), L - 8)
+        pad = torch.tensor([(97 * b) % (L // 2) for b in range(batch)])[:, None]
+        pad[-1] = L - 8
+        keep = ((j <= pos) & (j >= pad))[:, None, None]
+    elif kind.startswith("sliding window"):
+        pos = torch.tensor(around_half(batch, L))[:, None]
+        keep = ((j <= pos) & (j > pos - L // 4))[:, None, None]
+    elif kind.startswith("per head"):
+        pos = torch.tensor(around_half(batch, L))[:, None, None, None]
+        win = (L // 8) * (1 + torch.arange(heads) % 4)[None, :, None, None]
+        keep = (j <= pos) & (j > pos - win) & (torch.rand(batch, heads, 1, L, generator=g) < 0.9)
+        keep[0, 1] = False  # one head of one sequence: nothing
+    elif kind == "1-d window":
+        keep = (j >= L // 3) & (j < L // 2)
+    else:
+        raise AssertionError(kind)
+    if kind.endswith("bool") or kind in ("per head windows", "1-d window"):
+        mask = keep
+    elif kind.endswith("float32"):
+        mask = torch.where(keep, 0.0, NEG)
+    elif kind.endswith("finfo.min"):
+        mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+    else:  # "... dtype": random finite biases where kept, -inf elsewhere, the query's dtype
+        mask = torch.where(keep, torch.randn(keep.shape, generator=g) * 2, NEG).to(dtype)
+    starts, lens = mask_bounds(mask, batch, L)
+    return mask, starts, lens
+
+
+# Batch 32 x 4096 slots (Llama-3-8B's heads) with a left-padded and a sliding-window mask in
+# every dtype; per-head masks; float masks (float32 -inf, the query's dtype with biases,
+# finfo.min: bounds over the whole cache); head 256 (Gemma), head 96 (Phi-3), GQA group 128;
+# explicit seq_starts without a mask.
+CUDA_MASK_CASES = [
+    (torch.bfloat16, 32, 32, 8, 4096, 128, "left padding bool"),
+    (torch.float16, 32, 32, 8, 4096, 128, "left padding bool"),
+    (torch.float32, 32, 32, 8, 4096, 128, "left padding bool"),
+    (torch.bfloat16, 32, 32, 8, 4096, 128, "sliding window bool"),
+    (torch.float16, 32, 32, 8, 4096, 128, "sliding window dtype"),
+    (torch.float32, 32, 32, 8, 4096, 128, "sliding window bool"),
+    (torch.bfloat16, 8, 32, 8, 4096, 128, "per head windows"),
+    (torch.float16, 8, 32, 8, 512, 128, "left padding float32"),
+    (torch.bfloat16, 8, 32, 8, 512, 128, "left padding finfo.min"),
+    (torch.float16, 5, 32, 8, 4096, 128, "explicit starts"),
+    (torch.bfloat16, 4, 8, 1, 1000, 256, "sliding window bool"),
+    (torch.float16, 4, 16, 16, 1000, 256, "per head dtype"),
+    (torch.float32, 2, 8, 4, 1000, 256, "1-d window"),
+    (torch.bfloat16, 3, 32, 32, 777, 96, "left padding bool"),
+    (torch.float16, 3, 32, 32, 777, 96, "sliding window dtype"),
+    (torch.float32, 3, 32, 32, 777, 96, "explicit starts"),
+    (torch.bfloat16, 2, 128, 1, 333, 32, "per head windows"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,batch,heads,kv_heads,max_len,head,kind", CUDA_MASK_CASES)
+def test_cuda_masked_matches_reference(dtype, batch, heads, kv_heads, max_len, head, kind):
+    """The op with a mask and its bounds (or explicit seq_starts) on the GPU against the CPU
+    reference; NaN outside each sequence's range (finite everywhere for finfo.min, whose bounds
+    are the whole cache); rows with nothing to attend exactly zero; masked_decode_attention
+    gives the same."""
+    q, kc, vc, _ = cuda_inputs(batch, heads, kv_heads, max_len, head, dtype, [max_len] * batch,
+                               fill=None)
+    mask, starts, lens = decode_mask(kind, batch, heads, max_len, dtype)
+    if not kind.endswith("finfo.min"):
+        poison_outside(kc, vc, lens, starts)
+    mask = None if mask is None else mask.cuda()
+    starts, lens = starts.cuda(), lens.cuda()
+    scale = head ** -0.5
+    out = torch.full_like(q, NAN)
+    ops.static_cache_attention(out, q, kc, vc, lens, scale, mask, starts)
+    assert out.is_cuda
+    want = cuda_masked_ref(q, kc, vc, lens, scale, mask, starts)
+    assert_close(out, want)
+    zero = (want == 0).all(-1)  # rows with nothing to attend
+    assert (out.cpu()[zero] == 0).all()
+    if kind.startswith("per head"):
+        assert zero[0, 1] and not zero[0].all()
+    if kind == "explicit starts":
+        assert zero[-1].all()
+    if mask is not None:
+        assert torch.equal(masked_decode_attention(q, kc, vc, mask, scale), out)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bounds_in_graph", [False, True])
+def test_cuda_graph_replay_with_new_masks(bounds_in_graph):
+    """Captured once with a bool mask (and its bounds: tensors written before each replay, or
+    mask_bounds captured in the graph), replayed with new masks written into the captured one:
+    sliding windows moving, left padding, a sequence with nothing to attend. NaN outside each
+    replay's ranges (the caches rewritten between replays)."""
+    batch, heads, kv_heads, L, head, dtype = 8, 32, 8, 2048, 128, torch.bfloat16
+    q, kc0, vc0, _ = cuda_inputs(batch, heads, kv_heads, L, head, dtype, [L] * batch,
+                                 fill=None)
+    kc, vc = kc0.clone(), vc0.clone()
+    rounds = [decode_mask("sliding window bool", batch, heads, L, dtype)[0],
+              decode_mask("left padding bool", batch, heads, L, dtype)[0]]
+    j = torch.arange(L)
+    moved = torch.tensor([[100 + 250 * b] for b in range(batch)])
+    rounds.append(((j <= moved) & (j > moved - 300))[:, None, None])
+    rounds[-1][3] = False  # sequence 3: nothing
+    mask = rounds[0].cuda()
+    starts, lens = mask_bounds(mask, batch, L)
+    scale = head ** -0.5
+    out = torch.full_like(q, NAN)
+
+    def step():
+        s, n = mask_bounds(mask, batch, L) if bounds_in_graph else (starts, lens)
+        ops.static_cache_attention(out, q, kc, vc, n, scale, mask, s)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    gen = torch.Generator().manual_seed(6)
+    for i, new in enumerate(rounds + [rounds[0]]):
+        new_s, new_n = mask_bounds(new, batch, L)
+        mask.copy_(new)
+        if not bounds_in_graph:
+            starts.copy_(new_s)
+            lens.copy_(new_n)
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        poison_outside(kc, vc, new_n, new_s)
+        q.copy_(torch.randn(q.shape, generator=gen).to(dtype))
+        out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = cuda_masked_ref(q, kc, vc, new_n, scale, new, new_s)
+        assert_close(out, want, msg=f"round {i}")
+        if i == 2:
+            assert (out[3] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_masked_torch_compile(mode):
+    """torch.compile(fullgraph=True) (and with CUDA graphs) of masked_decode_attention: a new
+    sliding-window mask on each call, as the reference has it; NaN outside the union of the
+    calls' windows."""
+    batch, L, W = 8, 1024, 256
+    q, kc, vc, _ = cuda_inputs(batch, 32, 8, L, 128, torch.bfloat16, [L] * batch, fill=None)
+    j = torch.arange(L)
+    pos = [torch.tensor([[L // 2 + (37 * b) % 101 - 50 + 17 * i] for b in range(batch)])
+           for i in range(4)]
+    masks = [((j <= p) & (j > p - W))[:, None, None] for p in pos]
+    first = mask_bounds(masks[0], batch, L)[0]
+    last = mask_bounds(masks[-1], batch, L)[1]
+    poison_outside(kc, vc, last, first)
+
+    def f(q, kc, vc, mask):
+        return masked_decode_attention(q * 2, kc, vc, mask, 0.0625) * 1
+
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(f, fullgraph=True, mode=mode)
+        for i, m in enumerate(masks):
+            got = fn(q, kc, vc, m.cuda())
+            assert got.is_cuda
+            starts, lens = mask_bounds(m, batch, L)
+            assert_close(got, cuda_masked_ref(q * 2, kc, vc, lens, 0.0625, m, starts),
+                         msg=f"call {i}")
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(KERNEL_REGRESSIONS))
+def test_cuda_regressions(case):
+    """test_triton_kernels_interpreted_regressions' cases on the GPU, one by one."""
+    q, kc, vc, lens, mask, starts = regression_inputs(case, "cuda")
+    out = torch.full_like(q, NAN)
+    ops.static_cache_attention(out, q, kc, vc, lens, 0.125, mask, starts)
+    assert_close(out, cuda_masked_ref(q, kc, vc, lens, 0.125, mask, starts))
