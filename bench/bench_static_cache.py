@@ -39,6 +39,9 @@ import compile_ops  # noqa: E402, F401
 HEADS, KV_HEADS, HEAD = 32, 8, 128
 VARIANTS = ("hf_eager", "hf_inductor", "sdpa_gqa_dense", "compile_ops", "hf_inductor_mask",
             "compile_ops_mask", "compile_ops_mask_op")
+# Diagnostics (not in the default list): the op with only the starts of the bounds, or only
+# the mask and the lengths, to tell which of the two costs the masked op its time.
+DIAGNOSTICS = ("compile_ops_starts_only", "compile_ops_mask_no_starts")
 
 
 def hf_attention_mask(q, kc, vc, mask):
@@ -148,7 +151,8 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--cache-len", type=int, nargs="+", default=[512, 4096, 16384])
     p.add_argument("--context", type=int, default=None, help="default max_cache_len / 2")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   choices=VARIANTS + DIAGNOSTICS)
     p.add_argument("--tune", action="store_true",
                    help="also time static_cache_attention under other plans: tile (block_n) x "
                         "warps x stages x split scale, as variants named bn/w/st/split")
@@ -186,6 +190,15 @@ def main():
 
                         bounds = mask_bounds(mask, batch, cache_len)
                         return lambda: ours_mask(q, kc, vc, mask, bounds)
+                    if variant in DIAGNOSTICS:
+                        from compile_ops.static_cache import mask_bounds
+
+                        starts, lens = mask_bounds(mask, batch, cache_len)
+                        out = torch.empty(batch, HEADS, HEAD, dtype=dtype, device="cuda")
+                        qv = q.view(batch, HEADS, HEAD)
+                        m, st = (None, starts) if variant == DIAGNOSTICS[0] else (mask, None)
+                        return lambda: torch.ops.compile_ops.static_cache_attention(
+                            out, qv, kc, vc, lens, HEAD ** -0.5, m, st) or out.view_as(q)
                     if variant == "hf_eager":
                         return lambda: hf_attention(q, kc, vc, pos)
                     if variant == "hf_inductor":
