@@ -113,12 +113,15 @@ def tune(rep, case, nbytes, dtype, want):
     batch, cache_len, context = case["batch"], case["max_cache_len"], case["context"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     base = da.static_plan(batch, HEADS, KV_HEADS, HEAD, cache_len, 2, sms)
-    for bn in (32, 64):
-        for w in (2, 4):
-            for st in (2, 3):
-                for f in (0.5, 1, 2):
-                    split = max(bn, int(base.split * f))
-                    if split > max(cache_len, bn) * 2:
+    quick = rep.tune_quick
+    for bn in ((64,) if quick else (32, 64)):
+        for w in ((4,) if quick else (2, 4)):
+            for st in ((3,) if quick else (2, 3)):
+                for f in ((0.5, 1, 2, 4, 8, 0) if quick else (0.5, 1, 2)):
+                    # f = 0: one split over the whole cache (no merge kernel)
+                    split = max(bn, int(base.split * f)) if f else \
+                        max(bn, da.triton_next_pow2(cache_len))
+                    if f and split > max(cache_len, bn) * 2:
                         continue
                     p = da.static_plan(batch, HEADS, KV_HEADS, HEAD, cache_len, 2, sms,
                                        block_n=bn, num_warps=w, num_stages=st, split=split)
@@ -156,6 +159,9 @@ def main():
     p.add_argument("--tune", action="store_true",
                    help="also time static_cache_attention under other plans: tile (block_n) x "
                         "warps x stages x split scale, as variants named bn/w/st/split")
+    p.add_argument("--tune-quick", action="store_true",
+                   help="with --tune: 64-token tiles, 4 warps, 3 stages only; splits x 0.5 .. 8 "
+                        "of the default and one split over the whole cache")
     harness.add_common_args(p)
     args = p.parse_args()
     dtype, copy_bw = harness.start(args)
@@ -164,6 +170,7 @@ def main():
         return
     rep = harness.Report("Decode attention over a static cache (32/8 heads of 128)", copy_bw,
                          "hf_inductor", ["batch", "max_cache_len", "context"])
+    rep.tune_quick = args.tune_quick
     compiled = torch.compile(hf_attention, backend="inductor", fullgraph=True, dynamic=False)
     compiled_mask = torch.compile(hf_attention_mask, backend="inductor", fullgraph=True,
                                   dynamic=False)
