@@ -322,20 +322,24 @@ def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scal
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h", "m_b", "m_h", "m_l"])
-def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, scale, nsplit, max_len,
-                        q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p, m_b, m_h, m_l,
+@triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h", "m_b", "m_h"])
+def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, CNT, scale, nsplit,
+                        max_len, q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p, m_b, m_h,
+                        m_l,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SLICES: tl.constexpr,
                         HEADS: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr,
                         DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr,
                         HAS_START: tl.constexpr, HAS_MASK: tl.constexpr,
-                        MASK_BOOL: tl.constexpr, MASK_HEADS: tl.constexpr):
+                        MASK_BOOL: tl.constexpr, MASK_HEADS: tl.constexpr,
+                        FUSED_MERGE: tl.constexpr):
     """Program (KV head x slice, sequence, split): the split's tokens of one sequence for every
     query head of the slice. The sequence reads slots [start, length): length = seq_lens clamped
     into [0, max_len], start = seq_starts clamped into [0, length] (0 without seq_starts). A
     split before the start writes an empty partial (the merge reads every split below the
-    length)."""
+    length). FUSED_MERGE: no merge kernel; the split programs of a (sequence, KV head slice)
+    count themselves in CNT (int32, zero between calls) and the last to finish merges their
+    partials into the output and sets the count back to zero."""
     pid = tl.program_id(0)
     kvh = pid // SLICES
     g0 = (pid % SLICES) * BLOCK_G
@@ -387,3 +391,38 @@ def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, scale, n
             tl.store(PM + row, m_i, mask=gmask)  # base 2, as merge_kernel takes them
             tl.store(PL + row, l_i, mask=gmask)
             tl.store(PO + row[:, None] * HEAD + d[None, :], o, mask=omask)
+            if FUSED_MERGE:
+                # Splits with work: those starting below the length (the others return early).
+                n_act = tl.cdiv(length, SPLIT)
+                cnt = CNT + seq * tl.num_programs(0) + pid
+                tl.debug_barrier()  # every thread's partial stores before the release below
+                done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if done == n_act - 1:  # the last split of this (sequence, slice): merge
+                    base = (seq * HEADS + head_idx) * nsplit
+                    big_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                    big_l = tl.zeros([BLOCK_G], tl.float32)
+                    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                    for j in range(0, n_act):
+                        pm = tl.load(PM + base + j, mask=gmask, other=float("-inf"),
+                                     cache_modifier=".cg")
+                        pl = tl.load(PL + base + j, mask=gmask, other=0.0, cache_modifier=".cg")
+                        po = tl.load(PO + (base + j)[:, None] * HEAD + d[None, :], mask=omask,
+                                     other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(big_m, pm)
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.math.exp2(big_m - m_use)
+                        w = pl * tl.math.exp2(pm - m_use)
+                        big_l = big_l * alpha + w
+                        acc = acc * alpha[:, None] + w[:, None] * po
+                        big_m = m_new
+                    o = acc / tl.where(big_l > 0.0, big_l, 1.0)[:, None]
+                    tl.store(OUT + seq * o_s + head_idx[:, None] * o_h + d[None, :],
+                             o.to(OUT.dtype.element_ty), mask=omask)
+                    tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    elif FUSED_MERGE and split == 0:  # an empty sequence: no split has work, zeros
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        head_idx = kvh * GROUP + g0 + g
+        omask = ((g0 + g) < GROUP)[:, None] & (d < HEAD)[None, :]
+        tl.store(OUT + seq * o_s + head_idx[:, None] * o_h + d[None, :],
+                 tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(OUT.dtype.element_ty), mask=omask)

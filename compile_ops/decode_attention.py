@@ -363,14 +363,47 @@ def static_plan(batch: int, heads: int, kv_heads: int, head: int, max_len: int,
     return plan(batch, heads, kv_heads, head, max_len, elem_bytes, sms, **kw)
 
 
+# Splits up to which the last split program of a sequence merges the partials itself (one
+# launch, no merge kernel); more splits go to merge_kernel, whose wide loads merge them faster.
+# COMPILE_OPS_STATIC_MERGE=kernel / fused forces either.
+FUSED_MERGE_MAX_SPLITS = 16
+_COUNTERS: dict = {}
+
+
+def _fused_merge_ok(p: Plan) -> bool:
+    import os
+
+    choice = os.environ.get("COMPILE_OPS_STATIC_MERGE", "")
+    if choice == "kernel":
+        return False
+    return choice == "fused" or p.nsplit <= FUSED_MERGE_MAX_SPLITS
+
+
+def _merge_counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
+    """Zeroed int32 counters for the fused merge, one per (sequence, KV head slice), kept per
+    device and stream (the kernels leave them zero; two streams never share one). None when
+    a larger buffer would have to be allocated while a CUDA graph is being captured (the merge
+    kernel then runs instead)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                   the_plan: Optional[Plan] = None, *, attn_mask: Optional[torch.Tensor] = None,
                   seq_starts: Optional[torch.Tensor] = None) -> Optional[Plan]:
     """``static_cache_attention``'s CUDA path (its checks have run): ``static_split_kernel`` over
     [batch, kv_heads, max_cache_len, head] caches, cut by ``plan`` as a paged cache of
-    max_cache_len tokens per sequence would be, then ``merge_kernel`` when a sequence has more
-    than one split. The plan depends only on shapes (the lengths, starts and mask stay on the
+    max_cache_len tokens per sequence would be. When a sequence has more than one split, the last
+    split program to finish merges the partials (up to FUSED_MERGE_MAX_SPLITS splits: one
+    launch), or ``merge_kernel`` does. The plan depends only on shapes (the lengths, starts and mask stay on the
     device). ``attn_mask`` (broadcastable to [batch, heads, 1, max_cache_len], bool or float) is
     read through its broadcast strides; ``seq_starts`` moves each sequence's first slot."""
     from compile_ops import _decode_attention_kernels as k
@@ -416,9 +449,12 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     else:
         m4, m_b, m_h, m_l, mask_heads = seq_lens, 0, 0, 0, False
     starts = seq_starts if seq_starts is not None else seq_lens
+    cnt = None
+    if not p.direct and _fused_merge_ok(p):
+        cnt = _merge_counters(dev, batch * kv_heads * p.slices)
     k.static_split_kernel[(kv_heads * p.slices, batch, p.nsplit)](
-        query, key_cache, value_cache, seq_lens, starts, m4, out, po, pm, pl, float(scale),
-        p.nsplit, max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query, key_cache, value_cache, seq_lens, starts, m4, out, po, pm, pl,
+        cnt if cnt is not None else seq_lens, float(scale), p.nsplit, max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), m_b, m_h, m_l,
         GROUP=heads // kv_heads, BLOCK_G=p.block_g, SLICES=p.slices, HEADS=heads, HEAD=head,
@@ -426,8 +462,9 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         DPAD=block_d != head, IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
         HAS_START=seq_starts is not None, HAS_MASK=attn_mask is not None,
         MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        MASK_HEADS=mask_heads, num_warps=p.num_warps, num_stages=p.num_stages)
-    if not p.direct:
+        MASK_HEADS=mask_heads, FUSED_MERGE=cnt is not None, num_warps=p.num_warps,
+        num_stages=p.num_stages)
+    if not p.direct and cnt is None:
         pch = max(1, min(triton_next_pow2(p.nsplit), 16))
         k.merge_kernel[(heads, batch)](
             out, po, pm, pl, seq_lens, out, out, out, p.nsplit,

@@ -1151,7 +1151,8 @@ print("static masked interpreted ok", launches, round(time.time() - t_start, 1))
 """
 
 
-def test_triton_masked_kernels_interpreted_on_cpu():
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+def test_triton_masked_kernels_interpreted_on_cpu(merge):
     """static_decode with attn_mask and seq_starts, its Triton kernels interpreted on the CPU (a
     child process): bool masks and float ones (float32, the query's dtype, -inf and finfo.min
     fills), per-head masks ([B,H,1,L], [H,1,L], stored [L,H,B]), a 1-d mask, a slice of a
@@ -1160,9 +1161,10 @@ def test_triton_masked_kernels_interpreted_on_cpu():
     splits of 32 and 64 and the default plan (merged and direct); GQA groups 1, 4 and 128 (two
     slices), head 80 (padded); rows with nothing to attend (an empty range, all False, all
     -inf, one head of a group) zeros; NaN in every slot outside the range. float16 and float32
-    (the interpreter's bfloat16 dot is wrong)."""
+    (the interpreter's bfloat16 dot is wrong). Split partials merged by the last split program
+    (fused, the default up to 16 splits) and by the merge kernel (COMPILE_OPS_STATIC_MERGE)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, COMPILE_OPS_STATIC_MERGE=merge)
     proc = subprocess.run([sys.executable, "-c", _INTERPRETED_MASKS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -1617,3 +1619,36 @@ def test_cuda_regressions(case):
     out = torch.full_like(q, NAN)
     ops.static_cache_attention(out, q, kc, vc, lens, 0.125, mask, starts)
     assert_close(out, cuda_masked_ref(q, kc, vc, lens, 0.125, mask, starts))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("batch,max_len,split", [(1, 4096, 256), (8, 512, 64), (3, 2048, 128)])
+def test_cuda_merge_modes_repeated(merge, batch, max_len, split, monkeypatch):
+    """Split partials merged by the last split program (its counters reset for the next call)
+    or by the merge kernel: 40 calls in a row with new lengths, starts and masks each time (a
+    counter left non-zero, or a partial read before it is written, shows as a wrong row), the
+    plan forced to several splits."""
+    from compile_ops import decode_attention as da
+    from compile_ops.static_cache import mask_bounds
+
+    monkeypatch.setenv("COMPILE_OPS_STATIC_MERGE", merge)
+    heads, kv_heads, head = 32, 8, 128
+    p = da.plan(batch, heads, kv_heads, head, max_len, 2, 132, split=split)
+    assert p.nsplit > 1
+    q, kc, vc, _ = cuda_inputs(batch, heads, kv_heads, max_len, head, torch.bfloat16,
+                               [max_len] * batch, fill=None)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    j = torch.arange(max_len, device="cuda")
+    for i in range(40):
+        pos = torch.randint(0, max_len, (batch,), device="cuda", generator=g)
+        pad = torch.randint(0, max_len // 4 + 1, (batch,), device="cuda", generator=g)
+        if i % 4 == 3:
+            pos[0] = -1  # an empty row: zeros
+        mask = ((j[None] <= pos[:, None]) & (j[None] >= pad[:, None]))[:, None, None]
+        starts, lens = mask_bounds(mask, batch, max_len)
+        out = torch.full_like(q, NAN)
+        da.static_decode(out, q, kc, vc, lens, head ** -0.5, p, attn_mask=mask,
+                         seq_starts=starts)
+        assert_close(out, cuda_masked_ref(q, kc, vc, lens, head ** -0.5, mask, starts),
+                     msg=f"call {i}")
