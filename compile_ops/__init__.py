@@ -30,7 +30,7 @@ from compile_ops.mla import (
     cp_gather_indexer_k_quant_cache,
     indexer_k_quant_and_cache,
 )
-from compile_ops.norm import fused_add_rms_norm, rms_norm
+from compile_ops.norm import fused_add_rms_norm, fused_add_rms_norm_out, rms_norm
 from compile_ops.rope_cache import fused_rope_and_cache, fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
 from compile_ops.sampling import argmax
@@ -47,6 +47,7 @@ __all__ = [
     "registered_ops",
     "rms_norm",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_out",
     "silu_and_mul",
     "mul_and_silu",
     "gelu_and_mul",

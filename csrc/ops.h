@@ -13,6 +13,10 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const std::optional<at::
               double epsilon);
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual,
                         const std::optional<at::Tensor>& weight, double epsilon);
+// Out of place: out <- rms_norm(input + residual) * weight, residual_out <- input + residual.
+void fused_add_rms_norm_out(at::Tensor& out, at::Tensor& residual_out, const at::Tensor& input,
+                            const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                            double epsilon);
 void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double threshold);
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,

@@ -14,6 +14,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm,
         "residual <- input + residual; input <- rms_norm(residual) * weight (weight may be None)",
         py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("epsilon"));
+  m.def("fused_add_rms_norm_out", &compile_ops::fused_add_rms_norm_out,
+        "residual_out <- input + residual; out <- rms_norm(input + residual) * weight (weight "
+        "may be None; input and residual only read)",
+        py::arg("out"), py::arg("residual_out"), py::arg("input"), py::arg("residual"),
+        py::arg("weight"), py::arg("epsilon"));
   m.def("act_and_mul", &compile_ops::act_and_mul,
         "out <- act(input[..., :d]) * input[..., d:] (kind: compile_ops.activation._KIND)",
         py::arg("out"), py::arg("input"), py::arg("kind"), py::arg("threshold"));

@@ -1,4 +1,4 @@
-"""Fusion: residual add + RMSNorm -> one ``compile_ops.fused_add_rms_norm``.
+"""Fusion: residual add + RMSNorm -> one ``compile_ops.fused_add_rms_norm(_out)``.
 
 Matches, in the functionalized post-grad graph::
 
@@ -8,24 +8,39 @@ Matches, in the functionalized post-grad graph::
                                      weight=w, epsilon=eps)
     y     = getitem(af, 1)
 
-and rewrites it as::
+and rewrites it, where x and residual may be written in place (a model's residual stream: both
+are intermediates that nothing reads after the sum), as::
 
     af2   = auto_functionalized(compile_ops.fused_add_rms_norm.default, input=x, residual=residual,
                                 weight=w, epsilon=eps)
     y     = getitem(af2, 1)   # every user of the norm output
     h     = getitem(af2, 2)   # every user of the sum
 
+and otherwise (x or residual a graph input or a view of one, as in a layer compiled on its own,
+or read again after the sum) into two fresh buffers, x and residual only read::
+
+    o, s  = aten.empty...(...), aten.empty...(...)   # contiguous, x's shape
+    af2   = auto_functionalized(compile_ops.fused_add_rms_norm_out.default, out=o,
+                                residual_out=s, input=x, residual=residual, weight=w, epsilon=eps)
+    y     = getitem(af2, 1)   # every user of the norm output
+    h     = getitem(af2, 2)   # every user of the sum
+
+The in-place op on a graph input would make Inductor copy the input first (two extra passes over
+memory: x0.60-0.68 of add + rms_norm on the H200, session 7, bench_backend); the out-of-place op
+reads each input once and writes each output once, the same bytes as Inductor's own fused add +
+RMSNorm kernel. Inductor reinplaces either form: the in-place op on x and residual, the
+out-of-place one into its fresh buffers, with no copies.
+
 eps, the weight and the dtype come from the matched graph; a None weight (weightless RMSNorm)
-stays None in the fused op. Inductor's reinplacing then runs the fused op in place on x and
-residual when nothing else reads them, and copies them first when something does. The chain
-across layers matches naturally: layer i's sum is layer i+1's residual.
+stays None in the fused op. The chain across layers matches naturally: layer i's sum is layer
+i+1's residual. RMSNorm written as module math (Hugging Face's LlamaRMSNorm) reaches this pass
+as ``rms_norm`` through the ``rms_norm_math`` pass, which runs first.
 
 Never rewritten (each is a logged near miss): operands of different shapes (broadcast) or dtypes
-(type promotion), an add with alpha or a scalar, x is residual, an operand or the norm's out buffer
-that the program mutates or reads elsewhere, an operand that is a graph input or a view of one
-(the fused kernel writes it in place, so Inductor would copy it first: a layer compiled on its
-own, whose x and residual arrive as inputs, stays add + rms_norm), layouts the fused kernel does
-not take, an eps that is not a constant, a weight computed after the sum's first use.
+(type promotion), an add with alpha or a scalar, x is residual, an operand that the program
+mutates (a graph input written by the program included), a norm out buffer that is not a fresh
+allocation used only by the norm (a caller's buffer), layouts the fused kernels do not take, an
+eps that is not a constant, a weight computed after the sum's first use.
 """
 
 from __future__ import annotations
@@ -71,13 +86,39 @@ _VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
              aten.as_strided.default, aten.expand.default, aten.alias.default)
 
 
-def _aliases_graph_input(node) -> bool:
-    """`node` is a graph input or a view of one: memory the compiled graph may not write unless
-    the program does, so Inductor copies it before an in-place op on it."""
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
             node.target in _VIEW_OPS:
         node = node.args[0]
+    return node
+
+
+def _aliases_graph_input(node) -> bool:
+    """`node` is a graph input or a view of one: memory the compiled graph may not write unless
+    the program does, so Inductor copies it before an in-place op on it."""
+    node = _view_root(node)
     return isinstance(node, torch.fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def _read_from(node: torch.fx.Node, order: dict, at: int, ignore: torch.fx.Node) -> bool:
+    """Some node at or after position `at` (or the graph output) other than `ignore` uses the
+    memory of `node`: the node itself, the tensor it is a view of, or any view of that. Writing
+    `node` in place before `at` would make Inductor copy it first."""
+    root = _view_root(node)
+    stack, seen = [root], {root}
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u is ignore:
+                continue
+            if u.op == "call_function" and u.target in _VIEW_OPS and u.args and u.args[0] is n:
+                if u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+                continue
+            if u.op == "output" or order[u] >= at:
+                return True
+    return False
 
 
 def _rows_layout_ok(v: torch.Tensor) -> bool:
@@ -172,13 +213,6 @@ class AddRMSNormPass(FusionPass):
         if _is_mutated(x) or _is_mutated(residual):
             self.near_miss("x or residual is mutated by the program", h)
             return False
-        if _aliases_graph_input(x) or _aliases_graph_input(residual):
-            # the fused kernel writes both in place: Inductor would first copy a graph input
-            # (two extra passes over memory, slower than add + rms_norm; bench_backend on the
-            # H200, session 7: x0.60-0.68 of Inductor on the unfused ops, layers compiled apart)
-            self.near_miss("x or residual is a graph input (the in-place fused kernel would make "
-                           "Inductor copy it)", h)
-            return False
         out = self._out_buffer(norm)
         if out is None or out.op != "call_function" or out.target not in EMPTY_TARGETS \
                 or len(out.users) != 1:
@@ -195,16 +229,38 @@ class AddRMSNormPass(FusionPass):
             self.near_miss("weight is computed after the sum's first use", norm)
             return False
 
+        # The fused op goes right before the sum's first use. In place where x and residual are
+        # the graph's own and nothing reads them from there on; else into fresh buffers.
+        if _aliases_graph_input(x) or _aliases_graph_input(residual):
+            why = "graph input"
+        elif _read_from(x, order, order[first_use], h) or \
+                _read_from(residual, order, order[first_use], h):
+            why = "read after the sum"
+        else:
+            why = None
         with graph.inserting_before(first_use):
-            fused = graph.call_function(
-                torch.ops.higher_order.auto_functionalized,
-                (torch.ops.compile_ops.fused_add_rms_norm.default,),
-                {"input": x, "residual": residual, "weight": weight, "epsilon": float(eps)})
+            if why is None:
+                fused = graph.call_function(
+                    torch.ops.higher_order.auto_functionalized,
+                    (torch.ops.compile_ops.fused_add_rms_norm.default,),
+                    {"input": x, "residual": residual, "weight": weight, "epsilon": float(eps)})
+            else:
+                bufs = [self._fresh_buffer(graph, x, xv) for _ in range(2)]
+                fused = graph.call_function(
+                    torch.ops.higher_order.auto_functionalized,
+                    (torch.ops.compile_ops.fused_add_rms_norm_out.default,),
+                    {"out": bufs[0], "residual_out": bufs[1], "input": x, "residual": residual,
+                     "weight": weight, "epsilon": float(eps)})
             new_out = graph.call_function(operator.getitem, (fused, 1))
             new_sum = graph.call_function(operator.getitem, (fused, 2))
-        with getattr(xv, "fake_mode", None) or contextlib.nullcontext():
-            out_val = torch.empty_strided(xv.shape, xv.stride(), dtype=xv.dtype, device=xv.device)
-            sum_val = torch.empty_strided(rv.shape, rv.stride(), dtype=rv.dtype, device=rv.device)
+        if why is None:  # the results are x's and residual's memory
+            with getattr(xv, "fake_mode", None) or contextlib.nullcontext():
+                out_val = torch.empty_strided(xv.shape, xv.stride(), dtype=xv.dtype,
+                                              device=xv.device)
+                sum_val = torch.empty_strided(rv.shape, rv.stride(), dtype=rv.dtype,
+                                              device=rv.device)
+        else:
+            out_val, sum_val = (b.meta["val"] for b in bufs)
         fused.meta["val"] = (None, out_val, sum_val)
         new_out.meta["val"] = out_val
         new_sum.meta["val"] = sum_val
@@ -216,7 +272,25 @@ class AddRMSNormPass(FusionPass):
         graph.erase_node(out)
         h.replace_all_uses_with(new_sum)
         graph.erase_node(h)
-        self.matched("%s + %s -> fused_add_rms_norm(eps=%g%s)", x.name, residual.name, float(eps),
+        self.matched("%s + %s -> %s(eps=%g%s)", x.name, residual.name,
+                     "fused_add_rms_norm" if why is None else
+                     f"fused_add_rms_norm_out (x or residual {why})", float(eps),
                      "" if weight is not None else ", weight=None")
         return True
+
+    @staticmethod
+    def _fresh_buffer(graph: torch.fx.Graph, x: torch.fx.Node, xv: torch.Tensor) -> torch.fx.Node:
+        """A new contiguous buffer of x's shape, dtype and device (symbolic shapes: through
+        empty_like of x, which only reads x's metadata)."""
+        static = all(type(d) is int for d in xv.shape)
+        if static:
+            buf = graph.call_function(aten.empty.memory_format, (list(xv.shape),),
+                                      {"dtype": xv.dtype, "device": xv.device,
+                                       "pin_memory": False})
+        else:
+            buf = graph.call_function(aten.empty_like.default, (x,),
+                                      {"memory_format": torch.contiguous_format})
+        with getattr(xv, "fake_mode", None) or contextlib.nullcontext():
+            buf.meta["val"] = torch.empty_like(xv, memory_format=torch.contiguous_format)
+        return buf
 

@@ -511,6 +511,83 @@ def test_rms_norm_shifted_rows(coop, fused, weighted, gen):
         assert_close(out, rms_norm_ref(x, w, 1e-6))
 
 
+def _out_case(layout, rows, hidden, dtype, gen):
+    """(out, residual_out, input, residual) for fused_add_rms_norm_out in one layout."""
+    def t(pad=0, offset=0):
+        base = torch.randn(rows, hidden + pad + offset, generator=gen).to(dtype)
+        return base[:, offset:offset + hidden]
+
+    nan = float("nan")
+    if layout == "padded_inputs":  # inputs strided (aligned), outputs contiguous
+        return t().fill_(nan), t().fill_(nan), t(64), t(64)
+    if layout == "misaligned_outputs":  # outputs off 16 bytes: the element-wise kernel
+        return t(offset=1).fill_(nan), t(3).fill_(nan), t(), t()
+    if layout == "aliased":  # out is input, residual_out is residual: in place through the op
+        x, r = t(), t(8)
+        return x, r, x, r
+    # broadcast: a read-only residual row repeated (stride 0), input and residual one tensor
+    x = t()
+    return t().fill_(nan), t().fill_(nan), x, x[:1].expand(rows, hidden)
+
+
+@pytest.mark.parametrize("layout", ["padded_inputs", "misaligned_outputs", "aliased",
+                                    "broadcast"])
+@pytest.mark.parametrize("hidden", [8, 769, 9000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_out(coop, dtype, hidden, layout, gen):
+    """The out-of-place fused op through every kernel (8: warp per row, 128-bit; 769:
+    element-wise; 9000: block per row in 16-bit types, two-pass in float32): residual read from
+    one tensor, the sum written to another with its own stride and alignment; an exact alias
+    (the in-place call); read-only rows that repeat."""
+    from compile_ops.norm import fused_add_rms_norm_ref
+
+    out, res_out, x, res = _out_case(layout, 5, hidden, dtype, gen)
+    w = None if layout == "broadcast" else torch.randn(hidden, generator=gen).to(dtype)
+    want_out, want_res = fused_add_rms_norm_ref(x.clone(), res.clone(), w, 1e-5)
+    x0, r0 = x.clone(), res.clone()
+    coop.fused_add_rms_norm_out(out, res_out, x, res, w, 1e-5)
+    assert_close(out, want_out)
+    assert_close(res_out, want_res)
+    if layout != "aliased":
+        assert torch.equal(x, x0) and torch.equal(res, r0), "an input was written"
+
+
+def test_rms_norm_shifted_rows_out_of_place(coop, gen):
+    """4096 rows whose starts share one misalignment: the shifted kernel with residual and
+    residual_out different rows (each at its own address, same phase)."""
+    from compile_ops.norm import fused_add_rms_norm_ref
+
+    rows, hidden = 4096, 24
+
+    def rows_at(phase):  # row stride 25: every row's phase moves by one, the same in all four
+        flat = torch.randn(rows * (hidden + 1) + phase, generator=gen).to(torch.bfloat16)
+        return flat[phase:].view(rows, hidden + 1)[:, :hidden]
+
+    x, res, out, res_out = rows_at(1), rows_at(1), rows_at(1), rows_at(1)
+    w = torch.randn(hidden, generator=gen).to(torch.bfloat16)
+    want_out, want_res = fused_add_rms_norm_ref(x, res, w, 1e-6)
+    x0, r0 = x.clone(), res.clone()
+    coop.fused_add_rms_norm_out(out, res_out, x, res, w, 1e-6)
+    assert_close(out, want_out)
+    assert_close(res_out, want_res)
+    assert torch.equal(x, x0) and torch.equal(res, r0)
+
+
+@pytest.mark.parametrize("bad", ["out_shape", "residual_out_dtype", "residual_out_rows"])
+def test_fused_add_rms_norm_out_launcher_checks(emu, bad):
+    # The C++ launcher's own checks, for callers that bypass the Python layer.
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    out, res_out = torch.empty(4, 16), torch.empty(4, 16)
+    if bad == "out_shape":
+        out, match = torch.empty(4, 17), "out must have the shape of input"
+    elif bad == "residual_out_dtype":
+        res_out, match = res_out.half(), "residual_out must have dtype"
+    else:
+        res_out, match = torch.empty(1, 16).expand(4, 16), "residual_out rows overlap"
+    with pytest.raises(RuntimeError, match=match):
+        emu.fused_add_rms_norm_out(out, res_out, x, r, None, 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # merge_attn_states
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""rms_norm and fused_add_rms_norm: reference, fake, opcheck, CUDA kernels, compile, errors."""
+"""rms_norm, fused_add_rms_norm and fused_add_rms_norm_out: reference, fake, opcheck, CUDA
+kernels, compile, errors."""
 
 import itertools
 
@@ -250,11 +251,15 @@ def _samples(device, gen):
 
 
 def _opcheck_all(device, gen):
-    for x, r, w in _samples(device, gen):
+    for i, (x, r, w) in enumerate(_samples(device, gen)):
         for weight in (w, None):
             torch.library.opcheck(ops.rms_norm.default, (torch.empty_like(x), x, weight, EPS))
             torch.library.opcheck(ops.fused_add_rms_norm.default,
                                   (x.clone(), r.clone(), weight, EPS))
+        # the out-of-place op: every sample once, with and without a weight in turn
+        torch.library.opcheck(ops.fused_add_rms_norm_out.default,
+                              (torch.empty_like(x), torch.empty_like(r), x, r,
+                               w if (i // 2) % 2 else None, EPS))
 
 
 def test_opcheck_cpu(gen):
@@ -361,6 +366,213 @@ def test_out_partially_overlapping_input_rejected():
     buf = torch.randn(5, 16)
     with pytest.raises(ValueError, match="out and input overlap in memory"):
         ops.rms_norm(buf[1:], buf[:4], torch.randn(16), EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_add_rms_norm_out (ours): out of place, input and residual only read
+# ---------------------------------------------------------------------------------------------
+def float64_fused_add_rms_norm(x, r, weight, eps):
+    """Independent oracle: (normalized sum, sum), the sum and the norm in float64, each output
+    rounded once (weight None: no scale)."""
+    z = x.double() + r.double()
+    y = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+    y = y if weight is None else y * weight.double()
+    return y.to(x.dtype), z.to(x.dtype)
+
+
+def run_out(x, r, weight, eps=EPS, out=None, residual_out=None):
+    """The op into NaN-poisoned buffers (or the given ones); x and r must stay as they were."""
+    out = torch.full_like(x, float("nan")) if out is None else out
+    residual_out = torch.full_like(r, float("nan")) if residual_out is None else residual_out
+    x0, r0 = x.clone(), r.clone()
+    ops.fused_add_rms_norm_out(out, residual_out, x, r, weight, eps)
+    assert torch.equal(x, x0) and torch.equal(r, r0), "an input was written"
+    return out, residual_out
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 8), (7, 769), (5, 4096)])
+def test_out_reference_matches_float64(tokens, hidden, dtype, row_pad, weighted, gen):
+    x = rows_tensor(tokens, hidden, dtype, "cpu", row_pad=row_pad, generator=gen)
+    r = rows_tensor(tokens, hidden, dtype, "cpu", row_pad=row_pad + 3 if row_pad else 0,
+                    generator=gen)
+    w = rows_tensor(1, hidden, dtype, "cpu", generator=gen)[0] if weighted else None
+    want_out, want_res = float64_fused_add_rms_norm(x, r, w, EPS)
+    out, res = run_out(x, r, w)
+    assert_close(out, want_out)
+    assert_close(res, want_res)
+    # exactly fused_add_rms_norm's rounding: bit-equal to the in-place op
+    xi, ri = x.clone(), r.clone()
+    run_fused(xi, ri, w)
+    assert torch.equal(out, xi) and torch.equal(res, ri)
+
+
+def test_out_strided_outputs_and_leading_dims(gen):
+    # outputs with their own row strides (slices of wider buffers) and 3-D inputs
+    x = torch.randn(2, 3, 40, generator=gen)
+    r = torch.randn(6, 41, generator=gen)[:, :40].view(2, 3, 40)
+    w = torch.randn(40, generator=gen)
+    out_base = torch.full((6, 45), 7.0)
+    res_base = torch.full((6, 50), 7.0)
+    out, res = out_base[:, 2:42].view(2, 3, 40), res_base[:, :40].view(2, 3, 40)
+    run_out(x, r, w, out=out, residual_out=res)
+    want_out, want_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    assert (out_base[:, :2] == 7).all() and (out_base[:, 42:] == 7).all()
+    assert (res_base[:, 40:] == 7).all()
+
+
+def test_out_read_only_inputs_may_repeat_and_share(gen):
+    # input and residual are only read: a broadcast row (stride 0), or even the same tensor
+    x = torch.randn(5, 24, generator=gen)
+    row = torch.randn(1, 24, generator=gen)
+    w = torch.randn(24, generator=gen)
+    out, res = run_out(x, row.expand(5, 24), w)
+    want_out, want_res = fused_add_rms_norm_ref(x, row.expand(5, 24).contiguous(), w, EPS)
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    out, res = run_out(x, x, w)
+    assert torch.equal(res, x + x)
+    assert torch.equal(out, fused_add_rms_norm_ref(x, x.clone(), w, EPS)[0])
+
+
+def test_out_exact_aliases_are_the_in_place_op(gen):
+    # out is input and residual_out is residual (each exactly): the in-place op's results
+    x = torch.randn(6, 32, generator=gen).to(torch.bfloat16)
+    r = torch.randn(6, 32, generator=gen).to(torch.bfloat16)
+    w = torch.randn(32, generator=gen).to(torch.bfloat16)
+    xi, ri = x.clone(), r.clone()
+    run_fused(xi, ri, w)
+    ops.fused_add_rms_norm_out(x, r, x, r, w, EPS)
+    assert torch.equal(x, xi) and torch.equal(r, ri)
+
+
+def test_out_functional_wrapper(gen):
+    x = rows_tensor(4, 48, torch.float16, "cpu", row_pad=5, generator=gen)
+    r = rows_tensor(4, 48, torch.float16, "cpu", generator=gen)
+    x0, r0 = x.clone(), r.clone()
+    for w in (torch.randn(48, generator=gen).half(), None):
+        out, res = compile_ops.fused_add_rms_norm_out(x, r, w, 1e-5)
+        assert torch.equal(x, x0) and torch.equal(r, r0)
+        assert out.is_contiguous() and res.is_contiguous()
+        want_out, want_res = compile_ops.fused_add_rms_norm(x, r, w, 1e-5)
+        assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    out, res = compile_ops.fused_add_rms_norm_out(torch.empty(0, 64), torch.empty(0, 64), None)
+    assert out.shape == res.shape == (0, 64)
+    with pytest.raises(TypeError, match="fused_add_rms_norm_out: residual must be a torch.Tensor"):
+        compile_ops.fused_add_rms_norm_out(x, None, None)
+
+
+def test_out_fake_matches_real_metadata(gen):
+    x = rows_tensor(6, 48, torch.bfloat16, "cpu", row_pad=64, generator=gen)
+    r = rows_tensor(6, 48, torch.bfloat16, "cpu", generator=gen)
+    real = compile_ops.fused_add_rms_norm_out(x, r, None)
+    with FakeTensorMode() as mode:
+        fake = compile_ops.fused_add_rms_norm_out(mode.from_tensor(x), mode.from_tensor(r), None)
+    for a, b in zip(real, fake):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+
+
+def _bad_out_calls():
+    """(id, kwargs over good [4, 16] float32 tensors, exception, message fragment)."""
+    f16 = torch.float16
+    buf = torch.randn(5, 16)
+    return [
+        ("input_int", dict(input=torch.randn(4, 16).int()), TypeError,
+         "input must be float32, float16 or bfloat16"),
+        ("residual_dtype", dict(residual=torch.randn(4, 16).to(f16)), TypeError,
+         "residual must have dtype torch.float32"),
+        ("residual_shape", dict(residual=torch.randn(4, 1)), ValueError,
+         "residual must have the shape of input"),
+        ("out_dtype", dict(out=torch.zeros(4, 16, dtype=f16)), TypeError,
+         "out must have dtype torch.float32"),
+        ("out_shape", dict(out=torch.zeros(4, 17)), ValueError, "out must have the shape of input"),
+        ("residual_out_dtype", dict(residual_out=torch.zeros(4, 16, dtype=f16)), TypeError,
+         "residual_out must have dtype torch.float32"),
+        ("residual_out_device", dict(residual_out=torch.zeros(4, 16, device="meta")), ValueError,
+         "residual_out must be on device cpu"),
+        ("weight_size", dict(weight=torch.randn(15)), ValueError,
+         "weight must be a 1-D tensor of size 16"),
+        ("weight_dtype", dict(weight=torch.randn(16).to(f16)), TypeError,
+         "weight must have dtype torch.float32"),
+        ("epsilon_negative", dict(epsilon=-1.0), ValueError, "epsilon must be finite and >= 0"),
+        ("input_transposed", dict(input=torch.randn(16, 4).t()), ValueError,
+         "input must be contiguous in its last dimension"),
+        ("out_rows_overlap", dict(out=torch.zeros(1, 16).expand(4, 16)), ValueError,
+         "out rows overlap in memory"),
+        ("residual_out_rows_overlap", dict(residual_out=torch.zeros(1, 16).expand(4, 16)),
+         ValueError, "residual_out rows overlap in memory"),
+        ("out_partially_over_input", dict(input=buf[:4], out=buf[1:]), ValueError,
+         "out and input overlap in memory"),
+        ("out_is_residual", "out_is_residual", ValueError, "out and residual overlap in memory"),
+        ("residual_out_is_input", "residual_out_is_input", ValueError,
+         "residual_out and input overlap in memory"),
+        ("outputs_shared", "outputs_shared", ValueError,
+         "out and residual_out overlap in memory"),
+        ("residual_out_over_weight", "residual_out_over_weight", ValueError,
+         "residual_out and weight overlap in memory"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_out_calls(), ids=lambda c: c[0])
+def test_out_bad_input_named_and_nothing_written(case):
+    _, change, exc, fragment = case
+    args = dict(out=torch.full((4, 16), 7.0), residual_out=torch.full((4, 16), 7.0),
+                input=torch.randn(4, 16), residual=torch.randn(4, 16), weight=torch.randn(16),
+                epsilon=EPS)
+    if change == "out_is_residual":
+        args["out"] = args["residual"]
+    elif change == "residual_out_is_input":
+        args["residual_out"] = args["input"]
+    elif change == "outputs_shared":
+        args["residual_out"] = args["out"]
+    elif change == "residual_out_over_weight":
+        big = torch.full((5, 16), 7.0)
+        args["residual_out"], args["weight"] = big[:4], big[3]
+    else:
+        args.update(change)
+    before = {k: v.clone() for k, v in args.items()
+              if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    call = lambda: ops.fused_add_rms_norm_out(**args)  # noqa: E731
+    fragment = "compile_ops.fused_add_rms_norm_out: " + fragment
+    if "overlap in memory" in fragment and "rows" not in fragment:
+        with pytest.raises(exc, match=fragment):  # addresses: fake tensors have none
+            call()
+    else:
+        assert_raises_eager_and_fake(call, exc, fragment)
+    for k, v in before.items():  # raised before any write
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
+class OutOfPlaceLayer(torch.nn.Module):
+    def __init__(self, hidden, dtype):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, x, residual):
+        out, res = torch.empty_like(x), torch.empty_like(residual)
+        ops.fused_add_rms_norm_out(out, res, x, residual, self.w, 1e-5)
+        return out * 2.0, res
+
+
+def _compile_out_check(device, dtype, gen, **compile_kwargs):
+    torch._dynamo.reset()
+    model = OutOfPlaceLayer(64, dtype).to(device)
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    x = rows_tensor(5, 64, dtype, device, generator=gen)
+    r = rows_tensor(5, 64, dtype, device, generator=gen)
+    x0, r0 = x.clone(), r.clone()
+    exp = model(x, r)
+    for _ in range(3):  # CUDA graph trees record on the 2nd call and replay after
+        got = compiled(x, r)
+    for a, b in zip(got, exp):
+        assert torch.equal(a, b)
+    assert torch.equal(x, x0) and torch.equal(r, r0)
+
+
+def test_out_torch_compile_fullgraph_cpu(gen):
+    _compile_out_check("cpu", torch.float32, gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,3 +854,116 @@ def test_torch_compile_fullgraph_cuda(gen):
 @pytest.mark.cuda
 def test_torch_compile_cuda_graphs(gen):
     _compile_check("cuda", torch.bfloat16, gen, mode="reduce-overhead")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: fused_add_rms_norm_out
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("row_pad", ROW_PADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", GPU_HIDDEN)
+@pytest.mark.parametrize("tokens", GPU_TOKENS)
+def test_cuda_fused_add_rms_norm_out_grid(tokens, hidden, dtype, row_pad, gen):
+    # inputs and outputs in the same layout (the 128-bit, shifted and scalar kernels as for the
+    # in-place op); the inputs must stay untouched and nothing be written past the rows
+    x, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    r, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    out, out_base = _wide(tokens, hidden, dtype, row_pad, gen, fill=float("nan"))
+    res, res_base = _wide(tokens, hidden, dtype, row_pad, gen, fill=float("nan"))
+    ob, rb = out_base.clone(), res_base.clone()
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    run_out(x, r, w, out=out, residual_out=res)
+    tag = f"{tokens}x{hidden} {dtype} pad={row_pad}"
+    assert_close(out, exp_out, msg=tag)
+    assert_close(res, exp_res, msg=tag)
+    _pad_untouched(out_base, ob, hidden)
+    _pad_untouched(res_base, rb, hidden)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 771, 70000, 9001])
+@pytest.mark.parametrize("layout", ["contiguous_outputs", "aliased", "broadcast_residual"])
+def test_cuda_fused_add_rms_norm_out_layouts(layout, hidden, dtype, gen):
+    # inputs and outputs in different layouts (strided aligned inputs, contiguous outputs), the
+    # exact aliases of the in-place call, a repeated read-only residual row; register and
+    # two-pass kernels (70000, 9001)
+    tokens = 4097 if hidden < 16384 else 3  # from 4096 rows odd rows may take the shifted kernel
+    x, _ = _wide(tokens, hidden, dtype, 64, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    if layout == "broadcast_residual":
+        r = rows_tensor(1, hidden, dtype, "cuda", generator=gen).expand(tokens, hidden)
+    else:
+        r, _ = _wide(tokens, hidden, dtype, 64 + 1, gen)
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    if layout == "aliased":
+        ops.fused_add_rms_norm_out(x, r, x, r, w, EPS)
+        out, res = x, r
+    else:
+        out, res = run_out(x, r, w)
+    assert_close(out, exp_out)
+    assert_close(res, exp_res)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 771])
+@pytest.mark.parametrize("in_off,out_off", [(1, 1), (3, 0)])
+def test_cuda_fused_add_rms_norm_out_misaligned(dtype, hidden, in_off, out_off, gen):
+    # bases off 16 bytes: outputs at the inputs' offset take the shifted kernel (residual_out a
+    # tensor of its own there), another offset the scalar one
+    tokens = 4097
+    x = _offset_rows(tokens, hidden, dtype, in_off, gen)
+    r = _offset_rows(tokens, hidden, dtype, in_off, gen)
+    w = rows_tensor(1, hidden, dtype, "cuda", generator=gen)[0]
+    out = _offset_rows(tokens, hidden, dtype, out_off, gen).fill_(float("nan"))
+    res = _offset_rows(tokens, hidden, dtype, in_off, gen).fill_(float("nan"))
+    exp_out, exp_res = fused_add_rms_norm_ref(x, r, w, EPS)
+    run_out(x, r, w, out=out, residual_out=res)
+    assert_close(out, exp_out)
+    assert_close(res, exp_res)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden,row_pad", [(7, 768, 0), (33, 769, 11), (3, 70000, 0)])
+def test_cuda_fused_add_rms_norm_out_no_weight(tokens, hidden, row_pad, dtype, gen):
+    x, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    r, _ = _wide(tokens, hidden, dtype, row_pad, gen)
+    out, res = run_out(x, r, None)
+    exp_out, exp_res = float64_fused_add_rms_norm(x, r, None, EPS)
+    assert_close(out, exp_out)
+    assert_close(res, exp_res)
+    xi, ri = x.clone(), r.clone()
+    run_fused(xi, ri, None)
+    assert torch.equal(out, xi) and torch.equal(res, ri)  # the in-place op's kernels
+
+
+@pytest.mark.cuda
+def test_cuda_fused_add_rms_norm_out_launcher_checks(gen):
+    from compile_ops._extension import _C
+
+    x = torch.randn(4, 16, device="cuda")
+    r = torch.randn(4, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="residual_out must have dtype"):
+        _C.fused_add_rms_norm_out(torch.empty_like(x), torch.empty_like(x).half(), x, r, None, EPS)
+    with pytest.raises(RuntimeError, match="out must have the shape of input"):
+        _C.fused_add_rms_norm_out(torch.empty(4, 17, device="cuda"), torch.empty_like(x), x, r,
+                                  None, EPS)
+    with pytest.raises(RuntimeError, match="residual_out rows overlap"):
+        _C.fused_add_rms_norm_out(torch.empty_like(x),
+                                  torch.empty(1, 16, device="cuda").expand(4, 16), x, r, None, EPS)
+    with pytest.raises(ValueError, match="residual must be on device cuda:0"):
+        ops.fused_add_rms_norm_out(torch.empty_like(x), torch.empty_like(x), x, r.cpu(), None, EPS)
+
+
+@pytest.mark.cuda
+def test_torch_compile_out_fullgraph_cuda(gen):
+    _compile_out_check("cuda", torch.bfloat16, gen)
+
+
+@pytest.mark.cuda
+def test_torch_compile_out_cuda_graphs(gen):
+    _compile_out_check("cuda", torch.bfloat16, gen, mode="reduce-overhead")

@@ -6,7 +6,14 @@
 //   inv = rsqrt(mean(z * z) + eps)             fp32, over the unrounded z
 //   out = T(T(z * inv) * w)                    normalize, round, then scale by the weight
 //   out = T(z * inv)                           weight == nullptr (weightless RMSNorm)
-//   residual <- T(z)                           fused variant only
+//   residual_out <- T(z)                       fused variants only
+//
+// The fused kernels read `residual` and write `residual_out`, each with its own row stride: the
+// in-place fused_add_rms_norm passes the same pointer twice (residual_out == residual), the
+// out-of-place fused_add_rms_norm_out two tensors. Either may alias its own input exactly
+// (out == in, residual_out == residual): every element is read and then written by the same
+// thread, loads before stores, so an exact alias is race free; partial overlaps are refused by
+// the Python layer. The two pointers cost a second row offset, no run-time branch.
 //
 // Rows are `hidden` elements, last dimension contiguous; each tensor has its own row stride.
 // A null weight is a run-time branch, uniform over the grid: the weight loads are skipped and
@@ -45,21 +52,24 @@ __device__ __forceinline__ float row_sum(float v) {
 
 // One pass over the data: each thread keeps its V packs of W elements in registers between the
 // reduction and the write, so input and residual are read once and every output written once.
-// Requires hidden / W <= V * blockDim.x. `out` may alias `in` (fused: in place on the input).
+// Requires hidden / W <= V * blockDim.x. `out` may alias `in` and `residual_out` `residual`
+// (fused_add_rms_norm: in place on both).
 // At most kRegKernelThreads threads per block, which leaves up to 255 registers per thread.
 constexpr int kRegKernelThreads = 256;
 template <typename T, int W, int V, bool FUSED>
 __global__ void __launch_bounds__(kRegKernelThreads)
-rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
-                    int64_t res_stride, const T* __restrict__ weight, int64_t rows, int hidden,
-                    float eps) {
+rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride,
+                    const T* residual, int64_t res_stride, T* residual_out,
+                    int64_t res_out_stride, const T* __restrict__ weight, int64_t rows,
+                    int hidden, float eps) {
   using P = Pack<T, W>;
   pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // whole warps only: a row never spans a partial warp
   const int n = hidden / W;
   const P* x_row = reinterpret_cast<const P*>(in + row * in_stride);
-  P* r_row = FUSED ? reinterpret_cast<P*>(residual + row * res_stride) : nullptr;
+  const P* r_row = FUSED ? reinterpret_cast<const P*>(residual + row * res_stride) : nullptr;
+  P* s_row = FUSED ? reinterpret_cast<P*>(residual_out + row * res_out_stride) : nullptr;
   P* o_row = reinterpret_cast<P*>(out + row * out_stride);
   const P* w_vec = reinterpret_cast<const P*>(weight);
   const bool has_w = weight != nullptr;
@@ -105,7 +115,7 @@ rms_norm_reg_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, 
         }
         o.v[j] = scale_out<T>(z * inv, w[k].v[j], has_w);
       }
-      if constexpr (FUSED) r_row[i] = s;
+      if constexpr (FUSED) s_row[i] = s;
       o_row[i] = o;
     }
   }
@@ -142,24 +152,26 @@ __device__ __forceinline__ Pack<T, W> concat_shift(const Pack<T, W>& a, const Pa
   return a;
 }
 
-// Rows whose start is not 16-byte aligned (odd hidden sizes, odd row strides), when input, out
-// and residual share the misalignment ("phase") on every row. Each row is split at its first
-// 16-byte boundary: the `head` elements before it and the `tail` after the last whole pack are
-// handled one element per thread, the body in 128-bit packs held in registers as in
+// Rows whose start is not 16-byte aligned (odd hidden sizes, odd row strides), when input, out,
+// residual and residual_out share the misalignment ("phase") on every row. Each row is split at
+// its first 16-byte boundary: the `head` elements before it and the `tail` after the last whole
+// pack are handled one element per thread, the body in 128-bit packs held in registers as in
 // rms_norm_reg_kernel. The weight (16-byte aligned) is read as two aligned packs per body pack
 // and shifted by `head` in registers.
 template <typename T, int V, bool FUSED>
 __global__ void __launch_bounds__(kRegKernelThreads)
-rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
-                      int64_t res_stride, const T* __restrict__ weight, int64_t rows, int hidden,
-                      float eps) {
+rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride,
+                      const T* residual, int64_t res_stride, T* residual_out,
+                      int64_t res_out_stride, const T* __restrict__ weight, int64_t rows,
+                      int hidden, float eps) {
   constexpr int W = kVecWidth<T>;
   using P = Pack<T, W>;
   pdl_wait();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // whole warps only
   const T* x_row = in + row * in_stride;
-  T* r_row = FUSED ? residual + row * res_stride : nullptr;
+  const T* r_row = FUSED ? residual + row * res_stride : nullptr;
+  T* s_row = FUSED ? residual_out + row * res_out_stride : nullptr;
   T* o_row = out + row * out_stride;
   const int phase = static_cast<int>((reinterpret_cast<uintptr_t>(x_row) / sizeof(T)) % W);
   const int head = (W - phase) % W;
@@ -221,7 +233,7 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
   pdl_launch_dependents();
 
   if (has_edge) {
-    if constexpr (FUSED) r_row[e] = from_float<T>(ze);
+    if constexpr (FUSED) s_row[e] = from_float<T>(ze);
     o_row[e] = scale_out<T>(ze * inv, we, has_w);
   }
 #pragma unroll
@@ -238,7 +250,7 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
         }
         o.v[j] = scale_out<T>(z * inv, w[k].v[j], has_w);
       }
-      if constexpr (FUSED) reinterpret_cast<P*>(r_row + head)[i] = sum;
+      if constexpr (FUSED) reinterpret_cast<P*>(s_row + head)[i] = sum;
       reinterpret_cast<P*>(o_row + head)[i] = o;
     }
   }
@@ -249,14 +261,17 @@ rms_norm_shift_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride
 // written by the same thread, so the in-place fused variant stays race free.
 template <typename T, int W, bool FUSED>
 __global__ void __launch_bounds__(1024)
-rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride, T* residual,
-                        int64_t res_stride, const T* __restrict__ weight, int hidden, float eps) {
+rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stride,
+                        const T* residual, int64_t res_stride, T* residual_out,
+                        int64_t res_out_stride, const T* __restrict__ weight, int hidden,
+                        float eps) {
   using P = Pack<T, W>;
   pdl_wait();
   const int64_t row = blockIdx.x;
   const int n = hidden / W;
   const P* x_row = reinterpret_cast<const P*>(in + row * in_stride);
-  P* r_row = FUSED ? reinterpret_cast<P*>(residual + row * res_stride) : nullptr;
+  const P* r_row = FUSED ? reinterpret_cast<const P*>(residual + row * res_stride) : nullptr;
+  P* s_row = FUSED ? reinterpret_cast<P*>(residual_out + row * res_out_stride) : nullptr;
   P* o_row = reinterpret_cast<P*>(out + row * out_stride);
   const P* w_vec = reinterpret_cast<const P*>(weight);
   const bool has_w = weight != nullptr;
@@ -289,7 +304,7 @@ rms_norm_twopass_kernel(T* out, int64_t out_stride, const T* in, int64_t in_stri
       }
       o.v[j] = scale_out<T>(z * inv, wv.v[j], has_w);
     }
-    if constexpr (FUSED) r_row[i] = rv;
+    if constexpr (FUSED) s_row[i] = rv;
     o_row[i] = o;
   }
 }

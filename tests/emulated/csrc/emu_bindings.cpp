@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "run each CTA's threads at once (barriers, shuffles, shared memory) instead of in turn");
   m.def("rms_norm", &compile_ops::rms_norm);
   m.def("fused_add_rms_norm", &compile_ops::fused_add_rms_norm);
+  m.def("fused_add_rms_norm_out", &compile_ops::fused_add_rms_norm_out);
   m.def("act_and_mul", &compile_ops::act_and_mul);
   m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul);
   m.def("rotary_embedding", &compile_ops::rotary_embedding);
