@@ -322,8 +322,29 @@ def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scal
     return m_new, l_i, acc
 
 
+@triton.jit
+def _static_range(q, m_i, l_i, acc, lo, hi, k_base, v_base, kc_p, vc_p, qk_scale, d, dmask,
+                  m_base, m_h, m_l, head_idx, gmask, BLOCK_N: tl.constexpr, DPAD: tl.constexpr,
+                  IEEE: tl.constexpr, PSPLIT: tl.constexpr, HAS_MASK: tl.constexpr,
+                  MASK_BOOL: tl.constexpr, MASK_HEADS: tl.constexpr):
+    """Tokens [lo, hi) of one sequence and KV head, tile by tile (the last one masked)."""
+    n_full = (hi - lo) // BLOCK_N
+    for i in range(0, n_full):
+        tok = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
+                                     qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
+                                     DPAD, IEEE, PSPLIT, False, HAS_MASK, MASK_BOOL, MASK_HEADS)
+    if lo + n_full * BLOCK_N < hi:
+        tok = lo + n_full * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
+                                     qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
+                                     DPAD, IEEE, PSPLIT, True, HAS_MASK, MASK_BOOL, MASK_HEADS)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["nsplit", "q_s", "q_h", "o_s", "o_h", "m_b", "m_h"])
-def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, CNT, scale, nsplit,
+def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, DENSE, OUT, PO, PM, PL, CNT, scale,
+                        nsplit,
                         max_len, q_s, q_h, o_s, o_h, kc_b, kc_h, kc_p, vc_b, vc_h, vc_p, m_b, m_h,
                         m_l,
                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SLICES: tl.constexpr,
@@ -332,12 +353,13 @@ def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, CNT, sca
                         DPAD: tl.constexpr, IEEE: tl.constexpr, PSPLIT: tl.constexpr,
                         HAS_START: tl.constexpr, HAS_MASK: tl.constexpr,
                         MASK_BOOL: tl.constexpr, MASK_HEADS: tl.constexpr,
-                        FUSED_MERGE: tl.constexpr):
+                        HAS_DENSE: tl.constexpr, FUSED_MERGE: tl.constexpr):
     """Program (KV head x slice, sequence, split): the split's tokens of one sequence for every
     query head of the slice. The sequence reads slots [start, length): length = seq_lens clamped
     into [0, max_len], start = seq_starts clamped into [0, length] (0 without seq_starts). A
     split before the start writes an empty partial (the merge reads every split below the
-    length). FUSED_MERGE: no merge kernel; the split programs of a (sequence, KV head slice)
+    length). HAS_DENSE: DENSE[seq] nonzero says the mask lets every slot of the range through
+    for every head, and the sequence is computed without reading it. FUSED_MERGE: no merge kernel; the split programs of a (sequence, KV head slice)
     count themselves in CNT (int32, zero between calls) and the last to finish merges their
     partials into the output and sets the count back to zero."""
     pid = tl.program_id(0)
@@ -368,19 +390,22 @@ def static_split_kernel(Q, KC, VC, LENS, STARTS, MASK, OUT, PO, PM, PL, CNT, sca
         k_base = KC + seq * kc_b + kvh.to(tl.int64) * kc_h
         v_base = VC + seq * vc_b + kvh.to(tl.int64) * vc_h
         m_base = MASK + seq * m_b  # without MASK_HEADS the mask is one row for every head
-        n_full = (hi - lo) // BLOCK_N
-        for i in range(0, n_full):
-            tok = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
-                                         qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
-                                         DPAD, IEEE, PSPLIT, False, HAS_MASK, MASK_BOOL,
-                                         MASK_HEADS)
-        if lo + n_full * BLOCK_N < hi:
-            tok = lo + n_full * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, hi,
-                                         qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
-                                         DPAD, IEEE, PSPLIT, True, HAS_MASK, MASK_BOOL,
-                                         MASK_HEADS)
+        if HAS_DENSE:  # a sequence whose mask lets its whole range through: not read
+            if tl.load(DENSE + seq) != 0:
+                m_i, l_i, acc = _static_range(q, m_i, l_i, acc, lo, hi, k_base, v_base, kc_p,
+                                              vc_p, qk_scale, d, dmask, m_base, m_h, m_l,
+                                              head_idx, gmask, BLOCK_N, DPAD, IEEE, PSPLIT,
+                                              False, MASK_BOOL, MASK_HEADS)
+            else:
+                m_i, l_i, acc = _static_range(q, m_i, l_i, acc, lo, hi, k_base, v_base, kc_p,
+                                              vc_p, qk_scale, d, dmask, m_base, m_h, m_l,
+                                              head_idx, gmask, BLOCK_N, DPAD, IEEE, PSPLIT,
+                                              HAS_MASK, MASK_BOOL, MASK_HEADS)
+        else:
+            m_i, l_i, acc = _static_range(q, m_i, l_i, acc, lo, hi, k_base, v_base, kc_p, vc_p,
+                                          qk_scale, d, dmask, m_base, m_h, m_l, head_idx, gmask,
+                                          BLOCK_N, DPAD, IEEE, PSPLIT, HAS_MASK, MASK_BOOL,
+                                          MASK_HEADS)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         omask = gmask[:, None] & dmask[None, :]
         if DIRECT:

@@ -346,14 +346,19 @@ def static_plan(batch: int, heads: int, kv_heads: int, head: int, max_len: int,
     """``static_decode``'s plan: splits up to the whole cache (no 512-token cap: there is no v2
     contract here; one split per sequence needs no merge), halved while that gives fewer
     programs than SMs over max_cache_len (only the slots below seq_lens have work, and the graph
-    does not know how many there are); 16-bit caches with heads up to 128: tiles of 64 tokens,
-    4 warps, 3 stages. From ``bench_static_cache.py --tune`` on the H200 (bench/NOTES.md,
+    does not know how many there are), but not below 512 tokens once the batch alone fills a
+    quarter of the SMs; 16-bit caches with heads up to 128: tiles of 64 tokens, 4 warps, 3
+    stages. From ``bench_static_cache.py --tune`` on the H200 (bench/NOTES.md,
     session 9): at 4096 slots, 2048 used, bf16, 32/8 heads of 128, this picks the best or
     within 6% of the best of 24 plans at batch 1, 8 and 32. Keywords go to ``plan``."""
     if "split" not in kw:
         base = batch * kv_heads * -(-(heads // kv_heads) // MAX_BLOCK_G)
         split = max(triton_next_pow2(max_len), 64)
-        while split > 64 and base * -(-max_len // split) < sms:
+        # Splits of at least 512 tokens once the (sequence, KV head) pairs alone fill a quarter
+        # of the SMs: shorter ones cost more in partials and merging than they gain (H100,
+        # session 10: 8 x 512 slots, split 128 -> 512: 10.0 -> 8.1 us)
+        floor = 512 if base * 4 >= sms else 64
+        while split > floor and base * -(-max_len // split) < sms:
             split //= 2
         kw["split"] = split
     if elem_bytes == 2 and head <= 128:
@@ -388,17 +393,43 @@ def _merge_counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
     key = (device.type, device.index, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda":
+            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        elif torch.cuda.is_current_stream_capturing():
             return None
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        else:
+            buf = _zeros_outside_graph_pools(max(n, 4096), device)
         _COUNTERS[key] = buf
     return buf
+
+
+def _zeros_outside_graph_pools(n: int, device: torch.device) -> torch.Tensor:
+    """torch.zeros made on another thread, then synchronized: Inductor's CUDA-graph trees
+    send every allocation of the warming-up thread to the graph's private pool, where a buffer
+    that outlives the step is refused ("tensors in the cudagraph pool not tracked as
+    outputs"). The counters are kept for the process, so they come from the ordinary pool."""
+    import threading
+
+    box = []
+
+    def make():
+        with torch.cuda.device(device):
+            box.append(torch.zeros(n, dtype=torch.int32, device=device))
+            torch.cuda.synchronize(device)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if not box:
+        raise RuntimeError("compile_ops: could not allocate the static decode merge counters")
+    return box[0]
 
 
 def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                   the_plan: Optional[Plan] = None, *, attn_mask: Optional[torch.Tensor] = None,
-                  seq_starts: Optional[torch.Tensor] = None) -> Optional[Plan]:
+                  seq_starts: Optional[torch.Tensor] = None,
+                  mask_dense: Optional[torch.Tensor] = None) -> Optional[Plan]:
     """``static_cache_attention``'s CUDA path (its checks have run): ``static_split_kernel`` over
     [batch, kv_heads, max_cache_len, head] caches, cut by ``plan`` as a paged cache of
     max_cache_len tokens per sequence would be. When a sequence has more than one split, the last
@@ -418,7 +449,7 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     if out.stride(2) != 1 and head > 1:  # the kernels write head_size-contiguous rows
         res = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         p = static_decode(res, query, key_cache, value_cache, seq_lens, scale, the_plan,
-                          attn_mask=attn_mask, seq_starts=seq_starts)
+                          attn_mask=attn_mask, seq_starts=seq_starts, mask_dense=mask_dense)
         out.copy_(res)
         return p
     if query.stride(2) != 1 and head > 1:
@@ -426,6 +457,10 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     seq_lens = seq_lens.contiguous()  # the kernels read element b at offset b
     if seq_starts is not None:
         seq_starts = seq_starts.contiguous()
+    if attn_mask is None:
+        mask_dense = None  # nothing to skip
+    if mask_dense is not None:
+        mask_dense = mask_dense.contiguous().view(torch.uint8)
     sms = _sm_count(query.device.index or 0) if query.is_cuda else 132  # interpreter: nominal
     p = the_plan or static_plan(batch, heads, kv_heads, head, max_len,
                                 key_cache.element_size(), sms)
@@ -453,7 +488,8 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     if not p.direct and _fused_merge_ok(p):
         cnt = _merge_counters(dev, batch * kv_heads * p.slices)
     k.static_split_kernel[(kv_heads * p.slices, batch, p.nsplit)](
-        query, key_cache, value_cache, seq_lens, starts, m4, out, po, pm, pl,
+        query, key_cache, value_cache, seq_lens, starts, m4,
+        mask_dense if mask_dense is not None else seq_lens, out, po, pm, pl,
         cnt if cnt is not None else seq_lens, float(scale), p.nsplit, max_len, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), m_b, m_h, m_l,
@@ -462,7 +498,8 @@ def static_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         DPAD=block_d != head, IEEE=query.dtype == torch.float32, PSPLIT=p.p_split,
         HAS_START=seq_starts is not None, HAS_MASK=attn_mask is not None,
         MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
-        MASK_HEADS=mask_heads, FUSED_MERGE=cnt is not None, num_warps=p.num_warps,
+        MASK_HEADS=mask_heads, HAS_DENSE=mask_dense is not None, FUSED_MERGE=cnt is not None,
+        num_warps=p.num_warps,
         num_stages=p.num_stages)
     if not p.direct and cnt is None:
         pch = max(1, min(triton_next_pow2(p.nsplit), 16))

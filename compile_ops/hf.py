@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from compile_ops.static_cache import MAX_HEAD, mask_bounds, masked_decode_attention
+from compile_ops.static_cache import MAX_HEAD, mask_ranges, masked_decode_attention
 
 NAME = "compile_ops"
 
@@ -38,12 +38,12 @@ _last_bounds: dict = {}  # eager only: the last mask's bounds, shared by the lay
 
 def _bounds(mask: torch.Tensor, batch: int, length: int):
     if torch.compiler.is_compiling():
-        return mask_bounds(mask, batch, length)  # traced: CSE shares it between the layers
+        return mask_ranges(mask, batch, length)  # traced: CSE shares it between the layers
     key = (id(mask), mask._version, batch, length)
     hit = _last_bounds.get("key")
     if hit == key and _last_bounds["ref"]() is mask:
         return _last_bounds["bounds"]
-    b = mask_bounds(mask, batch, length)
+    b = mask_ranges(mask, batch, length)
     _last_bounds.update(key=key, ref=weakref.ref(mask), bounds=b)
     return b
 

@@ -8,7 +8,8 @@ sequence b at ``[b, :, t]``. ``lowerings/static_cache_attention.py`` puts this o
 ``attn_implementation="compile_ops"``; it can also be called directly::
 
     torch.ops.compile_ops.static_cache_attention(out, query, key_cache, value_cache, seq_lens,
-                                                 scale, attn_mask=None, seq_starts=None) -> None
+                                                 scale, attn_mask=None, seq_starts=None,
+                                                 mask_dense=None) -> None
 
 - ``query``, ``out``: ``[batch, num_heads, head_size]`` (one query token per sequence), float32 /
   float16 / bfloat16, one dtype; any strides (``out`` is written through its strides).
@@ -28,6 +29,11 @@ sequence b at ``[b, :, t]``. ``lowerings/static_cache_attention.py`` puts this o
   that broadcasts to ``[batch, num_heads, 1, max_cache_len]`` (e.g. Hugging Face's
   ``[batch, 1, 1, max_cache_len]``), any strides. It is read per tile of slots inside the
   range above, a few bytes per slot against the kilobytes of K/V.
+- ``mask_dense`` (optional): bool ``[batch]``: True where the caller knows that the mask lets
+  every slot of ``[seq_starts[b], seq_lens[b])`` through for every head (a causal mask, left
+  padding or a sliding window, within the range ``mask_ranges`` gives): the op then does not
+  read the mask for that sequence (the reference ignores it there too, so the two agree even
+  if the claim is false).
 - ``scale``: the logit scale (``1 / sqrt(head_size)`` for SDPA's default).
 - Softmax in float32, output rounded once to the query dtype. A sequence with no slot to attend
   (an empty range, or every slot of it masked with False / -inf) gives zeros, as SDPA does.
@@ -39,7 +45,7 @@ With a mask, the op is exact for any mask as long as the range covers every slot
 through: ``mask_bounds(attn_mask, batch, max_cache_len)`` computes that range (first and last
 live slot of each sequence, on the device), which is what the pass and the attention interface
 use, so slots before a sliding window or a left padding and after the current position are not
-read at all.
+read at all; ``mask_ranges`` adds ``mask_dense``, so that the common masks are not read either.
 
 CUDA: the split-KV Triton kernels of ``compile_ops/decode_attention.py`` (``static_split_kernel``
 then, when a sequence is cut into several splits, the paged kernels' merge): one program per
@@ -83,7 +89,8 @@ def check_mask(op, attn_mask, batch, heads, length, dtype, device, name="attn_ma
                    f"{list(shape)}")
 
 
-def _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
+def _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None,
+           mask_dense=None):
     C.check_tensor(OP, "query", query)
     C.check_float_dtype(OP, "query", query)
     if query.dim() != 3:
@@ -112,12 +119,22 @@ def _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, 
         _check_lengths("seq_starts", seq_starts, batch, query.device)
     if attn_mask is not None:
         check_mask(OP, attn_mask, batch, heads, key_cache.shape[2], query.dtype, query.device)
+    if mask_dense is not None:
+        C.check_tensor(OP, "mask_dense", mask_dense)
+        if mask_dense.dtype != torch.bool or mask_dense.dim() != 1 or \
+                mask_dense.shape[0] != batch:
+            C.fail(OP, f"mask_dense must be bool [{batch}], got {mask_dense.dtype} "
+                       f"{tuple(mask_dense.shape)}", TypeError if mask_dense.dtype != torch.bool
+                   else ValueError)
+        if mask_dense.device != query.device:
+            C.fail(OP, f"mask_dense must be on device {query.device} (same as query), got "
+                       f"{mask_dense.device}")
     if isinstance(scale, bool) or not isinstance(scale, (float, int)):
         C.fail(OP, f"scale must be a float, got {type(scale).__name__}", TypeError)
     C.check_no_partial_overlap(OP, "out", out, "query", query, allow_same=True)
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache),
                     ("attn_mask", attn_mask), ("seq_lens", seq_lens),
-                    ("seq_starts", seq_starts)):
+                    ("seq_starts", seq_starts), ("mask_dense", mask_dense)):
         if t is not None:
             C.check_no_partial_overlap(OP, "out", out, name, t, allow_same=False)
 
@@ -131,7 +148,7 @@ def _ranges(seq_lens, seq_starts, length):
 
 
 def static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale, attn_mask=None,
-                               seq_starts=None):
+                               seq_starts=None, mask_dense=None):
     """The op's result (float32 math, one rounding): the reference and the CPU kernel."""
     batch, heads, head = query.shape
     kv_heads, length = key_cache.shape[1], key_cache.shape[2]
@@ -152,10 +169,12 @@ def static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale, a
     if attn_mask is not None:
         m = attn_mask[..., s0:n].expand(batch, heads, 1, n - s0).reshape(
             batch, kv_heads, group, n - s0)
+        skip = None if mask_dense is None else mask_dense.to(query.device)[:, None, None, None]
         if m.dtype == torch.bool:
-            keep = keep & m
+            keep = keep & (m if skip is None else (m | skip))
         else:
-            logits = logits + m.float()
+            logits = logits + (m.float() if skip is None else
+                               torch.where(skip, 0.0, m.float()))
     logits = logits.masked_fill(~keep, float("-inf"))
     mx = logits.amax(-1, keepdim=True)
     mx = torch.where(torch.isinf(mx) & (mx < 0), 0.0, mx)
@@ -185,42 +204,71 @@ def mask_bounds(attn_mask: torch.Tensor, batch: int, max_cache_len: int):
     return starts.expand(batch).contiguous(), ends.expand(batch).contiguous()
 
 
+def mask_ranges(attn_mask: torch.Tensor, batch: int, max_cache_len: int):
+    """(seq_starts, seq_lens, mask_dense): ``mask_bounds`` and, per sequence, whether the mask
+    lets every slot of that range through unchanged for every head (True, or a float 0; bool
+    [batch]): then the op need not read it. One reduction over the mask, like
+    ``mask_bounds``."""
+    starts, ends = mask_bounds(attn_mask, batch, max_cache_len)
+    if max_cache_len == 0:
+        return starts, ends, torch.ones(batch, dtype=torch.bool, device=attn_mask.device)
+    # Slots passed through unchanged: True, or a float 0 (a bias or a finite fill is read).
+    # Every such slot is live, so lies inside the range: counting them over the whole row
+    # tells whether the range holds nothing else.
+    m = attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    rows = m.shape[1] * m.shape[2]  # the mask's own head and query rows (1 when broadcast)
+    count = m.to(torch.int32).sum(dim=(1, 2, 3))  # [B or 1]
+    dense = count.expand(batch) == (ends - starts) * rows
+    return starts, ends, dense
+
+
 @torch.library.custom_op("compile_ops::static_cache_attention", mutates_args=("out",))
 def _static_cache_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             attn_mask: Optional[torch.Tensor] = None,
-                            seq_starts: Optional[torch.Tensor] = None) -> None:
+                            seq_starts: Optional[torch.Tensor] = None,
+                            mask_dense: Optional[torch.Tensor] = None) -> None:
     """Decode attention over a static [batch, kv_heads, max_cache_len, head_size] cache."""
-    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts,
+           mask_dense)
     out.copy_(static_cache_attention_ref(query, key_cache, value_cache, seq_lens, scale,
-                                         attn_mask, seq_starts))
+                                         attn_mask, seq_starts, mask_dense))
 
 
 @_static_cache_attention.register_fake
-def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
-    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
+def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None,
+      mask_dense=None):
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts,
+           mask_dense)
 
 
 @_static_cache_attention.register_kernel("cuda")
-def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None):
-    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts)
+def _(out, query, key_cache, value_cache, seq_lens, scale, attn_mask=None, seq_starts=None,
+      mask_dense=None):
+    _check(out, query, key_cache, value_cache, seq_lens, scale, attn_mask, seq_starts,
+           mask_dense)
     from compile_ops import decode_attention
 
     decode_attention.static_decode(out, query, key_cache, value_cache, seq_lens, scale,
-                                   attn_mask=attn_mask, seq_starts=seq_starts)
+                                   attn_mask=attn_mask, seq_starts=seq_starts,
+                                   mask_dense=mask_dense)
 
 
 def static_cache_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, seq_lens: torch.Tensor,
                            scale: Optional[float] = None,
                            attn_mask: Optional[torch.Tensor] = None,
-                           seq_starts: Optional[torch.Tensor] = None) -> None:
+                           seq_starts: Optional[torch.Tensor] = None,
+                           mask_dense: Optional[torch.Tensor] = None) -> None:
     """``torch.ops.compile_ops.static_cache_attention``; ``scale`` defaults to
     ``1 / sqrt(head_size)``."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
     torch.ops.compile_ops.static_cache_attention(out, query, key_cache, value_cache, seq_lens,
-                                                 float(scale), attn_mask, seq_starts)
+                                                 float(scale), attn_mask, seq_starts,
+                                                 mask_dense)
 
 
 def masked_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -229,14 +277,19 @@ def masked_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     """SDPA's decode-step result for a static cache, without ``repeat_kv``: ``query``
     ``[batch, num_heads, head_size]``, caches ``[batch, kv_heads, max_cache_len, head_size]``,
     ``attn_mask`` as SDPA takes it (None: every slot). Returns ``[batch, num_heads, head_size]``.
-    ``bounds``: ``mask_bounds``' result when the caller already has it."""
+    ``bounds``: ``mask_ranges``' (or ``mask_bounds``') result when the caller already has it."""
     batch = query.shape[0]
     length = key_cache.shape[2]
+    dense = None
     if attn_mask is None:
         lens = torch.full((batch,), length, dtype=torch.int32, device=query.device)
         starts = None
     else:
-        starts, lens = bounds if bounds is not None else mask_bounds(attn_mask, batch, length)
+        if bounds is None:
+            bounds = mask_ranges(attn_mask, batch, length)
+        starts, lens = bounds[0], bounds[1]
+        dense = bounds[2] if len(bounds) > 2 else None
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
-    static_cache_attention(out, query, key_cache, value_cache, lens, scale, attn_mask, starts)
+    static_cache_attention(out, query, key_cache, value_cache, lens, scale, attn_mask, starts,
+                           dense)
     return out

@@ -265,9 +265,11 @@ def _describe(node, depth: int = 3) -> str:
 # On the CPU the op's body is the PyTorch reference (a few eager kernels through the dispatcher,
 # tens of microseconds per call), which loses to Inductor's C++ for small caches and wins by far
 # once repeat_kv's copy of the cache is large (bench/NOTES.md, session 10): under the "auto" device
-# policy a CPU graph is rewritten only from this many elements in the repeat_kv'ed K
-# (batch x query heads x max_cache_len x head_size).
-CPU_MIN_ELEMENTS = 1 << 20
+# policy a CPU graph is rewritten only when there is a copy to save (GQA: more query than KV
+# heads; Phi-3's MHA reads the cache as it is, and the op lost there: 0.54-0.63x) and from this
+# many elements in the repeat_kv'ed K (batch x query heads x max_cache_len x head_size; tiny
+# models at 1M elements were even, 0.9-1.4x).
+CPU_MIN_ELEMENTS = 1 << 23
 
 
 class StaticCacheAttentionPass(FusionPass):
@@ -399,14 +401,14 @@ class StaticCacheAttentionPass(FusionPass):
         return node, None
 
     def _bounds_nodes(self, graph, before, mask, batch, length):
-        """(seq_starts, seq_lens) nodes: compile_ops.static_cache.mask_bounds of `mask`, traced
-        into the graph once per mask (the layers share it)."""
+        """(seq_starts, seq_lens, mask_dense) nodes: compile_ops.static_cache.mask_ranges of
+        `mask`, traced into the graph once per mask (the layers share it)."""
         key = ("bounds", mask, batch, length)
         if key in self._lens:
             return self._lens[key]
-        from compile_ops.static_cache import mask_bounds
+        from compile_ops.static_cache import mask_ranges
 
-        res = _insert_traced(graph, before, lambda m: mask_bounds(m, batch, length), [mask])
+        res = _insert_traced(graph, before, lambda m: mask_ranges(m, batch, length), [mask])
         self._lens[key] = res
         return res
 
@@ -466,6 +468,10 @@ class StaticCacheAttentionPass(FusionPass):
             self.near_miss("cache not contiguous in head_size", sdpa)
             return False
         length = kcv.shape[2]
+        if self._cpu_auto and heads == kcv.shape[1]:
+            self.near_miss("CPU: no repeat_kv copy to save (as many KV heads as query heads): "
+                           "Inductor's own code is faster there", sdpa)
+            return False
         if self._cpu_auto and batch * heads * length * head < CPU_MIN_ELEMENTS:
             self.near_miss(f"CPU: repeat_kv copies {batch * heads * length * head} elements, "
                            f"below {CPU_MIN_ELEMENTS}: Inductor's own code is faster there",
@@ -489,9 +495,9 @@ class StaticCacheAttentionPass(FusionPass):
                 return False
         # The mask: proven to be "slot j < position + c" (then the op needs only the lengths and
         # never reads the mask), or any other mask, which the op reads, within the live range
-        # that mask_bounds finds.
+        # that mask_ranges finds.
         ml, why = self._mask_lens(mask, length)
-        op_mask = starts = None
+        op_mask = starts = dense = None
         if ml is not None:
             q_root, off = ml
             if order[q_root] > order[sdpa]:
@@ -507,10 +513,10 @@ class StaticCacheAttentionPass(FusionPass):
             if op_mask is None:
                 self.near_miss(why, sdpa)
                 return False
-            starts, lens = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
+            starts, lens, dense = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
             if order.get(lens, -1) > order[sdpa]:
                 self._lens.pop(("bounds", op_mask, batch, length))
-                starts, lens = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
+                starts, lens, dense = self._bounds_nodes(graph, sdpa, op_mask, batch, length)
             how = f"mask {op_mask.name} ({_val(op_mask).dtype}), bounds from it"
 
         with graph.inserting_before(sdpa):
@@ -521,7 +527,8 @@ class StaticCacheAttentionPass(FusionPass):
                 torch.ops.higher_order.auto_functionalized,
                 (torch.ops.compile_ops.static_cache_attention.default,),
                 {"out": out, "query": q3, "key_cache": kc, "value_cache": vc, "seq_lens": lens,
-                 "scale": scale, "attn_mask": op_mask, "seq_starts": starts})
+                 "scale": scale, "attn_mask": op_mask, "seq_starts": starts,
+                 "mask_dense": dense})
             res = graph.call_function(operator.getitem, (af, 1))
             o4 = graph.call_function(aten.reshape.default, (res, [batch, heads, 1, head]))
         with _fake_mode(qv):

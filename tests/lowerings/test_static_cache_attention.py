@@ -451,21 +451,27 @@ aten.amin.default
 aten.copy_.default
 aten.copy_.default
 aten.empty.memory_format
+aten.eq.Tensor
+aten.expand.default
 aten.expand.default
 aten.expand.default
 aten.index_put.default
 aten.index_put.default
 aten.minimum.default
+aten.mul.Tensor
 aten.reshape.default
 aten.reshape.default
 aten.scalar_tensor.default
 aten.scalar_tensor.default
 aten.select.int
 aten.select.int
+aten.sub.Tensor
+aten.sum.dim_IntList
 aten.where.self
 aten.where.self
 auto_functionalized(compile_ops.static_cache_attention.default)
 getitem
+prims.convert_element_type.default
 prims.iota.default""")
 
 
@@ -715,14 +721,30 @@ def test_cpu_auto_policy_small_cache_left_to_inductor():
     assert_same(eager, ea, got, ca)
 
 
+def test_cpu_auto_policy_mha_left_to_inductor():
+    """Multi-head attention (as many KV heads as query heads, Phi-3): no copy to save, so a
+    CPU graph stays Inductor's whatever its size."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 8, 1, 128, generator=g), torch.randn(1, 8, 1, 128, generator=g),
+               torch.randn(1, 8, 1, 128, generator=g))
+    kc, vc = torch.randn(1, 8, 8192, 128, generator=g), torch.randn(1, 8, 8192, 128, generator=g)
+    mask = (torch.arange(8192) <= 40)[None, None, None]
+    with lowerings.pass_devices("auto"):
+        eager, ea, got, ca = run(masked_step(groups=1), [q, k, v, kc, vc, torch.tensor([40]),
+                                                         mask])
+    assert counts() == {"near_miss: CPU: no repeat_kv copy to save (as many KV heads as query "
+                        "heads): Inductor's own code is faster there": 1}, counts()
+    assert_close(got, eager)
+
+
 def test_cpu_auto_policy_large_cache_rewritten():
-    """... and from CPU_MIN_ELEMENTS on (1 sequence, 32 query heads of 128, 256 slots: 2**20)
+    """... and from CPU_MIN_ELEMENTS on (1 sequence, 32 query heads of 128, 2048 slots: 2**23)
     it is rewritten: the op reads the live slots, Inductor would copy the cache four times."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 32, 1, 128, generator=g), torch.randn(1, 8, 1, 128, generator=g),
                torch.randn(1, 8, 1, 128, generator=g))
-    kc, vc = torch.randn(1, 8, 256, 128, generator=g), torch.randn(1, 8, 256, 128, generator=g)
-    mask = (torch.arange(256) <= 40)[None, None, None]
+    kc, vc = torch.randn(1, 8, 2048, 128, generator=g), torch.randn(1, 8, 2048, 128, generator=g)
+    mask = (torch.arange(2048) <= 40)[None, None, None]
     with lowerings.pass_devices("auto"):
         eager, ea, got, ca = run(masked_step(), [q, k, v, kc, vc, torch.tensor([40]), mask])
     assert counts() == {"matched": 1}, counts()

@@ -1652,3 +1652,147 @@ def test_cuda_merge_modes_repeated(merge, batch, max_len, split, monkeypatch):
                          seq_starts=starts)
         assert_close(out, cuda_masked_ref(q, kc, vc, lens, head ** -0.5, mask, starts),
                      msg=f"call {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_dense: sequences whose mask lets the whole range through are computed without reading it
+# ---------------------------------------------------------------------------------------------
+def test_mask_ranges_dense_hand_checked():
+    """Dense: True (or a float 0) on every slot of the range, for every head; a hole, a bias or
+    a finite fill inside the range, or a head that differs, is not."""
+    from compile_ops.static_cache import mask_ranges
+
+    L = 12
+    j = torch.arange(L)
+    causal = (j[None] <= torch.tensor([7, 9, 11, 5])[:, None])
+    pad = j[None] >= torch.tensor([0, 2, 4, 0])[:, None]
+    m = causal & pad
+    m[3, 1] = False  # a hole in sequence 3
+    starts, lens, dense = mask_ranges(m[:, None, None], 4, L)
+    assert (starts.tolist(), lens.tolist(), dense.tolist()) == \
+        ([0, 2, 4, 0], [8, 10, 12, 6], [True, True, True, False])
+    assert dense.dtype == torch.bool and dense.shape == (4,)
+    f = torch.where(m, 0.0, float("-inf"))[:, None, None]
+    f[1, 0, 0, 5] = 0.5  # a bias inside sequence 1's range: read
+    f[2, 0, 0, 0] = torch.finfo(torch.float32).min  # a finite fill: live, so read
+    assert mask_ranges(f, 4, L)[2].tolist() == [True, False, False, False]
+    heads = m[:, None, None].expand(4, 2, 1, L).clone()
+    heads[0, 1, 0, 3] = False  # one head of sequence 0 differs
+    assert mask_ranges(heads, 4, L)[2].tolist() == [False, True, True, False]
+    one = m[:1, None, None]  # a batch-1 mask broadcast over 3 sequences
+    assert mask_ranges(one, 3, L)[2].tolist() == [True, True, True]
+    assert mask_ranges(torch.ones(2, 1, 1, 0, dtype=torch.bool), 2, 0)[2].tolist() == [True, True]
+
+
+def test_mask_dense_skips_the_mask_in_the_reference_too(gen):
+    """mask_dense True: the mask is not applied to that sequence (so the kernel, which does not
+    read it, and the reference agree even for a false claim); with mask_ranges' own claim the
+    result is the masked attention's."""
+    from compile_ops.static_cache import mask_ranges
+
+    q, kc, vc, _ = make(3, 8, 2, 40, 64, torch.float32, [40, 40, 40], gen, fill=None)
+    j = torch.arange(40)
+    m = ((j[None] <= torch.tensor([30, 20, 39])[:, None]) &
+         (j[None] % 7 != torch.tensor([9, 3, 9])[:, None]))[:, None, None]  # hole in row 1
+    starts, lens, dense = mask_ranges(m, 3, 40)
+    assert dense.tolist() == [True, False, True]
+    out = run_dense(q, kc, vc, lens, 0.125, m, starts, dense)
+    assert_close(out, static_cache_attention_ref(q, kc, vc, torch.full((3,), 40), 0.125, m))
+    lie = torch.ones(3, dtype=torch.bool)
+    got = static_cache_attention_ref(q, kc, vc, lens, 0.125, m, starts, lie)
+    assert_close(got[1], static_cache_attention_ref(q, kc, vc, lens, 0.125, None, starts)[1])
+
+
+def run_dense(q, kc, vc, lens, scale, mask, starts, dense):
+    out = torch.full_like(q, NAN)
+    ops.static_cache_attention(out, q, kc, vc, lens, scale, mask, starts, dense)
+    return out
+
+
+@pytest.mark.parametrize("bad,exc,fragment", [
+    (torch.ones(3, dtype=torch.int32), TypeError, r"mask_dense must be bool \[3\]"),
+    (torch.ones(2, dtype=torch.bool), ValueError, r"mask_dense must be bool \[3\]"),
+    (torch.ones(3, 1, dtype=torch.bool), ValueError, r"mask_dense must be bool \[3\]"),
+])
+def test_mask_dense_errors(bad, exc, fragment, gen):
+    q, kc, vc, lens = make(3, 8, 2, 16, 32, torch.float32, [5, 6, 7], gen)
+    m = torch.ones(3, 1, 1, 16, dtype=torch.bool)
+    out = torch.full_like(q, NAN)
+    assert_raises_eager_and_fake(
+        lambda: ops.static_cache_attention(out, q, kc, vc, lens, 0.1, m, None, bad), exc,
+        fragment)
+    assert torch.isnan(out).all()
+
+
+def test_mask_dense_opcheck(gen):
+    from compile_ops.static_cache import mask_ranges
+
+    q, kc, vc, _ = make(2, 8, 2, 24, 32, torch.float32, [24, 24], gen, fill=None)
+    m = (torch.arange(24)[None] <= torch.tensor([10, 20])[:, None])[:, None, None]
+    starts, lens, dense = mask_ranges(m, 2, 24)
+    torch.library.opcheck(torch.ops.compile_ops.static_cache_attention.default,
+                          (torch.empty_like(q), q, kc, vc, lens, 0.2, m, starts, dense))
+
+
+_INTERPRETED_DENSE = r"""
+import torch
+from compile_ops import decode_attention as da
+from compile_ops.static_cache import static_cache_attention_ref as ref, mask_ranges
+from compile_ops.testing import assert_close
+
+g = torch.Generator().manual_seed(5)
+for dtype in (torch.float16, torch.float32):
+    B, H, Hkv, L, D = 4, 8, 2, 130, 64
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    kc = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    vc = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    j = torch.arange(L)
+    m = (j[None] <= torch.tensor([100, 50, 129, 7])[:, None]) & \
+        (j[None] >= torch.tensor([3, 0, 20, 0])[:, None])
+    m[3, 2] = False  # a hole: read
+    m = m[:, None, None]
+    s, l, dn = mask_ranges(m, B, L)
+    assert dn.tolist() == [True, True, True, False], dn
+    for split in (32, None):
+        p = None if split is None else da.plan(B, H, Hkv, D, L, kc.element_size(), 132,
+                                               split=split)
+        for dense in (dn, torch.ones(B, dtype=torch.bool)):  # the true claim, then a false one
+            out = torch.full_like(q, float("nan"))
+            da.static_decode(out, q, kc, vc, l, D ** -0.5, p, attn_mask=m, seq_starts=s,
+                             mask_dense=dense)
+            assert_close(out, ref(q, kc, vc, l, D ** -0.5, m, s, dense))
+        assert_close(out[:3], ref(q, kc, vc, torch.full((B,), L), D ** -0.5, m)[:3])
+print("dense interpreted ok")
+"""
+
+
+def test_triton_mask_dense_interpreted_on_cpu():
+    """The kernel's dense branch (mask not read) and masked branch per sequence, interpreted."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_DENSE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dense interpreted ok" in proc.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_mask_dense(dtype):
+    """Left-padded causal masks (dense within their ranges) and one with holes, on the GPU, with
+    mask_ranges' claim: equal to the reference over the whole cache."""
+    from compile_ops.static_cache import mask_ranges
+
+    B, L = 8, 2048
+    q, kc, vc, _ = cuda_inputs(B, 32, 8, L, 128, dtype, [L] * B, fill=None)
+    j = torch.arange(L, device="cuda")
+    pos = torch.tensor([2047, 1000, 5, 1500, 700, 2000, 64, 1024], device="cuda")
+    pad = torch.tensor([0, 17, 0, 300, 0, 1, 0, 9], device="cuda")
+    m = (j[None] <= pos[:, None]) & (j[None] >= pad[:, None])
+    m[3, 400:420] = False  # holes: read
+    m = m[:, None, None]
+    starts, lens, dense = mask_ranges(m, B, L)
+    assert dense.tolist() == [True, True, True, False, True, True, True, True]
+    out = run_dense(q, kc, vc, lens, 128 ** -0.5, m, starts, dense)
+    assert_close(out, cuda_masked_ref(q, kc, vc, torch.full((B,), L, device="cuda"),
+                                      128 ** -0.5, m))
