@@ -468,6 +468,9 @@ class StaticCacheAttentionPass(FusionPass):
             self.near_miss("cache not contiguous in head_size", sdpa)
             return False
         length = kcv.shape[2]
+        if not all(type(x) is int for x in (*kcv.shape, *qv.shape)):
+            self.near_miss("symbolic shapes (a dynamic-shape recompile)", sdpa)
+            return False
         if self._cpu_auto and heads == kcv.shape[1]:
             self.near_miss("CPU: no repeat_kv copy to save (as many KV heads as query heads): "
                            "Inductor's own code is faster there", sdpa)

@@ -750,3 +750,18 @@ def test_cpu_auto_policy_large_cache_rewritten():
     assert counts() == {"matched": 1}, counts()
     assert OP in ops_after()
     assert_close(got, eager)
+
+
+def test_dynamic_shapes_are_a_near_miss():
+    """A dynamic-shape compile (dynamic=True, or the automatic recompile after a second shape)
+    gives symbolic sizes: left to Inductor with a near miss, never a crash (bench_static_cache's
+    CPU check hit one: a SymInt in the bounds' cache key)."""
+    fn = masked_step()
+    args = inputs(4) + [graph_masks()["bool"]]
+    ea, ca = [a.clone() for a in args], [a.clone() for a in args]
+    with torch.no_grad():
+        eager = fn(*ea)
+        got = torch.compile(fn, backend="compile_ops", fullgraph=True, dynamic=True)(*ca)
+    c = counts()
+    assert len(c) == 1 and list(c)[0].startswith("near_miss: symbolic shapes"), c
+    assert_same(eager, ea, got, ca)
