@@ -388,6 +388,25 @@ class TestNoMatch(TestCase):
         self._check(Fn(written_out), x_in(), "the input is mean-centred (LayerNorm, not RMSNorm)")
 
 
+class TestRowsRule(TestCase):
+    def test_prefill_rows_left_to_inductor(self):
+        """From MAX_ROWS rows on Inductor's own fused kernel is faster: a near miss; one row
+        fewer is rewritten."""
+        from lowerings.rms_norm_math import MAX_ROWS
+
+        eager, got = run_both(hf_norm(), x_in(tokens=MAX_ROWS))
+        assert_close(got, eager)
+        self.assertEqual(matched(), 0)
+        self.assertEqual(list(near_misses()), [
+            f"{MAX_ROWS} rows (a prefill): Inductor's own fused add + RMSNorm kernel is faster "
+            f"from {MAX_ROWS} rows on"])
+        lowerings.reset_counters()
+        torch._dynamo.reset()
+        eager, got = run_both(hf_norm(), x_in(tokens=MAX_ROWS - 1))
+        assert_close(got, eager)
+        self.assertEqual(matched(), 1)
+
+
 class TestPointwiseRule(TestCase):
     def test_per_head_norm_feeding_a_matmul(self):
         """The same per-head norm with a GEMM among its uses: rewritten (the norm is a kernel of
