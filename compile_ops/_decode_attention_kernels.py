@@ -302,7 +302,9 @@ def _static_tile(q, m_i, l_i, acc, tok, k_base, v_base, kc_p, vc_p, end, qk_scal
         else:  # natural-log units added before the base-2 softmax; clamped at -1e38 so that
             # a finite minimum (float32's -3.4e38) times log2(e) stays finite: a row masked
             # everywhere by it averages V, as SDPA does, instead of giving zeros
-            s = s + tl.maximum(mk.to(tl.float32), -1e38) * 1.4426950408889634
+            mf = mk.to(tl.float32)  # -inf stays -inf (a head masked everywhere gives zeros)
+            s = s + tl.where(mf == float("-inf"), mf, tl.maximum(mf, -1e38)) * \
+                1.4426950408889634
     if TAIL:
         s = tl.where(tmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
