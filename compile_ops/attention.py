@@ -429,6 +429,9 @@ def paged_attention_ref(query, key_cache, value_cache, num_kv_heads, scale, bloc
     if fmt is not None:
         keys = _cache.dequantize_fp8_ref(keys, k_scale.reshape(()).float(), fmt, torch.float32)
         vals = _cache.dequantize_fp8_ref(vals, v_scale.reshape(()).float(), fmt, torch.float32)
+    # Values past a sequence's end (gathered from block 0 for the padded positions) get weight 0,
+    # but 0 * NaN = NaN: zero them, as vLLM's kernel and ours do (stale cache cells may be NaN).
+    vals = torch.where(valid[:, :, None, None], vals.float(), 0.0)
     group = heads // num_kv_heads
     q = query.float().view(seqs, num_kv_heads, group, head)
     logits = torch.einsum("sngd,slnd->sngl", q, keys.float()) * float(scale)

@@ -204,6 +204,33 @@ def test_cuda_grid(name, tokens, d, dtype, row_pad, gen):
                                rtol=0, atol=0, equal_nan=True, msg="wrote outside the rows")
 
 
+# What PyTorch users compare against: torch's own CUDA activation times the up half. Same float
+# formula, same operation order and roundings (the activation rounded to the dtype, then the
+# product), so every bit agrees; gelu_tanh needs PyTorch's FMA in `x + kappa * x**3` (issue 25).
+TORCH_FORMS = {
+    "silu_and_mul": lambda a, b: torch.nn.functional.silu(a) * b,
+    "gelu_and_mul": lambda a, b: torch.nn.functional.gelu(a) * b,
+    "gelu_tanh_and_mul": lambda a, b: torch.nn.functional.gelu(a, approximate="tanh") * b,
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(TORCH_FORMS))
+def test_cuda_bit_equal_to_torch(name, dtype, gen):
+    d = 4096
+    x = (torch.randn(64, 2 * d, generator=gen) * torch.logspace(-3, 1.5, 2 * d)).to(dtype)
+    x = x.cuda()
+    x[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 8.0, -8.0, 30.0, -30.0], dtype=dtype)
+    want = TORCH_FORMS[name](x[:, :d], x[:, d:])
+    got = call(name, torch.empty_like(want), x)
+    bad = (got.view(torch.int16 if dtype != torch.float32 else torch.int32)
+           != want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert not bool(bad.any()), (f"{name} {dtype}: {int(bad.sum())} of {bad.numel()} values "
+                                 f"differ from torch, e.g. input {x[:, :d][bad][:4].tolist()}: "
+                                 f"{got[bad][:4].tolist()} vs {want[bad][:4].tolist()}")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_misaligned_base_and_leading_dims(name, gen):

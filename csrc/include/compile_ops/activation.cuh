@@ -14,9 +14,17 @@ __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x));
 __device__ __forceinline__ float gelu_f(float x) {
   return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
 }
+// PyTorch's CUDA formula and operation order (ATen's GeluCUDAKernelImpl, float opmath):
+// x_cube = x * x * x; inner = beta * (x + kappa * x_cube), where nvcc's default contraction
+// (-fmad=true, how PyTorch is built) fuses `x + kappa * x_cube` into one FMA. Spelled out with
+// explicitly rounded intrinsics so the result does not depend on this file's compiler flags:
+// float32 output is bit-equal to torch's CUDA `gelu(x, approximate="tanh")` (tested on the GPU).
 __device__ __forceinline__ float gelu_tanh_f(float x) {
-  const float beta = 0.79788456080286535588f;  // sqrt(2 / pi)
-  return 0.5f * x * (1.0f + tanhf(beta * (x + 0.044715f * x * x * x)));
+  const float beta = 0.79788456080286535588f;  // sqrt(2 / pi), M_SQRT2 * M_2_SQRTPI * 0.5
+  const float kappa = 0.044715f;
+  const float x_cube = __fmul_rn(__fmul_rn(x, x), x);
+  const float inner = __fmul_rn(beta, __fmaf_rn(kappa, x_cube, x));
+  return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner)));
 }
 
 template <int KIND, typename T>
