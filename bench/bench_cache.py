@@ -23,7 +23,9 @@ bench/results/cache_<device>_<section>.{json,md,png}:
   that direction (best 1 GiB copy_, bytes counted once); and device -> device, 4096 scattered
   blocks, vs the device copy bandwidth (read + write). Plain calls, no CUDA graph (the host-side
   work is part of the cost): CUDA events around N calls, best of several.
-- convert: convert_fp8 model dtype <-> fp8 codes, 4096 and 16384 tokens x 8 x 128.
+- convert: convert_fp8 model dtype <-> fp8 codes, 4096 and 16384 tokens x 8 x 128; and by
+  blocks (quant_blocks): the key half of a [blocks, 2, 16, 8, 128] cache into an fp8
+  [blocks, 8, 8, 16, 16] cache (vLLM's rule: same elements per block, flat order).
 
     python bench/bench_cache.py                         # every section, bf16
     python bench/bench_cache.py --section flash gather  # some sections (--quick: fewer sizes)
@@ -268,6 +270,12 @@ def check(device, dtype, tokens, h, d, bs, nb, slack):
     want = native_dequant(q, scale, dtype)
     assert_close(back, want, msg="convert_fp8 dequant: compile_ops vs eager_native")
     assert_close(compiled_dequant(q, scale, dtype), want, msg="convert_fp8 dequant: compiled")
+    # By blocks (vLLM's rule): the key half of a [blocks, 2, ...] model-dtype cache (a padded
+    # block stride) into an fp8 cache of another shape, element i of each block in flat order.
+    src, q8 = blocks_inputs(tokens, h, d, bs, dtype, device)
+    ops.convert_fp8(q8, src, scale, "fp8")
+    expect_same(q8, native_quant(src.reshape(q8.shape), scale),
+                "convert_fp8 by blocks: compile_ops vs eager_native")
 
 
 def check_swap(pairs, modes, shape=(8, 4, 2, 16)):
@@ -451,6 +459,14 @@ def bench_gather(args, dtype, copy_bw):
     return rep, dict(plot_x="tokens", plot_group=["op", "kv"])
 
 
+def blocks_inputs(tokens, h, d, bs, dtype, device):
+    """convert_fp8 by blocks: the key half of a [blocks, 2, bs, h, d] cache (block stride twice
+    a block) and an fp8 cache [blocks, h, d / 16, bs, 16] (another shape, same block size)."""
+    blocks = max(1, tokens // bs)
+    kv = torch.randn(blocks, 2, bs, h, d, dtype=dtype, device=device)
+    return kv[:, 0], torch.empty(blocks, h, d // 16, bs, 16, dtype=torch.uint8, device=device)
+
+
 def bench_convert(args, dtype, copy_bw):
     h, d, scale = args.heads, args.head_size, 0.05
     rep = harness.Report("convert_fp8", copy_bw, "compiled_native", ["direction", "tokens"])
@@ -473,6 +489,12 @@ def bench_convert(args, dtype, copy_bw):
             "eager_native": lambda q, o: native_dequant(q, scale, dtype),
             "compiled_native": lambda q, o: compiled_dequant(q, scale, dtype),
             "compile_ops": lambda q, o: ops.convert_fp8(o, q, scale, "fp8")})
+        # by blocks: a padded block stride in, another shape out (the block kernel)
+        measure_variants(rep, {"direction": "quant_blocks", "tokens": tokens}, nbytes,
+                         lambda tokens=tokens: blocks_inputs(tokens, h, d, 16, dtype, "cuda"), {
+            "eager_native": lambda x, o: native_quant(x.reshape(o.shape), scale),
+            "compiled_native": lambda x, o: compiled_quant(x.reshape(o.shape), scale),
+            "compile_ops": lambda x, o: ops.convert_fp8(o, x, scale, "fp8")})
     return rep, dict(plot_x="tokens", plot_group=["direction"])
 
 

@@ -7,7 +7,7 @@ Registered ops (all mutate their cache / destination argument and return nothing
     reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
                             k_scale, v_scale)
     swap_blocks(src, dst, block_size_in_bytes, block_mapping)
-    convert_fp8(output, input, scale=1.0, kv_dtype="fp8")
+    convert_fp8(output, input, scale=1.0, kv_dtype="fp8")        (block by block along dim 0)
     gather_and_maybe_dequant_cache(src_cache, dst, block_table, cu_seq_lens, token_to_seq,
                                    num_tokens, kv_cache_dtype, scale, seq_starts=None)
     cp_gather_cache(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts=None)
@@ -17,14 +17,21 @@ Layouts
     for the flash layout); heads packed per token, tokens may be strided (slices of a fused qkv
     tensor are fine).
     ``reshape_and_cache``: key_cache ``[num_blocks, num_heads, head_size // x, block_size, x]``
-    with ``x = 16 // key_cache.element_size()``, value_cache ``[num_blocks, num_heads,
-    head_size, block_size]``.
+    with ``x = key_cache.size(4)`` (as vLLM reads it: any x >= 1 that divides head_size; the
+    usual x is 16 bytes, ``16 // key_cache.element_size()``, the CUDA path's vectorised case,
+    other x take an element-wise kernel), value_cache ``[num_blocks, num_heads, head_size,
+    block_size]``. (``fused_rope_and_cache``, which shares these checks, still takes only the
+    16-byte x: its CUDA kernel assumes it.)
     ``reshape_and_cache_flash``: caches ``[num_blocks, block_size, num_heads, head_size]`` (NHD);
     the HND layout is passed as the permuted view of a ``[num_blocks, num_heads, block_size,
     head_size]`` tensor and its strides are honoured (so is any block stride, e.g. the key and
     value halves of one ``[num_blocks, 2, ...]`` tensor).
     Gathers: src_cache ``[num_blocks, block_size, *entry]`` (each token's entry contiguous),
     dst ``[tokens, *entry]``.
+    ``convert_fp8``: output and input agree in size(0) (blocks) and elements per block, shapes
+    otherwise free (vLLM converts e.g. a bfloat16 key cache of x = 8 into an FP8 one of x = 16):
+    element i of a block, in its flat order, converts element i of the same input block; each
+    side keeps its own block stride (see the op's docstring for the full rule).
 
 Slots and FP8
     ``slot = slot_mapping[t]`` (int64) addresses block ``slot // block_size``, offset
@@ -188,7 +195,10 @@ def _check_no_self_overlap(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def _check_write(op: str, key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-                 k_scale, v_scale, *, flash: bool):
+                 k_scale, v_scale, *, flash: bool, any_x: bool = False):
+    """The cache writes' checks. Paged layout (not flash): with ``any_x`` (reshape_and_cache)
+    x is key_cache.size(4), any x >= 1 dividing head_size; without it (the other ops sharing
+    these checks, whose CUDA kernels assume it) x must be 16 bytes of the cache dtype."""
     fmt = fp8_format(op, kv_cache_dtype)
     _check_heads(op, "key", key, None)
     _check_heads(op, "value", value, key)
@@ -222,17 +232,30 @@ def _check_write(op: str, key, value, key_cache, value_cache, slot_mapping, kv_c
     else:
         if dv != dk:
             C.fail(op, f"value must have key's head_size {dk}, got {dv}")
-        x = 16 // key_cache.element_size()
-        if dk % x != 0:
-            C.fail(op, f"head_size {dk} must be a multiple of x = {x} (16 bytes of "
-                       f"{key_cache.dtype})")
+        if any_x:
+            if key_cache.dim() != 5:
+                C.fail(op, f"key_cache must be 5-D [num_blocks, {heads}, head_size // x, "
+                           f"block_size, x] (x = key_cache.size(4)), got shape "
+                           f"{tuple(key_cache.shape)}")
+            x = key_cache.shape[4]
+            if x < 1 or dk % x != 0:
+                C.fail(op, f"key_cache.size(4) is x = {x}, which must be >= 1 and divide "
+                           f"head_size {dk} (key_cache [num_blocks, num_heads, head_size // x, "
+                           f"block_size, x]), got key_cache shape {tuple(key_cache.shape)}")
+            how = f"x = key_cache.size(4) = {x}"
+        else:
+            x = 16 // key_cache.element_size()
+            if dk % x != 0:
+                C.fail(op, f"head_size {dk} must be a multiple of x = {x} (16 bytes of "
+                           f"{key_cache.dtype})")
+            how = "x = 16 // element size"
         nb = key_cache.shape[0] if key_cache.dim() == 5 else None
         bs = key_cache.shape[3] if key_cache.dim() == 5 else None
         want = (nb, heads, dk // x, bs, x)
         if key_cache.dim() != 5 or tuple(key_cache.shape) != want:
             C.fail(op, f"key_cache must be [num_blocks, {heads}, {dk // x}, block_size, {x}] "
-                       f"(x = 16 // element size), got shape {tuple(key_cache.shape)}")
-        if key_cache.stride(4) != 1:
+                       f"({how}), got shape {tuple(key_cache.shape)}")
+        if x > 1 and key_cache.stride(4) != 1:
             C.fail(op, f"key_cache must be contiguous in its last dim (x), got strides "
                        f"{key_cache.stride()}")
         want_v = (nb, heads, dk, bs)
@@ -273,10 +296,11 @@ def _reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
                        value_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        kv_cache_dtype: str, k_scale: torch.Tensor,
                        v_scale: torch.Tensor) -> None:
-    """Write key/value rows into the paged (x-packed key) cache at their slots."""
+    """Write key/value rows into the paged (x-packed key) cache at their slots; x is
+    key_cache.size(4) (any x >= 1 dividing head_size)."""
     op = "reshape_and_cache"
     fmt = _check_write(op, key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-                       k_scale, v_scale, flash=False)
+                       k_scale, v_scale, flash=False, any_x=True)
     nb, heads, dx, bs, x = key_cache.shape
     idx, s = _slots(op, slot_mapping, nb * bs)
     blk, off = s // bs, s % bs
@@ -289,7 +313,7 @@ def _reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
 @_reshape_and_cache.register_fake
 def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
     _check_write("reshape_and_cache", key, value, key_cache, value_cache, slot_mapping,
-                 kv_cache_dtype, k_scale, v_scale, flash=False)
+                 kv_cache_dtype, k_scale, v_scale, flash=False, any_x=True)
 
 
 @torch.library.custom_op("compile_ops::reshape_and_cache_flash",
@@ -346,7 +370,7 @@ if _C is not None:
     def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
         op = "reshape_and_cache"
         _check_write(op, key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
-                     k_scale, v_scale, flash=False)
+                     k_scale, v_scale, flash=False, any_x=True)
         if _validating():
             _validate_slots(op, slot_mapping, key_cache.shape[0] * key_cache.shape[3])
         _C.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping.contiguous(),
@@ -464,6 +488,25 @@ if _C is not None:
 # ---------------------------------------------------------------------------------------------
 # convert_fp8
 # ---------------------------------------------------------------------------------------------
+def _block_elems(t: torch.Tensor) -> int:
+    """Elements of one block of t (the product of the dims after dim 0)."""
+    n = 1
+    for size in t.shape[1:]:
+        n *= size
+    return n
+
+
+def _dense_blocks(t: torch.Tensor) -> bool:
+    """Whether every block of t (dims after 0) is one run of memory in row-major order (size-1
+    dims ignored): then a block's flat order is its memory order, as in vLLM's kernel."""
+    expect = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.size(d) != 1 and t.stride(d) != expect:
+            return False
+        expect *= t.size(d)
+    return True
+
+
 def _check_convert(output, input, scale, kv_dtype):
     op = "convert_fp8"
     C.check_tensor(op, "output", output)
@@ -474,9 +517,26 @@ def _check_convert(output, input, scale, kv_dtype):
         C.fail(op, f"scale must be finite and non-zero, got {scale}")
     fmt = fp8_format(op, kv_dtype)
     _check_device(op, "output", output, input, "input")
+    for name, t in (("input", input), ("output", output)):
+        if t.dim() < 1:
+            C.fail(op, f"{name} must have a block dimension (dim 0: the cache's blocks), got a "
+                       f"0-d tensor")
+    if output.shape[0] != input.shape[0]:
+        C.fail(op, f"output must have input's number of blocks (size(0)) {input.shape[0]}, got "
+                   f"{output.shape[0]} (output shape {tuple(output.shape)}, input shape "
+                   f"{tuple(input.shape)})")
+    e_in, e_out = _block_elems(input), _block_elems(output)
+    if e_out != e_in:
+        C.fail(op, f"output blocks must hold as many elements as input blocks: input "
+                   f"{tuple(input.shape[1:])} = {e_in} per block, output "
+                   f"{tuple(output.shape[1:])} = {e_out} per block")
     if output.shape != input.shape:
-        C.fail(op, f"output must have input's shape {tuple(input.shape)}, got "
-                   f"{tuple(output.shape)}")
+        for name, t in (("input", input), ("output", output)):
+            if not _dense_blocks(t):
+                C.fail(op, f"{name} must be contiguous within a block (dims after 0 packed in "
+                           f"row-major order) when output and input shapes differ (blocks are "
+                           f"converted in their flat order), got shape {tuple(t.shape)} and "
+                           f"strides {t.stride()}")
     floats = C.FLOAT_DTYPES
     if fmt is None:
         for name, t in (("input", input), ("output", output)):
@@ -503,14 +563,32 @@ def _check_convert(output, input, scale, kv_dtype):
 @torch.library.custom_op("compile_ops::convert_fp8", mutates_args=("output",))
 def _convert_fp8(output: torch.Tensor, input: torch.Tensor, scale: float = 1.0,
                  kv_dtype: str = "fp8") -> None:
-    """output <- fp8(input / scale) or float(input) * scale (plain cast for 'auto')."""
+    """output <- fp8(input / scale) or float(input) * scale (plain cast for 'auto'), block by
+    block along dim 0, as vLLM's convert_fp8 (which converts a cache into one of another dtype,
+    e.g. an FP8 key cache of x = 16 into a bfloat16 one of x = 8).
+
+    The rule implemented: output and input have the same number of blocks (size(0)) and the same
+    number of elements per block (the product of the dims after 0); element i of block b of the
+    output is the conversion of element i of block b of the input, i in the block's flat
+    (row-major) order. Each side's block stride is its own stride(0) (a slice of a larger cache
+    along dim 0, padding between blocks, the key half of a [num_blocks, 2, ...] tensor); output
+    blocks must not overlap each other. When the shapes differ, both tensors' blocks must be
+    dense in row-major order (then flat order = memory order, the order vLLM's kernel walks);
+    with equal shapes any strides are fine (element by element).
+
+    vLLM itself checks none of this: its kernel takes block_stride = input.stride(0) for both
+    tensors and converts that many elements per block from the raw pointers, so it is defined
+    only where both tensors are laid out as contiguous blocks of that stride; on those calls
+    this op gives the same result.
+    """
     fmt, direction = _check_convert(output, input, scale, kv_dtype)
+    src = input if input.shape == output.shape else input.reshape(output.shape)
     if direction == 0:
-        output.copy_(input)
+        output.copy_(src)
     elif direction > 0:
-        output.copy_(_store(quantize_fp8_ref(input, float(scale), fmt), output))
+        output.copy_(_store(quantize_fp8_ref(src, float(scale), fmt), output))
     else:
-        output.copy_(dequantize_fp8_ref(input, float(scale), fmt, output.dtype))
+        output.copy_(dequantize_fp8_ref(src, float(scale), fmt, output.dtype))
 
 
 @_convert_fp8.register_fake
@@ -525,12 +603,15 @@ if _C is not None:
         _check_convert(output, input, scale, kv_dtype)
         if output.numel() == 0:
             return
-        if not output.is_contiguous():
-            tmp = torch.empty_like(output, memory_format=torch.contiguous_format)
-            _C.convert_fp8(tmp, input.contiguous(), float(scale), _KV_KIND[kv_dtype])
-            output.copy_(tmp)
+        # The kernel walks dense blocks with each side's own block stride (no temporary);
+        # other layouts (only with equal shapes) go through contiguous copies.
+        src = input if _dense_blocks(input) else input.contiguous()
+        if _dense_blocks(output):
+            _C.convert_fp8(output, src, float(scale), _KV_KIND[kv_dtype])
             return
-        _C.convert_fp8(output, input.contiguous(), float(scale), _KV_KIND[kv_dtype])
+        tmp = torch.empty(output.shape, dtype=output.dtype, device=output.device)
+        _C.convert_fp8(tmp, src, float(scale), _KV_KIND[kv_dtype])
+        output.copy_(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

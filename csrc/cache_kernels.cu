@@ -105,6 +105,59 @@ const float* scale_ptr(const at::Tensor& s) { return s.data_ptr<float>(); }
 
 }  // namespace
 
+// reshape_and_cache with a key cache whose x (key_cache.size(4)) is not 16 bytes: one CTA per
+// token, a thread per (head, dim) element, key and value stored element by element (the
+// x-packed key address: chunk d / x, lane d % x; the caller checked x divides head_size).
+// Threads are independent (no barriers): emulated in tests/emulated like the real launch.
+template <typename T, typename C, int KV>
+__global__ void reshape_and_cache_any_x_kernel(const int64_t* __restrict__ slot_mapping,
+                                               int64_t num_slots, int block_size, int heads,
+                                               int head_size, int x, PagedSide k, PagedSide v) {
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slot_mapping[t];
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t blk = slot / block_size, off = slot - blk * block_size;
+  const int n = heads * head_size;
+  const T* ksrc = static_cast<const T*>(k.src) + t * k.src_stride;  // heads packed per token
+  const T* vsrc = static_cast<const T*>(v.src) + t * v.src_stride;
+  C* kc = static_cast<C*>(k.cache) + blk * k.s_block + off * k.s_page;
+  C* vc = static_cast<C*>(v.cache) + blk * v.s_block + off * v.s_page;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int h = i / head_size, d = i - h * head_size;
+    const float ksc = KV != kKvAuto ? k.scale[k.scale_per_head ? h : 0] : 1.0f;
+    const float vsc = KV != kKvAuto ? v.scale[v.scale_per_head ? h : 0] : 1.0f;
+    const int c = d / x;
+    kc[h * k.s_head + c * k.s_dim + (d - c * x)] = cache_encode<KV, C>(ksrc[i], ksc);
+    vc[h * v.s_head + d * v.s_dim] = cache_encode<KV, C>(vsrc[i], vsc);
+  }
+}
+
+// convert_fp8 over blocks (dim 0) with their own strides on each side: block b's `per_block`
+// elements (one dense run, flat order) at in + b * in_stride and out + b * out_stride. grid.y
+// strides over the blocks, grid.x over a block's W-element packs (no division per element).
+// W > 1: per_block and both strides are multiples of W and the bases W-element aligned.
+template <typename In, typename Out, int MODE, int KV, int W>
+__global__ void convert_fp8_blocks_kernel(const In* __restrict__ in, Out* __restrict__ out,
+                                          int64_t blocks, int64_t per_block, int64_t in_stride,
+                                          int64_t out_stride, float scale) {
+  pdl_wait();
+  const int64_t packs = per_block / W;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < blocks; b += gridDim.y) {
+    const In* src = in + b * in_stride;
+    Out* dst = out + b * out_stride;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packs;
+         i += step) {
+      const auto a = reinterpret_cast<const Pack<In, W>*>(src)[i];
+      Pack<Out, W> r;
+#pragma unroll
+      for (int w = 0; w < W; ++w) r.v[w] = convert_one<MODE, KV, Out>(a.v[w], scale);
+      reinterpret_cast<Pack<Out, W>*>(dst)[i] = r;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 void reshape_and_cache_flash(const at::Tensor& key, const at::Tensor& value,
                              at::Tensor& key_cache, at::Tensor& value_cache,
@@ -194,9 +247,13 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), op,
               ": key_cache and value_cache dtypes differ");
   const int kv = kv_kind(op, kind, key_cache, key);
-  const int64_t x = 16 / key_cache.element_size();
-  TORCH_CHECK(key_cache.dim() == 5 && key_cache.size(1) == heads && key_cache.size(2) * x == hs &&
-                  key_cache.size(4) == x && key_cache.stride(4) == 1,
+  TORCH_CHECK(key_cache.dim() == 5, op,
+              ": key_cache must be 5-D [num_blocks, heads, head_size / x, block_size, x]");
+  const int64_t x = key_cache.size(4);  // as vLLM reads it; 16 bytes: the vectorised kernels
+  TORCH_CHECK(x >= 1 && hs % x == 0, op, ": key_cache.size(4) (x = ", num(x),
+              ") must be >= 1 and divide head_size ", num(hs));
+  TORCH_CHECK(key_cache.size(1) == heads && key_cache.size(2) * x == hs &&
+                  (x == 1 || key_cache.stride(4) == 1),
               op, ": key_cache must be [num_blocks, heads, head_size / x, block_size, x]");
   TORCH_CHECK(value_cache.dim() == 4 && value_cache.size(0) == key_cache.size(0) &&
                   value_cache.size(1) == heads && value_cache.size(2) == hs &&
@@ -218,6 +275,7 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
     using C = decltype(c);
     constexpr int KV = decltype(kvc)::value;
     constexpr int VW = kVecWidth<T>;
+    const bool x16 = x * static_cast<int64_t>(sizeof(C)) == 16;  // the chunk the kernels take
     auto side = [&](const at::Tensor& src, at::Tensor& cache, const at::Tensor& s) {
       PagedSide p;
       p.src = src.data_ptr();
@@ -250,7 +308,13 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
         block(kCacheWriteThreads);
     auto* slots = slot_mapping.data_ptr<int64_t>();
     const auto ks = side(key, key_cache, k_scale), vs = side(value, value_cache, v_scale);
-    if (vec && hs <= kStagedMaxHead && n >= staged_cache_min_tokens())
+    if (!x16) {  // any other x: element by element, a CTA per token
+      TORCH_CHECK(n <= std::numeric_limits<int>::max(), op, ": too many tokens");
+      launch_kernel(reshape_and_cache_any_x_kernel<T, C, KV>, dim3(static_cast<unsigned>(n)),
+                    dim3(static_cast<unsigned>(std::min<int64_t>(kThreads, heads * hs))),
+                    stream, dev, slots, num_slots, static_cast<int>(block_size),
+                    static_cast<int>(heads), static_cast<int>(hs), static_cast<int>(x), ks, vs);
+    } else if (vec && hs <= kStagedMaxHead && n >= staged_cache_min_tokens())
       // 8 (fp8: 4) 16-byte items in flight per thread: a 32-token tile of a 128-wide head is
       // one round trip; fp8's 32-byte input items at 8 would cost 179 registers (2 CTAs / SM)
       launch_kernel(reshape_and_cache_staged_kernel<T, C, KV, sizeof(C) == 1 ? 4 : 8>, grid,
@@ -393,16 +457,38 @@ void gather_cache(const at::Tensor& src_cache, at::Tensor& dst, const at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
-// convert_fp8: both tensors contiguous (the Python layer makes them so)
+// convert_fp8, block by block along dim 0 (vLLM's convert_fp8): output and input have the same
+// number of blocks and elements per block, every block of both is dense in row-major order (the
+// Python layer makes it so), each side has its own block stride (stride(0)). Element i of a block
+// converts element i of the same block of the input.
 void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int64_t kind) {
   constexpr const char* op = "convert_fp8";
   TORCH_CHECK(on_device(input), op, ": input must be a CUDA tensor");
   check_on(op, "output", output, input);
-  TORCH_CHECK(output.is_contiguous() && input.is_contiguous(), op,
-              ": input and output must be contiguous");
-  TORCH_CHECK(output.numel() == input.numel(), op, ": output and input sizes differ");
-  const int64_t n = input.numel();
+  TORCH_CHECK(output.dim() >= 1 && input.dim() >= 1, op,
+              ": output and input must have a block dimension (dim 0)");
+  TORCH_CHECK(output.size(0) == input.size(0), op,
+              ": output and input must have the same number of blocks (size(0))");
+  auto dense_block = [](const at::Tensor& t) {  // elements per block, or -1 when not dense
+    int64_t expect = 1;
+    for (int64_t d = t.dim() - 1; d >= 1; --d) {
+      if (t.size(d) != 1 && t.stride(d) != expect) return int64_t(-1);
+      expect *= t.size(d);
+    }
+    return expect;
+  };
+  const int64_t per_block = dense_block(input);
+  TORCH_CHECK(per_block >= 0 && dense_block(output) >= 0, op,
+              ": output and input must be contiguous within a block (dims after 0)");
+  TORCH_CHECK(dense_block(output) == per_block, op,
+              ": output and input blocks must hold the same number of elements");
+  const int64_t blocks = input.size(0), n = blocks * per_block;
+  const int64_t in_stride = input.stride(0), out_stride = output.stride(0);
+  TORCH_CHECK(blocks <= 1 || out_stride >= per_block, op, ": output blocks overlap in memory");
   if (n == 0) return;
+  // One flat run on both sides (a contiguous cache, or a slice of one along dim 0): the flat
+  // kernel over all n elements; otherwise the block kernel with both strides.
+  const bool flat = blocks == 1 || (in_stride == per_block && out_stride == per_block);
   const DeviceGuard guard(input.device());
   const auto stream = current_stream();
   const int dev = input.get_device();
@@ -418,14 +504,33 @@ void convert_fp8(at::Tensor& output, const at::Tensor& input, double scale, int6
     constexpr int W = 16 / static_cast<int>(sizeof(In) > sizeof(Out) ? sizeof(In) : sizeof(Out));
     const auto* ip = static_cast<const In*>(input.data_ptr());
     auto* optr = static_cast<Out*>(output.data_ptr());
-    const int64_t ctas = std::min(ceil_div(n, kThreads * W), int64_t(sm_count(dev)) * 16);
-    const dim3 grid(static_cast<unsigned>(std::max<int64_t>(ctas, 1))), block(kThreads);
-    if (is_aligned(ip, W * sizeof(In)) && is_aligned(optr, W * sizeof(Out)))
-      launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, W>, grid, block, stream, dev, ip, optr,
-                    n, s);
+    const bool aligned = is_aligned(ip, W * sizeof(In)) && is_aligned(optr, W * sizeof(Out));
+    const int64_t max_ctas = int64_t(sm_count(dev)) * 16;
+    if (flat) {
+      const int64_t ctas = std::min(ceil_div(n, kThreads * W), max_ctas);
+      const dim3 grid(static_cast<unsigned>(std::max<int64_t>(ctas, 1))), block(kThreads);
+      if (aligned)
+        launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, W>, grid, block, stream, dev, ip,
+                      optr, n, s);
+      else
+        launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, 1>, grid, block, stream, dev, ip,
+                      optr, n, s);
+      return;
+    }
+    const bool vec = aligned && all_multiple({per_block, in_stride, out_stride}, W);
+    auto blocks_grid = [&](int64_t packs) {  // CTAs along a block x CTAs along the blocks
+      const int64_t gx = std::clamp<int64_t>(ceil_div(packs, kThreads), 1, 64);
+      const int64_t gy = std::clamp<int64_t>(max_ctas / gx, 1, std::min<int64_t>(blocks, 65535));
+      return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    };
+    if (vec)
+      launch_kernel(convert_fp8_blocks_kernel<In, Out, MODE, KV, W>, blocks_grid(per_block / W),
+                    dim3(kThreads), stream, dev, ip, optr, blocks, per_block, in_stride,
+                    out_stride, s);
     else
-      launch_kernel(convert_fp8_kernel<In, Out, MODE, KV, 1>, grid, block, stream, dev, ip, optr,
-                    n, s);
+      launch_kernel(convert_fp8_blocks_kernel<In, Out, MODE, KV, 1>, blocks_grid(per_block),
+                    dim3(kThreads), stream, dev, ip, optr, blocks, per_block, in_stride,
+                    out_stride, s);
   };
   auto with_float = [&](at::ScalarType t, auto&& f) {
     switch (t) {

@@ -170,6 +170,32 @@ def test_reshape_and_cache_matches_oracle(dtype, kv, gen):
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
+# x = key_cache.size(4), as vLLM reads it: for each dtype x values other than its 16 bytes (and
+# fp32's 16 = 64 bytes); the default x of each dtype is test_reshape_and_cache_matches_oracle's.
+ANY_X = [(torch.float32, "auto", 1), (torch.float32, "auto", 16), (torch.float16, "auto", 2),
+         (torch.bfloat16, "auto", 16), (torch.bfloat16, "fp8", 4), (torch.float16, "fp8_e5m2", 8),
+         (torch.float32, "fp8_e4m3", 1)]
+
+
+def any_x_caches(nb, bs, heads, hs, x, cdt, device="cpu"):
+    return (torch.zeros(nb, heads, hs // x, bs, x, dtype=cdt, device=device),
+            torch.zeros(nb, heads, hs, bs, dtype=cdt, device=device))
+
+
+@pytest.mark.parametrize("dtype,kv,x", ANY_X)
+def test_reshape_and_cache_reads_x_from_the_cache(dtype, kv, x, gen):
+    nb, bs, heads, hs = 4, 4, 2, 32
+    key, value = kv_inputs(9, heads, hs, dtype, "cpu", layout="qkv", pad_rows=1, gen=gen)
+    slots = slots_for(9, nb * bs, gen)
+    cdt = cache_dtype(kv, dtype, "float8" if x == 1 else "uint8")
+    kc, vc = any_x_caches(nb, bs, heads, hs, x, cdt)
+    ks, vs = torch.tensor([0.75, 2.0]), one(value=1.25)
+    want_k, want_v = paged_oracle(key, value, kc, vc, slots, kv, ks, vs)
+    ops.reshape_and_cache(key, value, kc, vc, slots, kv, ks, vs)
+    assert torch.equal(codes(kc), codes(want_k)) and torch.equal(codes(vc), codes(want_v))
+    assert codes(kc).float().abs().sum() > 0
+
+
 def test_only_len_slot_mapping_tokens_are_written(gen):
     nb, bs, heads, hs = 2, 4, 1, 8
     key, value = kv_inputs(6, heads, hs, torch.float32, "cpu", gen=gen)
@@ -285,6 +311,105 @@ def test_convert_fp8_non_contiguous_input_and_float8_dtype(gen):
     out = torch.empty(10, 8, dtype=torch.float8_e4m3fn)
     ops.convert_fp8(out, x, 1.0, "fp8_e4m3")
     assert torch.equal(out.view(torch.uint8), quantize_fp8_ref(x, 1.0, out.dtype).view(torch.uint8))
+
+
+def convert_oracle(out, inp, scale, kv):
+    """vLLM's rule, a loop over the blocks: element i (flat order) of output block b converts
+    element i of input block b."""
+    want = out.clone()
+    for b in range(inp.shape[0]):
+        flat = inp[b].reshape(-1)
+        if kv == "auto":
+            conv = flat.to(out.dtype)
+        elif inp.dtype in DTYPES:
+            conv = codes(quantize_fp8_ref(flat, scale, FP8[kv]))
+            conv = conv if out.dtype == torch.uint8 else conv.view(out.dtype)
+        else:
+            conv = dequantize_fp8_ref(flat, scale, FP8[kv], out.dtype)
+        want[b] = conv.reshape(out.shape[1:])
+    return want
+
+
+def fp8_codes(shape, kv, gen, storage="uint8"):
+    q = quantize_fp8_ref(torch.randn(shape, generator=gen) * 3, 1.0, FP8[kv])
+    return q.view(torch.uint8) if storage == "uint8" else q
+
+
+def block_case(case, gen, device="cpu"):
+    """(output, input, scale, kv, untouched) for convert_fp8 by blocks; `untouched` is the
+    tensor the output is a view of (its other elements must keep their value, 7)."""
+    nb, h, bs, hs = 6, 2, 8, 32
+    full = lambda shape, dt: torch.full(shape, 7, dtype=dt)  # noqa: E731
+    rand = lambda shape, dt: (torch.randn(shape, generator=gen) * 4).to(dt)  # noqa: E731
+    if case == "x8_to_x16":  # vLLM's caches: a bf16 key cache into an fp8 one of another x
+        out, inp, scale, kv = full((nb, h, hs // 16, bs, 16), torch.uint8), \
+            rand((nb, h, hs // 8, bs, 8), torch.bfloat16), 0.37, "fp8"
+    elif case == "x4_to_x16_float8":
+        out, inp, scale, kv = full((nb, h, hs // 16, bs, 16), torch.float8_e5m2), \
+            rand((nb, h, hs // 4, bs, 4), torch.float32), 2.0, "fp8_e5m2"
+    elif case == "slice_of_cache":  # blocks 3..8 of a larger cache (an offset, flat blocks)
+        out, inp, scale, kv = full((nb, h * hs * bs), torch.uint8), \
+            rand((12, h, hs // 8, bs, 8), torch.float16)[3:3 + nb], 0.5, "fp8_e4m3"
+    elif case == "kv_halves":  # padded block strides on both sides (halves of [nb, 2, ...])
+        big = full((nb, 2, h, hs // 16, bs, 16), torch.uint8)
+        out, inp, scale, kv = big[:, 1], rand((nb, 2, h, hs // 8, bs, 8),
+                                               torch.bfloat16)[:, 0], 0.25, "fp8"
+    elif case == "dequant_x16_to_x8":
+        out, inp, scale, kv = full((nb, h, hs // 8, bs, 8), torch.bfloat16), \
+            fp8_codes((nb, h, hs // 16, bs, 16), "fp8_e5m2", gen), 0.37, "fp8_e5m2"
+    else:  # "auto": a plain cast, [nb, 4, 8] float32 -> [nb, 32] bf16
+        out, inp, scale, kv = full((nb, 32), torch.bfloat16), rand((nb, 4, 8), torch.float32), \
+            1.0, "auto"
+    return on(out, device), on(inp, device), scale, kv
+
+
+def on(t, device):
+    """t on `device` with its strides and offset (a view: its base moves, the view is remade)."""
+    if t.device.type == torch.device(device).type:
+        return t
+    if t._base is None:
+        return t.to(device)
+    return t._base.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+BLOCK_CASES = ["x8_to_x16", "x4_to_x16_float8", "slice_of_cache", "kv_halves",
+               "dequant_x16_to_x8", "auto"]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_convert_fp8_by_blocks(case, gen):
+    """vLLM converts block by block along dim 0: same number of blocks and elements per block,
+    any shapes otherwise (a cache of another x), each side's own block stride."""
+    out, inp, scale, kv = block_case(case, gen)
+    base = out._base if out._base is not None else out
+    before = base.clone()
+    want = convert_oracle(out, inp, scale, kv)
+    ops.convert_fp8(out, inp, scale, kv)
+    assert torch.equal(codes(out), codes(want))
+    if out._base is not None:  # the other half of the [nb, 2, ...] tensor is untouched
+        assert torch.equal(codes(base[:, 0]), codes(before[:, 0]))
+
+
+@pytest.mark.parametrize("kv,storage", [("fp8", "uint8"), ("fp8_e4m3", "float8"),
+                                        ("fp8_e5m2", "uint8"), ("fp8_e5m2", "float8")])
+def test_convert_fp8_blocks_round_trip(kv, storage, gen):
+    """fp8 cache (x = 16) -> bf16 cache (x = 8) -> fp8 cache: the same codes (a power-of-two
+    scale: dequantized values are exact in bf16); the bf16 cache holds the codes' values in each
+    block's flat order."""
+    nb, h, bs, hs = 5, 2, 16, 64
+    c = fp8_codes((nb, h, hs // 16, bs, 16), kv, gen, storage)
+    mid = torch.empty(nb, h, hs // 8, bs, 8, dtype=torch.bfloat16)
+    ops.convert_fp8(mid, c, 0.25, kv)
+    assert torch.equal(mid.view(nb, -1),
+                       dequantize_fp8_ref(c.view(nb, -1), 0.25, FP8[kv], torch.bfloat16))
+    again = torch.empty_like(c)
+    ops.convert_fp8(again, mid, 0.25, kv)
+    assert torch.equal(codes(again), codes(c))
+    rel = 2.0 ** -4 if kv != "fp8_e5m2" else 2.0 ** -3
+    x = torch.randn(nb, h, hs // 8, bs, 8, generator=gen).to(torch.bfloat16)
+    ops.convert_fp8(c, x, 0.25, kv)
+    ops.convert_fp8(mid, c, 0.25, kv)
+    torch.testing.assert_close(mid.float(), x.float(), rtol=rel, atol=2.0 ** -9)
 
 
 @pytest.mark.parametrize("partial", [False, True])
@@ -519,7 +644,82 @@ def test_swap_and_convert_errors():
                                  ValueError, "scale must be finite and non-zero")
     assert_raises_eager_and_fake(lambda: ops.convert_fp8(torch.empty(4, 5, dtype=torch.uint8),
                                                          x, 1.0, "fp8"),
-                                 ValueError, "output must have input's shape")
+                                 ValueError, "output blocks must hold as many elements")
+
+
+def convert_error_cases():
+    """(output, input, exception, fragment): each names the argument at fault."""
+    x = torch.randn(4, 2, 8)
+    u8 = lambda *shape: torch.full(shape, 7, dtype=torch.uint8)  # noqa: E731
+    shared = torch.zeros(256, dtype=torch.uint8)
+    return [
+        (u8(5, 16), x, ValueError,
+         r"output must have input's number of blocks \(size\(0\)\) 4, got 5"),
+        (u8(4, 2, 7), x, ValueError, r"output blocks must hold as many elements as input "
+                                     r"blocks: input \(2, 8\) = 16 per block, output \(2, 7\)"),
+        (u8(4, 16), torch.randn(4, 8, 2).transpose(1, 2), ValueError,
+         "input must be contiguous within a block"),
+        (u8(4, 32)[:, ::2], x, ValueError, "output must be contiguous within a block"),
+        (u8(20).as_strided((4, 16), (1, 1)), x, ValueError, "output has overlapping elements"),
+        (u8(16), torch.tensor(1.0), ValueError, "input must have a block dimension"),
+        (u8(4, 16), x.to("meta"), ValueError, "output must be on device meta"),
+        (shared[:64].view(4, 16), shared.view(torch.float32).view(4, 2, 8), ValueError,
+         "output and input overlap in memory"),  # eager only: fake tensors have no addresses
+        (u8(4, 16), x.to(torch.float16).view(torch.int16), TypeError,
+         "converts between float32/float16/bfloat16 and uint8"),
+        (torch.full((4, 16), 7.0, dtype=torch.float8_e5m2), x, TypeError,
+         "converts between float32/float16/bfloat16 and uint8 or torch.float8_e4m3fn"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(convert_error_cases())))
+def test_convert_fp8_block_errors_write_nothing(i):
+    out, inp, exc, fragment = convert_error_cases()[i]
+    before = codes(out).clone()
+    if "overlap in memory" in fragment:
+        with pytest.raises(exc, match=fragment):
+            ops.convert_fp8(out, inp, 0.5, "fp8")
+    else:
+        assert_raises_eager_and_fake(lambda: ops.convert_fp8(out, inp, 0.5, "fp8"), exc,
+                                     fragment)
+    assert torch.equal(codes(out), before)
+
+
+def test_paged_write_x_errors():
+    """reshape_and_cache reads x from key_cache.size(4): any x >= 1 dividing head_size."""
+    for kc, fragment in [
+            (torch.zeros(2, 2, 5, 4, 3), r"key_cache.size\(4\) is x = 3, which must be >= 1 "
+                                         r"and divide head_size 16"),
+            (torch.zeros(2, 2, 16, 4, 0), r"x = 0, which must be >= 1"),
+            (torch.zeros(2, 2, 4, 4, 2), r"key_cache must be \[num_blocks, 2, 8, block_size, "
+                                         r"2\] \(x = key_cache.size\(4\) = 2\)"),
+            (torch.zeros(2, 2, 16, 4), r"key_cache must be 5-D"),
+            (torch.zeros(2, 2, 8, 2, 4).transpose(3, 4), "key_cache must be contiguous in its "
+                                                         "last dim")]:
+        a = write_args(key_cache=kc, value_cache=torch.zeros(2, 2, 16, 4))
+        assert_raises_eager_and_fake(lambda: ops.reshape_and_cache(**a), ValueError, fragment)
+        assert a["key_cache"].abs().sum() == 0 and a["value_cache"].abs().sum() == 0
+
+
+def new_shape_calls(device="cpu"):
+    """convert_fp8 by blocks and reshape_and_cache with a non-default x, for opcheck."""
+    g = torch.Generator().manual_seed(1)
+    out, inp, _, _ = block_case("kv_halves", g, device)
+    key, value = kv_inputs(5, 2, 16, torch.bfloat16, device, gen=g)
+    kc, vc = any_x_caches(4, 4, 2, 16, 4, torch.bfloat16, device)
+    slots = torch.tensor([3, -1, 8, 15, 0], device=device)
+    return {"convert_fp8_blocks": (ops.convert_fp8, (out, inp, 0.5, "fp8")),
+            "convert_fp8_dequant_x16_to_x8": (ops.convert_fp8, block_case(
+                "dequant_x16_to_x8", g, device)[:2] + (0.37, "fp8_e5m2")),
+            "reshape_and_cache_x4": (ops.reshape_and_cache,
+                                     (key, value, kc, vc, slots, "auto", one(device),
+                                      one(device)))}
+
+
+@pytest.mark.parametrize("name", sorted(new_shape_calls()))
+def test_opcheck_new_shapes(name):
+    op, args = new_shape_calls()[name]
+    torch.library.opcheck(op, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,6 +873,68 @@ def test_cuda_convert_fp8(dtype, kv, n, gen):
     ref = torch.empty(n, dtype=dtype)
     ops.convert_fp8(ref, c_cpu, 0.37, kv)
     assert torch.equal(back.cpu(), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", BLOCK_CASES + ["unaligned", "many_blocks"])
+def test_cuda_convert_fp8_by_blocks(case, gen):
+    """The block kernel (padded block strides), the flat one (dense caches of another shape),
+    unaligned bases and odd strides (element accesses), more blocks than grid.y takes at once."""
+    if case == "unaligned":  # bases one element off 16 bytes, odd block strides
+        inp = torch.randn(7 * 131 + 1, generator=gen).to(torch.bfloat16)[1:].view(7, 131)
+        out, scale, kv = torch.full((7, 140), 7, dtype=torch.uint8)[:, 3:134], 0.37, "fp8_e5m2"
+    elif case == "many_blocks":
+        inp = torch.randn(70000, 2, 24, generator=gen)[:, 0]
+        out, scale, kv = torch.full((70000, 3, 8), 7, dtype=torch.uint8), 0.5, "fp8"
+    else:
+        out, inp, scale, kv = block_case(case, gen)
+    base = out if out._base is None else out._base
+    got, got_inp = on(out, "cuda"), on(inp, "cuda")
+    assert got.stride() == out.stride() and got_inp.stride() == inp.stride()
+    ops.convert_fp8(out, inp, scale, kv)
+    ops.convert_fp8(got, got_inp, scale, kv)
+    got_base = got if got._base is None else got._base
+    assert torch.equal(codes(got_base.cpu()), codes(base))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
+def test_cuda_convert_fp8_blocks_round_trip(kv, gen):
+    nb, h, bs, hs = 40, 8, 16, 128
+    x = torch.randn(nb, h, hs // 8, bs, 8, generator=gen).to(torch.bfloat16).cuda()
+    c = torch.empty(nb, h, hs // 16, bs, 16, dtype=torch.uint8, device="cuda")
+    ops.convert_fp8(c, x, 0.25, kv)
+    ref = torch.empty(c.shape, dtype=torch.uint8)
+    ops.convert_fp8(ref, x.cpu(), 0.25, kv)
+    assert torch.equal(c.cpu(), ref)
+    back = torch.empty_like(x)
+    ops.convert_fp8(back, c, 0.25, kv)
+    again = torch.empty_like(c)
+    ops.convert_fp8(again, back, 0.25, kv)
+    assert torch.equal(again, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [5, 201])
+@pytest.mark.parametrize("dtype,kv,x", ANY_X)
+def test_cuda_reshape_and_cache_any_x(dtype, kv, x, tokens, gen):
+    heads, hs, nb, bs = 4, 128, 16, 16
+    key, value = kv_inputs(tokens, heads, hs, dtype, "cuda", layout="qkv", pad_rows=2, gen=gen)
+    slots = slots_for(tokens, nb * bs, gen).cuda()
+    cdt = cache_dtype(kv, dtype, "float8" if x == 1 else "uint8")
+    kc, vc = any_x_caches(nb, bs, heads, hs, x, cdt, "cuda")
+    rk, rv = kc.cpu().clone(), vc.cpu().clone()
+    s = torch.tensor([0.5, 1.0, 2.0, 0.25], device="cuda")
+    ops.reshape_and_cache(key, value, kc, vc, slots, kv, s, s)
+    ops.reshape_and_cache(key.cpu(), value.cpu(), rk, rv, slots.cpu(), kv, s.cpu(), s.cpu())
+    assert torch.equal(codes(kc.cpu()), codes(rk)) and torch.equal(codes(vc.cpu()), codes(rv))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", sorted(new_shape_calls("cpu")))
+def test_cuda_opcheck_new_shapes(name):
+    op, args = new_shape_calls("cuda")[name]
+    torch.library.opcheck(op, args)
 
 
 @pytest.mark.cuda

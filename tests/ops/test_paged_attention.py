@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compile_ops.attention import PARTITION_SIZE, paged_attention_ref
-from compile_ops.cache import dequantize_fp8_ref
+from compile_ops.cache import dequantize_fp8_ref, quantize_fp8_ref
 from compile_ops.testing import assert_close, assert_raises_eager_and_fake, softmax_tolerance
 
 ops = torch.ops.compile_ops
@@ -210,6 +210,62 @@ def test_reference_raises_before_writing(gen):
 def test_head_size_32(gen):
     c = setup([5, 19], 4, 1, 32, 8, torch.float32, gen=gen)
     assert_close(v1(c), oracle(c).float())
+
+
+def converted_fp8_case(dtype, kv, gen, device="cpu"):
+    """vLLM's FP8 paged-attention tests make their caches with convert_fp8 by blocks: a random
+    model-dtype key cache of x = 8 ([blocks, kv_heads, head / 8, block, 8]) converted into an
+    fp8 uint8 cache of x = 16 ([blocks, kv_heads, head / 16, block, 16]): the same elements per
+    block, each block in its flat order (not the same key per token: the packing differs)."""
+    nb, kv_heads, heads, head, bs, lens = 12, 2, 4, 64, 16, [5, 40, 17]
+    src_k = torch.randn(nb, kv_heads, head // 8, bs, 8, generator=gen).to(dtype).to(device)
+    src_v = torch.randn(nb, kv_heads, head, bs, generator=gen).to(dtype).to(device)
+    kc = torch.empty(nb, kv_heads, head // 16, bs, 16, dtype=torch.uint8, device=device)
+    vc = torch.empty(nb, kv_heads, head, bs, dtype=torch.uint8, device=device)
+    ops.convert_fp8(kc, src_k, 0.25, kv)
+    ops.convert_fp8(vc, src_v, 0.5, kv)
+    table = torch.randperm(nb, generator=gen)[:9].view(3, 3).to(torch.int32)
+    c = dict(query=torch.randn(3, heads, head, generator=gen).to(dtype), key_cache=kc,
+             value_cache=vc, block_tables=table, seq_lens=torch.tensor(lens, dtype=torch.int32),
+             alibi_slopes=None, kv_cache_dtype=kv, k_scale=torch.tensor([0.25]),
+             v_scale=torch.tensor([0.5]), num_kv_heads=kv_heads, scale=1.0 / math.sqrt(head))
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}, \
+        src_k
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_made_by_convert_fp8_blocks(dtype, kv, gen):
+    """paged_attention (v1, v2) over an fp8 cache that convert_fp8 made from a cache of another
+    x (vLLM's test flow), against the oracle reading the fp8 cache token by token by its own
+    layout; the fp8 -> model-dtype direction (vLLM's reference) gives the flat order back."""
+    c, src_k = converted_fp8_case(dtype, kv, gen)
+    nb, kc = src_k.shape[0], c["key_cache"]
+    fmt = FP8[kv]
+    assert torch.equal(kc.view(nb, -1),
+                       quantize_fp8_ref(src_k.reshape(nb, -1), 0.25, fmt).view(torch.uint8))
+    want = oracle(c).to(dtype)
+    assert_close(v1(c), want)
+    out, es, ml, tmp = v2_buffers(c)
+    ops.paged_attention_v2(out, es, ml, tmp, c["query"], kc, c["value_cache"], 2, c["scale"],
+                           c["block_tables"], c["seq_lens"], 16, 40, None, kv, c["k_scale"],
+                           c["v_scale"])
+    assert_close(out, want)
+    back = torch.empty_like(src_k)  # x = 8 again, as vLLM's reference reads it
+    ops.convert_fp8(back, kc, 0.25, kv)
+    assert torch.equal(back.view(nb, -1), dequantize_fp8_ref(kc.view(nb, -1), 0.25, fmt, dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
+def test_cuda_fp8_cache_made_by_convert_fp8_blocks(kv, gen):
+    """The same flow on the GPU: convert_fp8's kernels make the caches, the CUDA path attends."""
+    c, src_k = converted_fp8_case(torch.bfloat16, kv, gen, "cuda")
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    ref_k = torch.empty(cpu["key_cache"].shape, dtype=torch.uint8)
+    ops.convert_fp8(ref_k, src_k.cpu(), 0.25, kv)
+    assert torch.equal(cpu["key_cache"], ref_k)
+    assert_close(v1(c).cpu(), oracle(cpu).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("seqs,kv_heads,context,want", [
