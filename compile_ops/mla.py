@@ -21,7 +21,9 @@ contiguous, block and token strides free)
     ``max(amax(|tile|) / 448, FLT_MIN)``, bytes 528-655 the 64 k_pe values bit for bit. The
     ``scale`` argument is not used in this format (as in vLLM). The rope bits keep the input's
     dtype while ``cp_gather_and_upconvert_fp8_kv_cache`` reads them as bf16 (FlashMLA's dtype; vLLM
-    does the same): write this format from bf16 inputs if it is read back by the upconvert.
+    does the same): write this format from bf16 inputs if it is read back by the upconvert. The
+    upconvert computes ``bf16(float(code) * scale)``; a NaN there (a 0x7F code, or any code of a
+    tile whose scale is +inf) is stored as 0x7FFF, CUDA's canonical bf16 NaN.
 
 Indexer cache (``kv_cache`` uint8 ``[num_blocks, block_size, head_dim + head_dim // Q * 4]``,
 ``Q = quant_block_size``, each block contiguous). Block-major, as vLLM lays it out: a block holds
@@ -30,6 +32,19 @@ float32 scales (token ``o``, group ``g`` at byte ``block_size * head_dim + (o * 
 * 4``). A group's scale is ``max(amax, 1e-4) / 448``; with ``kv_cache_dtype == "ue8m0"`` it is
 rounded up to a power of two (computed exactly from the float's bits; vLLM uses
 ``exp2f(ceilf(log2f(s)))``, the same value except where log2f rounds).
+
+Quantization arithmetic of ``fp8_ds_mla`` and the indexer (reference, CUDA kernels and vLLM's
+kernels alike), per tile / group of values x (float32 of the input):
+    ``amax`` is the largest ``|x|`` over the values that are not NaN (0 when all are NaN): NaN is
+    skipped, as CUDA's ``fmaxf`` does in vLLM's reductions; an infinity counts (amax = inf). The
+    scale is the formula above in float32, one rounding per operation (a division, not a
+    multiply by 1/448); ``ue8m0`` keeps an infinite scale infinite. A code is
+    ``e4m3(x / scale)``: float32 division, saturated to +-448, round to nearest even; a NaN
+    quotient is stored as 0x7F (CUDA's canonical e4m3 NaN, sign dropped; torch would keep the
+    sign). So a NaN in a key leaves its tile's / group's scale and other codes as if it were
+    absent and is stored as 0x7F; an infinity makes its tile's / group's scale +inf (bytes
+    ``00 00 80 7f``), its finite values 0x00 / 0x80 (+0 / -0) and the infinities 0x7F
+    (inf / inf). Other tiles, groups and tokens are never affected.
 
 Slots, padding and bad indices
     As for the other cache writes (``compile_ops/cache.py``): only the first ``len(slot_mapping)``
@@ -136,15 +151,31 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
+def _amax_skip_nan(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the last dim, NaN skipped (0 if all NaN), infinities kept: CUDA's
+    ``amax = fmaxf(amax, fabsf(v))`` from 0, which the kernels (and vLLM's) compute."""
+    a = x.abs()
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a).amax(-1)
+
+
+def _e4m3_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 codes of x / scale (float32 division, saturate, nearest even); a NaN quotient
+    is 0x7F, CUDA's canonical NaN (torch's conversion keeps the NaN's sign: 0xFF for -NaN, and
+    x86's inf / inf is -NaN)."""
+    q = x.float() / scale
+    codes = _cache.quantize_fp8_ref(x, scale, torch.float8_e4m3fn).view(torch.uint8)
+    return torch.where(torch.isnan(q), torch.full_like(codes, 0x7F), codes)
+
+
 def _mla_entries(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, fmt,
                  kv_cache_dtype: str, scale: torch.Tensor) -> torch.Tensor:
     """The cache entries of the given tokens, in the cache's storage dtype."""
     if kv_cache_dtype == "fp8_ds_mla":
         n = kv_c.shape[0]
         tiles = kv_c.float().reshape(n, DS_MLA_RANK // DS_MLA_TILE, DS_MLA_TILE)
-        sc = (tiles.abs().amax(-1) / FP8_E4M3_MAX).clamp_min(FLT_MIN)  # [n, 4] float32
-        codes = _cache.quantize_fp8_ref(tiles, sc[..., None], torch.float8_e4m3fn)
-        entry = torch.cat((codes.view(torch.uint8).reshape(n, DS_MLA_RANK),
+        sc = (_amax_skip_nan(tiles) / FP8_E4M3_MAX).clamp_min(FLT_MIN)  # [n, 4] float32
+        codes = _e4m3_codes(tiles, sc[..., None])
+        entry = torch.cat((codes.reshape(n, DS_MLA_RANK),
                            sc.contiguous().view(torch.uint8).reshape(n, 16),
                            k_pe.contiguous().view(torch.uint8).reshape(n, 2 * DS_MLA_PE)), 1)
         return entry if kv_cache.dtype == torch.uint8 else entry.view(kv_cache.dtype)
@@ -319,6 +350,21 @@ def _(positions, q_pe, k_pe, kv_c, cos_sin_cache, is_neox, slot_mapping, kv_cach
                       kv_cache, kv_cache_dtype, kv_cache_scale)
 
 
+def _validate_positions(op: str, positions: torch.Tensor, max_pos: int) -> None:
+    """The CUDA path's COMPILE_OPS_VALIDATE=1 check. The kernel skips a token whose position is
+    outside [0, max_pos) (no cos/sin read, nothing rotated or cached); this host check (a device
+    sync, refused under graph capture) raises IndexError instead, before anything is written, as
+    the CPU reference does."""
+    if positions.numel() == 0:
+        return
+    if positions.is_cuda:
+        _cache._refuse_capture(op, "positions")
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= max_pos:
+        C.fail(op, f"positions must be in [0, {max_pos}) (cos_sin_cache rows), got values in "
+                   f"[{lo}, {hi}]", IndexError)
+
+
 # ---------------------------------------------------------------------------------------------
 # cp_gather_and_upconvert_fp8_kv_cache
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +465,12 @@ def _cp_gather_and_upconvert_fp8_kv_cache(src_cache: torch.Tensor, dst: torch.Te
     codes = e[:, :DS_MLA_RANK].contiguous().view(torch.float8_e4m3fn).float()
     sc = e[:, DS_MLA_RANK:DS_MLA_RANK + 16].contiguous().view(torch.float32)  # [n, 4]
     vals = (codes.view(n, 4, DS_MLA_TILE) * sc[..., None]).reshape(n, DS_MLA_RANK)
+    # A NaN (a 0x7F code, or 0 * an infinite scale) is bf16 0x7FFF, as CUDA's
+    # __float2bfloat16_rn stores it (torch keeps the float's sign and payload bits).
+    bits = vals.to(torch.bfloat16).view(torch.int16)
+    bits = torch.where(torch.isnan(vals), torch.full_like(bits, 0x7FFF), bits)
     rope = e[:, DS_MLA_RANK + 16:].contiguous().view(torch.bfloat16)
-    dst[r] = torch.cat((vals.to(torch.bfloat16), rope), 1)
+    dst[r] = torch.cat((bits.view(torch.bfloat16), rope), 1)
 
 
 @_cp_gather_and_upconvert_fp8_kv_cache.register_fake
@@ -490,9 +540,11 @@ def _check_indexer_write(k, kv_cache, slot_mapping, quant_block_size, kv_cache_d
 
 
 def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
-    """2 ** ceil(log2(x)) for positive normal float32 x, exact (from the float's bits)."""
+    """2 ** ceil(log2(x)) for positive normal float32 x, exact (from the float's bits); +inf
+    stays +inf (vLLM's exp2f(ceilf(log2f(inf))); torch.frexp(inf) has exponent 0)."""
     m, e = torch.frexp(x)  # x = m * 2**e, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(x), torch.where(m == 0.5, e - 1, e)).float()
+    p = torch.ldexp(torch.ones_like(x), torch.where(m == 0.5, e - 1, e)).float()
+    return torch.where(torch.isinf(x), x, p)
 
 
 def _block_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -515,11 +567,10 @@ def _indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor,
     n, D, Q = idx.shape[0], k.shape[1], quant_block_size
     groups = D // Q
     x = k.index_select(0, idx).float().reshape(n, groups, Q)
-    sc = x.abs().amax(-1).clamp_min(INDEXER_EPS) / FP8_E4M3_MAX
+    sc = _amax_skip_nan(x).clamp_min(INDEXER_EPS) / FP8_E4M3_MAX
     if kv_cache_dtype == "ue8m0":
         sc = _pow2_ceil(sc)
-    codes = _cache.quantize_fp8_ref(x, sc[..., None], torch.float8_e4m3fn)
-    codes = codes.view(torch.uint8).reshape(n, D)
+    codes = _e4m3_codes(x, sc[..., None]).reshape(n, D)
     flat = _block_bytes(kv_cache)
     blk, off = s // bs, s % bs
     flat[blk[:, None], off[:, None] * D + torch.arange(D, device=k.device)] = codes
@@ -629,11 +680,8 @@ if _C is not None:
         _check_rope_fused(positions, q_pe, k_pe, kv_c, cos_sin_cache, is_neox, slot_mapping,
                           kv_cache, kv_cache_dtype, kv_cache_scale)
         tokens = q_pe.shape[0]
-        if _cache._validating() and tokens:
-            _cache._refuse_capture(op, "positions")
-            pos = positions[:tokens]
-            if int(pos.min()) < 0 or int(pos.max()) >= cos_sin_cache.shape[0]:
-                C.fail(op, f"positions must be in [0, {cos_sin_cache.shape[0]})", IndexError)
+        if _cache._validating():
+            _validate_positions(op, positions[:tokens], cos_sin_cache.shape[0])
         _validate_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
         _C.concat_and_cache_mla_rope_fused(positions[:tokens].contiguous(), q_pe, k_pe, kv_c,
                                            cos_sin_cache.contiguous(), is_neox,

@@ -3,7 +3,9 @@ CPU ops (compile_ops/mla.py's references). Bytes must match exactly: the kernels
 references do the same float32 math and the same fp8 conversion (saturate, round to nearest
 even). Warp-reduction kernels (fp8_ds_mla, the indexer quantization) run in the cooperative
 schedule. Every layout runs twice: 16-byte aligned (vector accesses) and with an odd row padding
-(element accesses).
+(element accesses). NaN / inf keys (vLLM's semantics, compile_ops/mla.py), exact rounding ties
+and positions outside the RoPE table (poison rows around it) have tests of their own; their
+CUDA twins are in tests/ops/test_mla.py.
 """
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 
 from compile_ops.mla import _MLA_KIND
 from compile_ops.testing import rope_cos_sin_cache
+from tests.ops.test_mla import (bad_positions, moved_all, nan_inf_ds_cache, near_tie_values,
+                                plant_nan_inf, poisoned_cos_sin, storage_bytes, tie_values)
 
 ops = torch.ops.compile_ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -71,6 +75,36 @@ def test_concat_and_cache_ds_mla(coop, dtype, pad, storage, gen):
     assert torch.equal(u8(cache), u8(want))
 
 
+@pytest.mark.parametrize("kind", ["nan_inf", "ties"])
+@pytest.mark.parametrize("pad", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_concat_and_cache_ds_mla_nan_inf_and_ties(coop, dtype, pad, kind, gen):
+    """NaN / inf in tokens 1, 2, 4 (NaN skipped by the tile amax and stored 0x7F, an infinite
+    tile scale) or exact rounding ties: the kernel's bytes are the reference's, and the finite
+    tokens' entries are those of a run without the NaN / inf tokens."""
+    tokens = 6
+    kv_c, k_pe = rows(tokens, [512, 64], dtype, gen, pad)
+    if kind == "ties":
+        kv_c.copy_(tie_values(tokens, 512, 128, dtype, gen))
+    else:
+        special = plant_nan_inf(kv_c, 128)
+    cache = torch.full((3, 4, 656), 0x5A, dtype=torch.uint8)
+    slots = torch.tensor([5, 0, 9, 2, 11, -1])
+    want = cache.clone()
+    ops.concat_and_cache_mla(kv_c, k_pe, want, slots, "fp8_ds_mla", torch.ones(1))
+    coop.concat_and_cache_mla(kv_c, k_pe, cache, slots, _MLA_KIND["fp8_ds_mla"], torch.ones(1))
+    assert torch.equal(cache, want)
+    if kind == "nan_inf":
+        alone = torch.full_like(cache, 0x5A)
+        finite_only = slots.clone()
+        finite_only[special] = -1
+        coop.concat_and_cache_mla(kv_c, k_pe, alone, finite_only, _MLA_KIND["fp8_ds_mla"],
+                                  torch.ones(1))
+        for t in (0, 3):
+            s = int(slots[t])
+            assert torch.equal(cache[s // 4, s % 4], alone[s // 4, s % 4])
+
+
 def test_concat_and_cache_mla_skips_bad_slots(emu, gen):
     kv_c, k_pe = rows(3, [16, 8], torch.bfloat16, gen, 0)
     cache = torch.zeros(2, 2, 24, dtype=torch.bfloat16)
@@ -125,6 +159,47 @@ def test_rope_fused_int32_positions_and_bad_position(emu, gen):
     assert torch.equal(q_pe[[0, 2]], q2) and torch.equal(cache, c2)
 
 
+@pytest.mark.parametrize("cs_model_dtype", [False, True])
+@pytest.mark.parametrize("pad,kv", [(0, "auto"), (1, "fp8")])  # 16-byte / element paths
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+def test_rope_fused_positions_outside_the_table_read_and_write_nothing(emu, pos_dtype, is_neox,
+                                                                        pad, kv, cs_model_dtype,
+                                                                        gen):
+    """Negative positions, positions >= max_pos and the int32 / int64 extremes: the token is
+    skipped (q_pe, k_pe and its cache entry keep their bytes although it has a slot) and nothing
+    is read outside cos_sin_cache (a row slice with poison rows around it: NaN and 1e4 poison
+    give the same bytes); the other tokens are the reference's."""
+    positions = bad_positions(pos_dtype)  # max_pos 64
+    T, H, R, L, dtype = positions.shape[0], 2, 32, 64, torch.bfloat16
+    kv_c, k_pe, q_flat = rows(T, [L, R, H * R], dtype, gen, pad)
+    q_pe = q_flat.view(T, H, R) if pad == 0 else q_flat.unflatten(1, (H, R))
+    cs_dtype = dtype if cs_model_dtype else torch.float32
+    slots = torch.randperm(20, generator=gen)[:T]  # every token has a slot
+    cache = torch.full((5, 4, L + R), 7, dtype=dtype if kv == "auto" else torch.uint8)
+    runs = []
+    for poison in (float("nan"), 1e4):
+        q, k, kc, c = moved_all((q_pe, k_pe, kv_c, cache), "cpu")
+        emu.concat_and_cache_mla_rope_fused(positions, q, k, kc,
+                                            poisoned_cos_sin(64, R, cs_dtype, poison), is_neox,
+                                            slots, c, _MLA_KIND[kv], torch.tensor([0.3]))
+        runs.append((q, k, c))
+    for a, b in zip(*runs):
+        assert torch.equal(storage_bytes(a), storage_bytes(b))
+    q, k, c = runs[0]
+    good = ((positions >= 0) & (positions < 64)).nonzero().squeeze(1)
+    bad = ((positions < 0) | (positions >= 64)).nonzero().squeeze(1)
+    assert torch.equal(q[bad], q_pe[bad]) and torch.equal(k[bad], k_pe[bad])
+    for s in slots[bad].tolist():
+        assert torch.equal(u8(c[s // 4, s % 4]), u8(cache[s // 4, s % 4]))
+    wq, wk, wc = q_pe[good].clone(), k_pe[good].clone(), cache.clone()
+    ops.concat_and_cache_mla_rope_fused(positions[good], wq, wk, kv_c[good],
+                                        rope_cos_sin_cache(64, R, cs_dtype), is_neox,
+                                        slots[good], wc, kv, torch.tensor([0.3]))
+    assert torch.equal(q[good], wq) and torch.equal(k[good], wk)
+    assert torch.equal(u8(c), u8(wc))
+
+
 # ---------------------------------------------------------------------------------------------
 # cp_gather_and_upconvert_fp8_kv_cache
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +231,21 @@ def test_upconvert(emu, with_starts, dst_pad, gen):
     assert torch.equal(dst, want)
 
 
+@pytest.mark.parametrize("dst_pad", [0, 3])
+def test_upconvert_of_nan_codes_and_infinite_scales(emu, dst_pad, gen):
+    """Entries holding 0x7F codes and +inf tile scales (written from NaN / inf keys): the
+    kernel's bf16 NaN (0x7FFF) and every other byte as the reference's."""
+    cache, _, _, _ = nan_inf_ds_cache(gen)
+    bt = torch.tensor([[1, 0]], dtype=torch.int32)
+    ws = torch.tensor([0], dtype=torch.int32)
+    dst = torch.full((8, 576 + dst_pad), 5.0).bfloat16()[:, :576]
+    want = dst.clone()
+    ops.cp_gather_and_upconvert_fp8_kv_cache(cache, want, bt, ws, 1, None)
+    emu.cp_gather_and_upconvert_fp8_kv_cache(cache, dst, bt, ws, 1, None)
+    assert torch.equal(dst.view(torch.int16), want.view(torch.int16))
+    assert torch.isnan(dst).any()
+
+
 def test_upconvert_skips_rows_it_cannot_place(emu, gen):
     cache = ds_cache(2, 4, gen)
     bt = torch.tensor([[1, 7]], dtype=torch.int32)  # block 7 is outside the cache
@@ -184,6 +274,44 @@ def test_indexer_write(coop, dtype, Q, fmt, pad, gen):
     ops.indexer_k_quant_and_cache(k, want, slots, Q, fmt)
     coop.indexer_k_quant_and_cache(k, cache, slots, Q, fmt == "ue8m0")
     assert torch.equal(cache, want)
+
+
+@pytest.mark.parametrize("fmt", ["ue8m0", "fp8"])
+@pytest.mark.parametrize("Q", [32, 128, 256])
+@pytest.mark.parametrize("dtype,kind,pad", [(torch.float16, "nan_inf", 1),
+                                            (torch.float32, "nan_inf", 0),
+                                            (torch.bfloat16, "ties", 0),
+                                            (torch.float32, "near_ties", 1)])
+def test_indexer_write_nan_inf_and_ties(coop, dtype, kind, pad, Q, fmt, gen):
+    """NaN / inf keys next to finite ones (Q = 32: 8 tokens' groups share a warp), exact ties,
+    float32 keys a few ulps from ties: bytes as the reference's; a NaN / inf token changes no
+    other token's codes or scales."""
+    D, tokens, nb, bs = 256, 6, 3, 4
+    (k,) = rows(tokens, [D], dtype, gen, pad)
+    if kind == "ties":
+        k.copy_(tie_values(tokens, D, Q, dtype, gen))
+    elif kind == "near_ties":
+        k.copy_(near_tie_values(tokens, D, Q, gen))
+    else:
+        special = plant_nan_inf(k, Q)
+    cache = torch.full((nb, bs, D + D // Q * 4), 9, dtype=torch.uint8)
+    slots = torch.tensor([3, 8, 0, 11, 5, -1])
+    want = cache.clone()
+    ops.indexer_k_quant_and_cache(k, want, slots, Q, fmt)
+    coop.indexer_k_quant_and_cache(k, cache, slots, Q, fmt == "ue8m0")
+    assert torch.equal(cache, want)
+    if kind == "nan_inf":
+        alone = torch.full_like(cache, 9)
+        finite_only = slots.clone()
+        finite_only[special] = -1
+        coop.indexer_k_quant_and_cache(k, alone, finite_only, Q, fmt == "ue8m0")
+        for t in (0, 3):
+            s, g4 = int(slots[t]), D // Q * 4
+            blk, o = cache[s // bs].view(-1), s % bs
+            ablk = alone[s // bs].view(-1)
+            assert torch.equal(blk[o * D:(o + 1) * D], ablk[o * D:(o + 1) * D])
+            at = bs * D + o * g4
+            assert torch.equal(blk[at:at + g4], ablk[at:at + g4])
 
 
 @pytest.mark.parametrize("pad", [0, 1])

@@ -44,7 +44,10 @@ def f32_bytes(v: float) -> list:
 
 
 def bf16_bits(v: float) -> int:
-    """Bits of float32 value v rounded to bfloat16, nearest even (no NaN here)."""
+    """Bits of float32 value v rounded to bfloat16, nearest even; NaN is 0x7FFF (CUDA's
+    __float2bfloat16_rn)."""
+    if v != v:
+        return 0x7FFF
     bits = struct.unpack("<I", struct.pack("<f", v))[0]
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
@@ -64,7 +67,10 @@ class Fp8:
         self.max = self.values[-1]
 
     def encode(self, v: float) -> int:
-        """Saturate to +-max, then round to nearest, ties to the even code; sign kept (-0 too)."""
+        """Saturate to +-max, then round to nearest, ties to the even code; sign kept (-0 too).
+        NaN is 0x7F whatever its sign (CUDA's canonical NaN; vLLM's kernels store it)."""
+        if v != v:
+            return 0x7F
         neg = math.copysign(1.0, v) < 0
         a = min(abs(v), self.max)
         i = bisect.bisect_left(self.values, a)
@@ -75,6 +81,8 @@ class Fp8:
         return i | (0x80 if neg else 0)
 
     def decode(self, code: int) -> float:
+        if code & 0x7F >= len(self.values):  # e4m3's 0x7F / 0xFF (only e4m3 is decoded here)
+            return math.nan
         v = self.values[code & 0x7F]
         return -v if code & 0x80 else v
 
@@ -121,14 +129,21 @@ def row_bytes(x: torch.Tensor) -> list:
 # ---------------------------------------------------------------------------------------------
 # Oracles (per-token loops; they write into a copy of the destination)
 # ---------------------------------------------------------------------------------------------
+def amax_skip_nan(vals) -> float:
+    """max |v| over the values that are not NaN, from 0 (CUDA's fmaxf reduction: NaN skipped,
+    an infinity kept)."""
+    return max((abs(v) for v in vals if v == v), default=0.0)
+
+
 def mla_entry(kv_c_row, k_pe_row, kv: str, scale: float) -> list:
-    """The bytes of one MLA cache entry."""
+    """The bytes of one MLA cache entry. fp8_ds_mla: NaN skipped by the amax, an infinite amax
+    gives an infinite scale (finite values then code +-0, inf / inf a NaN code)."""
     if kv == "fp8_ds_mla":
         vals = kv_c_row.float().tolist()
         codes, scales = [], []
         for k in range(4):
             tile = vals[128 * k:128 * (k + 1)]
-            s = max(f32(max(abs(v) for v in tile) / 448.0), FLT_MIN)
+            s = max(f32(amax_skip_nan(tile) / 448.0), FLT_MIN)
             scales.append(s)
             codes += [E4M3.encode(f32(v / s)) for v in tile]
         return codes + sum((f32_bytes(s) for s in scales), []) + row_bytes(k_pe_row)
@@ -193,13 +208,14 @@ def upconvert_oracle(src, dst, table, ws, batch, starts=None) -> None:
 
 
 def indexer_token(k_row, Q: int, fmt: str):
-    """(e4m3 codes, float32 scales) of one token."""
+    """(e4m3 codes, float32 scales) of one token (NaN skipped by the amax; an infinite scale
+    stays infinite with ue8m0)."""
     vals = k_row.float().tolist()
     codes, scales = [], []
     for g in range(len(vals) // Q):
         grp = vals[g * Q:(g + 1) * Q]
-        s = f32(max(max(abs(v) for v in grp), EPS32) / 448.0)
-        if fmt == "ue8m0":
+        s = f32(max(amax_skip_nan(grp), EPS32) / 448.0)
+        if fmt == "ue8m0" and not math.isinf(s):
             m, e = math.frexp(s)
             s = s if m == 0.5 else math.ldexp(1.0, e)
         scales.append(s)
@@ -651,6 +667,282 @@ def test_indexer_write_then_gather_round_trip(fmt, D, Q, gen):
 
 
 # ---------------------------------------------------------------------------------------------
+# fp8_ds_mla and indexer quantization: NaN / inf keys, exact rounding ties
+# ---------------------------------------------------------------------------------------------
+# vLLM's semantics (its kernels, and ours): amax = fmaxf(amax, |x|) from 0, so NaN is skipped and
+# an infinity makes the scale infinite; a code is e4m3(x / scale) with NaN stored as 0x7F.
+E4M3_MIDS = [(a + b) / 2 for a, b in zip(E4M3.values, E4M3.values[1:])]  # 126 rounding ties
+INF_BYTES = [0x00, 0x00, 0x80, 0x7F]  # float32 +inf
+NEG_NAN_BITS = {torch.float32: -0x400000, torch.float16: -0x200, torch.bfloat16: -0x40}
+
+
+def put_neg_nan(t: torch.Tensor, idx) -> None:
+    """t[idx] = a NaN with its sign bit set (torch writes a positive NaN for -nan in 16 bits)."""
+    t.view(torch.int32 if t.element_size() == 4 else torch.int16)[idx] = NEG_NAN_BITS[t.dtype]
+
+
+def plant_nan_inf(x: torch.Tensor, group: int) -> list:
+    """NaN / inf in tokens 1, 2 and 4 of x [tokens >= 5, width] (groups of `group` values):
+    token 1 a NaN and a -NaN in group 0, a -NaN in the last group; token 2 +inf in group 0, the
+    last group -inf, +inf and NaN, group 1 all NaN (when there are 3 groups or more); token 4
+    group 0 all +-inf. Returns the planted tokens; tokens 0 and 3 stay finite."""
+    last = (x.shape[1] // group - 1) * group
+    x[1, 3] = float("nan")
+    put_neg_nan(x, (1, 7))
+    put_neg_nan(x, (1, last + group - 2))
+    x[2, 5] = float("inf")
+    x[2, last + 1], x[2, last + 2], x[2, last + 3] = float("-inf"), float("inf"), float("nan")
+    if x.shape[1] >= 3 * group:
+        x[2, group:2 * group] = float("nan")
+    x[4, :group] = float("inf")
+    x[4, 1:group:2] = float("-inf")
+    return [1, 2, 4]
+
+
+def tie_values(tokens: int, width: int, group: int, dtype, gen, *, factors=(1.0, 3.0)):
+    """[tokens, width] values whose every group of `group` has amax 448 s (s = 2^j or 3 * 2^j,
+    so the scale is s exactly, for the indexer's ue8m0 too when s = 2^j) and whose other values
+    are +-(an e4m3 midpoint) * s: each x / scale is exactly a rounding tie. Only a correctly
+    rounded float32 division and a round-to-nearest-even conversion store the even code; x * (1
+    / s), an approximate reciprocal, or a scale from amax * (1 / 448) moves x / scale off the
+    tie (s = 3 * 2^j: 1 / s and 1 / 448 are inexact)."""
+    groups = width // group
+    s = 2.0 ** torch.randint(-8, 3, (tokens, groups, 1), generator=gen).float()
+    s = s * torch.where(torch.rand(tokens, groups, 1, generator=gen) < 0.5, *factors)
+    mids = torch.tensor(E4M3_MIDS, dtype=torch.float32)
+    v = mids[torch.randint(0, len(mids), (tokens, groups, group), generator=gen)]
+    v = v * torch.where(torch.rand(tokens, groups, group, generator=gen) < 0.5, -1.0, 1.0)
+    at = torch.randint(0, group, (tokens, groups, 1), generator=gen)
+    v.scatter_(2, at, torch.where(torch.rand(tokens, groups, 1, generator=gen) < 0.5, -448.0,
+                                  448.0))
+    x = (v * s).reshape(tokens, width)
+    out = x.to(dtype)
+    assert torch.equal(out.float(), x)  # every value exactly representable
+    return out
+
+
+def near_tie_values(tokens: int, width: int, group: int, gen) -> torch.Tensor:
+    """float32 tie_values (scales 3 * 2^j) with every value but the amax moved by -2..2 ulps:
+    each x / scale lies a few ulps from a tie, on either side, where x * (1 / scale) (even a
+    correctly rounded reciprocal) lands on the other side or on the tie for some of them."""
+    x = tie_values(tokens, width, group, torch.float32, gen, factors=(3.0, 3.0))
+    bits = x.view(torch.int32)
+    moved = torch.where(x.abs().view(tokens, -1, group)
+                        == x.abs().view(tokens, -1, group).amax(-1, keepdim=True),
+                        0, torch.randint(-2, 3, (tokens, width // group, group), generator=gen))
+    return (bits + moved.view(tokens, width).to(torch.int32)).view(torch.float32)
+
+
+def reciprocal_flips(x: torch.Tensor, group: int, scales) -> int:
+    """How many codes x * (1 / scale) would get wrong (float32 reciprocal, then a product)."""
+    s = torch.tensor(scales, dtype=torch.float32).repeat_interleave(group, 1)
+    good = x.float() / s
+    bad = x.float() * (1 / s)
+    enc = lambda q: q.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)  # noqa: E731
+    return int((enc(good) != enc(bad)).sum())
+
+
+def count_ties(x: torch.Tensor, group: int, scales) -> int:
+    """How many x / scale (scales[token][group]) are exactly e4m3 rounding ties."""
+    mids = set(E4M3_MIDS)
+    vals = x.float().tolist()
+    return sum(abs(f32(v / scales[t][i // group])) in mids
+               for t, row in enumerate(vals) for i, v in enumerate(row))
+
+
+def ds_entry(cache, slot):
+    """(codes [512] uint8, 4 float32 tile scales, their 16 bytes) of one fp8_ds_mla entry."""
+    e = raw(cache)[slot // cache.shape[1], slot % cache.shape[1]]
+    return e[:DS_RANK], e[DS_RANK:DS_RANK + 16].clone().view(torch.float32).tolist(), \
+        e[DS_RANK:DS_RANK + 16].tolist()
+
+
+def indexer_entry(cache, slot, D, Q):
+    """(codes [D] uint8, D / Q float32 scales, their bytes) of one token in the indexer cache."""
+    bs, groups = cache.shape[1], D // Q
+    blk, o = raw(cache)[slot // bs].view(-1), slot % bs
+    sb = blk[bs * D + o * groups * 4:bs * D + (o + 1) * groups * 4]
+    return blk[o * D:(o + 1) * D], sb.clone().view(torch.float32).tolist(), sb.tolist()
+
+
+def blank_tokens(cache, slots, kind, D=None, Q=None) -> torch.Tensor:
+    """A byte copy of the cache storage with the bytes of the given slots zeroed."""
+    out = raw(cache).clone()
+    bs = cache.shape[1]
+    for s in slots:
+        if kind == "ds":
+            out[s // bs, s % bs] = 0
+        else:
+            groups, blk, o = D // Q, out[s // bs].view(-1), s % bs
+            blk[o * D:(o + 1) * D] = 0
+            blk[bs * D + o * groups * 4:bs * D + (o + 1) * groups * 4] = 0
+    return out
+
+
+def check_special_groups(codes, scales, scale_bytes, x_row, group, floor_scale):
+    """The spec, group by group, for a row holding NaN / inf: NaN codes 0x7F; a group with an
+    infinity has scale +inf, its infinities code 0x7F and its finite values +-0; an all-NaN group
+    the floor scale and 0x7F codes; otherwise the scale of the finite values' amax."""
+    vals = x_row.float().tolist()
+    for g, s in enumerate(scales):
+        grp = vals[g * group:(g + 1) * group]
+        c = codes[g * group:(g + 1) * group].tolist()
+        if any(math.isinf(v) for v in grp):
+            assert scale_bytes[4 * g:4 * g + 4] == INF_BYTES
+            assert c == [0x7F if not math.isfinite(v) else
+                         (0x80 if math.copysign(1.0, v) < 0 else 0x00) for v in grp]
+        elif all(v != v for v in grp):
+            assert s == floor_scale and c == [0x7F] * group
+        else:
+            finite = max(abs(v) for v in grp if v == v)
+            assert math.isfinite(s) and s >= f32(finite / 448.0)
+            assert all(cc == 0x7F for cc, v in zip(c, grp) if v != v)
+            assert all(cc != 0x7F and cc != 0xFF for cc, v in zip(c, grp) if v == v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_ds_mla_nan_and_inf_follow_vllm_and_stay_in_their_tile(dtype, gen):
+    """A NaN is skipped by its tile's amax and stored as 0x7F; an infinity makes its tile's scale
+    +inf (its finite values +-0, the infinities 0x7F); nothing else of the token, and nothing of
+    the other tokens, changes (the same bytes as without the NaN / inf tokens)."""
+    tokens, nb, bs = 6, 3, 4
+    kv_c, k_pe = mla_inputs(tokens, DS_RANK, DS_PE, dtype, gen)
+    special = plant_nan_inf(kv_c, 128)
+    put_neg_nan(k_pe, (2, 3))  # rope bits are copied as they are, NaN too
+    slots = torch.tensor([5, 0, 9, 2, 11, 7])
+    big, cache = sentinel_cache(nb, bs, DS_ENTRY, torch.uint8)
+    want = big.clone()
+    mla_oracle(kv_c, k_pe, want[:, :bs], slots, "fp8_ds_mla", None)
+    ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla", one())
+    assert torch.equal(big, want)
+    for t in special:
+        codes, scales, sb = ds_entry(cache, int(slots[t]))
+        check_special_groups(codes, scales, sb, kv_c[t], 128, FLT_MIN)
+    _, sc1, _ = ds_entry(cache, int(slots[1]))
+    assert sc1[0] == f32(amax_skip_nan(kv_c[1, :128].float().tolist()) / 448.0)
+    _, _, sb4 = ds_entry(cache, int(slots[4]))
+    assert sb4[:4] == INF_BYTES
+    rope = raw(cache)[slots[2] // bs, slots[2] % bs, 528:].clone().view(torch.int16)
+    assert int(rope[3]) == NEG_NAN_BITS[dtype]
+    # the finite tokens: the bytes of a run where the NaN / inf tokens are padding
+    _, alone = sentinel_cache(nb, bs, DS_ENTRY, torch.uint8)
+    pad = slots.clone()
+    pad[special] = -1
+    ops.concat_and_cache_mla(kv_c, k_pe, alone, pad, "fp8_ds_mla", one())
+    sp = [int(slots[t]) for t in special]
+    assert torch.equal(blank_tokens(cache, sp, "ds"), blank_tokens(alone, sp, "ds"))
+
+
+def nan_inf_ds_cache(gen, tokens=6, bs=4):
+    """(cache, kv_c, k_pe, slots): fp8_ds_mla entries of bf16 rows with NaN / inf planted
+    (0x7F codes, +inf tile scales), written by the reference at slots 0..tokens-1."""
+    kv_c, k_pe = mla_inputs(tokens, DS_RANK, DS_PE, torch.bfloat16, gen, pad=None)
+    plant_nan_inf(kv_c, 128)
+    slots = torch.arange(tokens)
+    cache = torch.zeros((tokens + bs - 1) // bs, bs, DS_ENTRY, dtype=torch.uint8)
+    ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla", one())
+    return cache, kv_c, k_pe, slots
+
+
+def test_upconvert_of_nan_codes_and_infinite_scales(gen):
+    """A 0x7F code, or any code of a +inf-scale tile, upconverts to bf16 0x7FFF (CUDA's NaN);
+    the finite tiles and the rope bits as usual."""
+    cache, kv_c, k_pe, slots = nan_inf_ds_cache(gen)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    ws = torch.tensor([0], dtype=torch.int32)
+    dst = torch.zeros(6, 576, dtype=torch.bfloat16)
+    want = dst.clone()
+    upconvert_oracle(cache, want, table, ws, 1)
+    ops.cp_gather_and_upconvert_fp8_kv_cache(cache, dst, table, ws, 1)
+    assert torch.equal(raw(dst), raw(want))
+    bits = dst.view(torch.int16)
+    assert (bits[4, :128] == 0x7FFF).all()                # token 4: a tile of +-inf only
+    assert int(bits[1, 3]) == 0x7FFF and int(bits[1, 7]) == 0x7FFF  # NaN and -NaN codes
+    assert not torch.isnan(dst[[0, 3], :512]).any()       # finite tokens
+    assert torch.equal(dst[:, 512:], k_pe)
+
+
+@pytest.mark.parametrize("D,Q", [(128, 128), (384, 128), (128, 32)])
+@pytest.mark.parametrize("fmt", ["ue8m0", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexer_nan_and_inf_follow_vllm_and_stay_in_their_group(dtype, fmt, D, Q, gen):
+    """As for fp8_ds_mla, per quant group (scale max(amax, 1e-4) / 448; ue8m0 keeps +inf); the
+    old reference propagated NaN into the group's scale and codes and gave ue8m0 an inf group
+    scale 1.0."""
+    tokens, nb, bs = 6, 3, 4
+    k = torch.randn(tokens + 2, D + 8, generator=gen).to(dtype)[:tokens, :D]
+    special = plant_nan_inf(k, Q)
+    slots = torch.tensor([5, 0, 9, 2, 11, 7])
+    big, cache = sentinel_cache(nb, bs, D + D // Q * 4, torch.uint8)
+    want = big.clone()
+    indexer_oracle(k, want[:, :bs], slots, Q, fmt)
+    ops.indexer_k_quant_and_cache(k, cache, slots, Q, fmt)
+    assert torch.equal(big, want)
+    floor = f32(EPS32 / 448.0)
+    if fmt == "ue8m0":
+        floor = 2.0 ** math.ceil(math.log2(floor))
+    for t in special:
+        codes, scales, sb = indexer_entry(cache, int(slots[t]), D, Q)
+        check_special_groups(codes, scales, sb, k[t], Q, floor)
+    _, _, sb4 = indexer_entry(cache, int(slots[4]), D, Q)
+    assert sb4[:4] == INF_BYTES
+    _, alone = sentinel_cache(nb, bs, D + D // Q * 4, torch.uint8)
+    pad = slots.clone()
+    pad[special] = -1
+    ops.indexer_k_quant_and_cache(k, alone, pad, Q, fmt)
+    sp = [int(slots[t]) for t in special]
+    assert torch.equal(blank_tokens(cache, sp, "ix", D, Q), blank_tokens(alone, sp, "ix", D, Q))
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_ds_mla_rounding_ties_go_to_even(dtype, gen):
+    """Tiles whose x / scale are exact e4m3 midpoints (scales 2^j and 3 * 2^j): the reference
+    stores the even code, as the oracle does; most values are ties."""
+    tokens, nb, bs = 8, 2, 4
+    kv_c = tie_values(tokens, DS_RANK, 128, dtype, gen)
+    k_pe = torch.randn(tokens, DS_PE, generator=gen).to(dtype)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    cache = torch.zeros(nb, bs, DS_ENTRY, dtype=torch.uint8)
+    want = cache.clone()
+    mla_oracle(kv_c, k_pe, want, slots, "fp8_ds_mla", None)
+    ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla", one())
+    assert torch.equal(cache, want)
+    scales = [ds_entry(cache, int(s))[1] for s in slots]
+    assert count_ties(kv_c, 128, scales) > 0.9 * tokens * DS_RANK
+
+
+@pytest.mark.parametrize("fmt", ["ue8m0", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexer_rounding_ties_go_to_even(dtype, fmt, gen):
+    tokens, D, Q, nb, bs = 8, 256, 64, 2, 4
+    k = tie_values(tokens, D, Q, dtype, gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    cache = torch.zeros(nb, bs, D + D // Q * 4, dtype=torch.uint8)
+    want = cache.clone()
+    indexer_oracle(k, want, slots, Q, fmt)
+    ops.indexer_k_quant_and_cache(k, cache, slots, Q, fmt)
+    assert torch.equal(cache, want)
+    scales = [indexer_entry(cache, int(s), D, Q)[1] for s in slots]
+    # ue8m0 rounds 3 * 2^j scales up to 2^(j + 2): those groups' quotients are exact, not ties
+    assert count_ties(k, Q, scales) > (0.3 if fmt == "ue8m0" else 0.9) * tokens * D
+
+
+def test_indexer_near_ties_need_a_true_division(gen):
+    """float32 keys a few ulps from e4m3 ties (scales 3 * 2^j): the reference divides, as the
+    oracle does; a reciprocal multiply would get dozens of these codes wrong."""
+    tokens, D, Q, nb, bs = 8, 256, 64, 2, 4
+    k = near_tie_values(tokens, D, Q, gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    cache = torch.zeros(nb, bs, D + D // Q * 4, dtype=torch.uint8)
+    want = cache.clone()
+    indexer_oracle(k, want, slots, Q, "fp8")
+    ops.indexer_k_quant_and_cache(k, cache, slots, Q, "fp8")
+    assert torch.equal(cache, want)
+    scales = [indexer_entry(cache, int(s), D, Q)[1] for s in slots]
+    assert reciprocal_flips(k, Q, scales) > 20
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors and out-of-range indices
 # ---------------------------------------------------------------------------------------------
 def concat_args(**over):
@@ -898,6 +1190,34 @@ def test_out_of_range_indices_raise_and_write_nothing(gen):
         assert (a["dst_k"] == 9).all() and (a["dst_scale"] == 0).all()
 
 
+@pytest.mark.parametrize("bad", [-1, 64, "min", "max"])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+def test_rope_fused_position_outside_the_table_raises_and_writes_nothing(pos_dtype, bad):
+    """Negative positions and positions >= cos_sin_cache rows (64 here), int32 and int64: the
+    reference raises IndexError before rotating or caching anything (q_pe included)."""
+    info = torch.iinfo(pos_dtype)
+    value = {"min": info.min, "max": info.max}.get(bad, bad)
+    a = rope_args(positions=torch.tensor([3, value, 0, 5, 9], dtype=pos_dtype))
+    before = {n: a[n].clone() for n in ("q_pe", "k_pe", "kv_cache")}
+    with pytest.raises(IndexError, match=rf"positions must be in \[0, 64\).*got {value}"):
+        ops.concat_and_cache_mla_rope_fused(**a)
+    for n, t in before.items():
+        assert torch.equal(a[n], t), n
+
+
+def test_cuda_path_position_check():
+    """The CUDA path's COMPILE_OPS_VALIDATE=1 host check of positions (CPU-testable part)."""
+    from compile_ops.mla import _validate_positions
+
+    _validate_positions("op", torch.tensor([0, 63, 7]), 64)
+    _validate_positions("op", torch.zeros(0, dtype=torch.int32), 64)
+    for bad, lo, hi in (([0, 64], 0, 64), ([5, -1], -1, 5), ([2 ** 40], 2 ** 40, 2 ** 40)):
+        with pytest.raises(IndexError, match=rf"op: positions must be in \[0, 64\) "
+                                             rf"\(cos_sin_cache rows\), got values in "
+                                             rf"\[{lo}, {hi}\]"):
+            _validate_positions("op", torch.tensor(bad), 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck, compile
 # ---------------------------------------------------------------------------------------------
@@ -1088,6 +1408,160 @@ def test_cuda_indexer_k_quant_and_cache(dtype, fmt, D, Q, tokens, bs, gen):
     ops.indexer_k_quant_and_cache(moved(k, "cuda"), g_cache, slots.cuda(), Q, fmt)
     ops.indexer_k_quant_and_cache(k, cache, slots, Q, fmt)
     assert torch.equal(storage_bytes(g_cache).cpu(), storage_bytes(cache))
+
+
+def special_kv_c(kind, tokens, dtype, layout, gen):
+    """kv_c / k_pe for the fp8_ds_mla twins: "nan_inf" (random rows over many binades, NaN / inf
+    planted in tokens 1, 2, 4) or "ties" (every x / scale an exact e4m3 rounding tie)."""
+    kv_c, k_pe = cuda_mla_inputs(tokens, DS_RANK, DS_PE, dtype, layout, gen)
+    rows = kv_c.shape[0]  # the unaligned layout has 3 rows past the tokens
+    if kind == "ties":
+        kv_c.copy_(tie_values(rows, DS_RANK, 128, dtype, gen))
+    else:
+        kv_c.mul_(2.0 ** torch.randint(-8, 8, (rows, 1), generator=gen).to(dtype))
+        plant_nan_inf(kv_c, 128)
+    return kv_c, k_pe
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])  # 16-byte and element paths
+@pytest.mark.parametrize("kind", ["nan_inf", "ties"])
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_cuda_ds_mla_nan_inf_and_ties(dtype, kind, layout, gen):
+    """Every byte as the CPU reference: NaN skipped by the tile amax and stored 0x7F, infinite
+    tile scales, other tokens untouched by them; exact ties rounded to even (a contracted,
+    approximate or reciprocal division, or a scale from amax * (1 / 448), would miss some)."""
+    tokens, bs = 37, 16
+    kv_c, k_pe = special_kv_c(kind, tokens, dtype, layout, gen)
+    nb = (tokens * 3 // 2 + bs - 1) // bs + 1
+    slots = slots_for(tokens, nb * bs, gen, pad=False)
+    slots[[0, 6]] = -1
+    _, cache = sentinel_cache(nb, bs, DS_ENTRY, torch.uint8,
+                              block_pad=0 if layout == "contiguous" else 3)
+    g_cache = moved(cache, "cuda")
+    ops.concat_and_cache_mla(*moved_all((kv_c, k_pe), "cuda"), g_cache, slots.cuda(),
+                             "fp8_ds_mla", one(device="cuda"))
+    ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8_ds_mla", one())
+    got, want = storage_bytes(g_cache).cpu(), storage_bytes(cache)
+    assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
+
+
+@pytest.mark.cuda
+def test_cuda_upconvert_of_nan_codes_and_infinite_scales(gen):
+    """bf16 0x7FFF for NaN codes and +inf-scale tiles, every byte as the CPU reference."""
+    cache, _, _, _ = nan_inf_ds_cache(gen, tokens=37, bs=16)
+    table = torch.tensor([[2, 0, 1]], dtype=torch.int32)
+    ws = torch.tensor([0], dtype=torch.int32)
+    dst = torch.full((40, 600), 7.0, dtype=torch.bfloat16)[:, :576]
+    g_dst = moved(dst, "cuda")
+    ops.cp_gather_and_upconvert_fp8_kv_cache(moved(cache, "cuda"), g_dst, table.cuda(),
+                                             ws.cuda(), 1)
+    ops.cp_gather_and_upconvert_fp8_kv_cache(cache, dst, table, ws, 1)
+    assert torch.equal(storage_bytes(g_dst).cpu(), storage_bytes(dst))
+
+
+# near ties need float32 keys (16-bit values are too short to lie a few ulps from a tie)
+INDEXER_SPECIAL_KINDS = [(d, k) for d in DTYPES for k in ("nan_inf", "ties")] + [
+    (torch.float32, "near_ties")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D,Q", [(128, 128), (384, 128), (256, 64), (128, 32), (256, 256)])
+@pytest.mark.parametrize("fmt", ["ue8m0", "fp8"])
+@pytest.mark.parametrize("dtype,kind", INDEXER_SPECIAL_KINDS)
+def test_cuda_indexer_nan_inf_and_ties(dtype, kind, fmt, D, Q, gen):
+    """indexer_k_quant_and_cache against the CPU reference, every byte: NaN / inf keys next to
+    finite ones (several tokens' groups share a warp), exact ties, and float32 keys a few ulps
+    from ties (where only a true division gives the reference's codes)."""
+    tokens, bs = 37, 16
+    if kind == "nan_inf":
+        k = torch.randn(tokens, D, generator=gen)
+        k = (k * 2.0 ** torch.randint(-12, 12, (tokens, 1), generator=gen)).to(dtype)
+        plant_nan_inf(k, Q)
+    elif kind == "ties":
+        k = tie_values(tokens, D, Q, dtype, gen)
+    else:
+        k = near_tie_values(tokens, D, Q, gen)
+    k = torch.cat((k, torch.zeros(tokens, 8, dtype=dtype)), 1)[:, :D]  # row-strided
+    nb = (tokens * 3 // 2 + bs - 1) // bs + 1
+    slots = slots_for(tokens, nb * bs, gen, pad=False)
+    slots[[0, 6]] = -1
+    _, cache = sentinel_cache(nb, bs, D + D // Q * 4, torch.uint8)
+    g_cache = moved(cache, "cuda")
+    ops.indexer_k_quant_and_cache(moved(k, "cuda"), g_cache, slots.cuda(), Q, fmt)
+    ops.indexer_k_quant_and_cache(k, cache, slots, Q, fmt)
+    got, want = storage_bytes(g_cache).cpu(), storage_bytes(cache)
+    assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
+
+
+def poisoned_cos_sin(max_pos, rot, dtype, poison, rows=4):
+    """A [max_pos, rot] RoPE table that is a row slice of a larger tensor whose `rows` rows
+    before and after hold `poison`: a read outside the table picks it up."""
+    big = torch.full((max_pos + 2 * rows, rot), poison, dtype=dtype)
+    big[rows:rows + max_pos] = rope_cos_sin_cache(max_pos, rot, dtype)
+    return big[rows:rows + max_pos]
+
+
+BAD_POSITIONS = [3, -1, 64, 10, "min", 63, 0, "max", -64, 7]  # max_pos 64
+
+
+def bad_positions(pos_dtype):
+    info = torch.iinfo(pos_dtype)
+    return torch.tensor([{"min": info.min, "max": info.max}.get(p, p) for p in BAD_POSITIONS],
+                        dtype=pos_dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("kv,dtype,cs_model_dtype", [
+    ("auto", torch.bfloat16, False), ("fp8", torch.float16, True), ("auto", torch.float32, False)])
+def test_cuda_rope_fused_skips_positions_outside_the_table(kv, dtype, cs_model_dtype, is_neox,
+                                                           pos_dtype, gen, monkeypatch):
+    """Negative positions and positions >= max_pos: the kernel skips the token (its q_pe, k_pe
+    and cache entry keep their bytes) and reads nothing outside cos_sin_cache (two poisons
+    around the table, NaN and 1e4, give the same bytes); the other tokens are the CPU
+    reference's. COMPILE_OPS_VALIDATE=1 raises IndexError and writes nothing."""
+    monkeypatch.delenv("COMPILE_OPS_VALIDATE", raising=False)
+    positions = bad_positions(pos_dtype)
+    tokens, heads, nb, bs = positions.shape[0], 4, 2, 16
+    _, q_pe, k_pe, kv_c, _ = rope_inputs(tokens, heads, DS_RANK, DS_PE, 32, dtype, gen)
+    cs_dtype = dtype if cs_model_dtype else torch.float32
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]  # every token has a slot
+    _, cache = sentinel_cache(nb, bs, DS_RANK + DS_PE, fp8_storage(kv, dtype, False))
+    results = []
+    for poison in (float("nan"), 1e4):
+        g = moved_all((q_pe, k_pe, kv_c, cache), "cuda")
+        table = moved(poisoned_cos_sin(64, DS_PE, cs_dtype, poison), "cuda")  # poison moves too
+        ops.concat_and_cache_mla_rope_fused(positions.cuda(), g[0], g[1], g[2], table, is_neox,
+                                            slots.cuda(), g[3], kv, one(0.37, "cuda"))
+        results.append([storage_bytes(t).cpu() for t in g])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # nothing read from outside the table
+    got_q, got_k = (r.view(dtype) for r in results[0][:2])
+    good = ((positions >= 0) & (positions < 64)).nonzero().squeeze(1)
+    bad = ((positions < 0) | (positions >= 64)).nonzero().squeeze(1)
+    q_all = got_q.as_strided(q_pe.shape, q_pe.stride(), q_pe.storage_offset())
+    k_all = got_k.as_strided(k_pe.shape, k_pe.stride(), k_pe.storage_offset())
+    assert torch.equal(q_all[bad], q_pe[bad]) and torch.equal(k_all[bad], k_pe[bad])
+    wq, wk, wkv = q_pe[good].clone(), k_pe[good].clone(), kv_c[good].clone()
+    want = moved(cache, "cpu")  # a copy of the whole block-padded storage
+    ops.concat_and_cache_mla_rope_fused(positions[good], wq, wk, wkv,
+                                        rope_cos_sin_cache(64, DS_PE, cs_dtype), is_neox,
+                                        slots[good], want, kv, one(0.37))
+    assert torch.equal(q_all[good], wq) and torch.equal(k_all[good], wk)
+    # the cache: the reference's entries for the good tokens, the sentinel bytes elsewhere
+    assert torch.equal(results[0][3], storage_bytes(want))
+
+    monkeypatch.setenv("COMPILE_OPS_VALIDATE", "1")
+    g = moved_all((q_pe, k_pe, kv_c, cache), "cuda")
+    before = [storage_bytes(t).cpu() for t in g]
+    with pytest.raises(IndexError, match=r"positions must be in \[0, 64\)"):
+        ops.concat_and_cache_mla_rope_fused(
+            positions.cuda(), g[0], g[1], g[2], rope_cos_sin_cache(64, DS_PE, cs_dtype).cuda(),
+            is_neox, slots.cuda(), g[3], kv, one(0.37, "cuda"))
+    for t, b in zip(g, before):
+        assert torch.equal(storage_bytes(t).cpu(), b)
 
 
 @pytest.mark.cuda
