@@ -95,9 +95,17 @@ def fp8_format(op: str, kv_cache_dtype) -> Optional[torch.dtype]:
 
 def quantize_fp8_ref(x: torch.Tensor, scale, fmt: torch.dtype) -> torch.Tensor:
     """fp8(x / scale): float32 division, saturate to the largest finite value, round to nearest
-    even (NaN stays NaN). ``scale`` is a float or a float32 tensor that broadcasts against x."""
+    even. A NaN quotient is stored as 0x7F, the canonical NaN that CUDA's conversion
+    (``cvt.rn.satfinite``, ``__nv_cvt_float_to_fp8``) writes in both formats, sign dropped (torch's
+    own conversion keeps the sign: 0xFF for -NaN, and x86's inf / inf is -NaN). ``scale`` is a
+    float or a float32 tensor that broadcasts against x."""
     big = torch.finfo(fmt).max
-    return (x.float() / scale).clamp(-big, big).to(fmt)
+    q = x.float() / scale
+    out = q.clamp(-big, big).to(fmt)
+    nan = torch.isnan(q)
+    if bool(nan.any()):
+        out = torch.where(nan, torch.tensor(0x7F, dtype=torch.uint8).view(fmt), out)
+    return out
 
 
 def dequantize_fp8_ref(q: torch.Tensor, scale, fmt: torch.dtype, dtype: torch.dtype):
