@@ -47,6 +47,8 @@ def check_rows(op: str, name: str, t: torch.Tensor, *, writable: bool) -> None:
     """
     if t.dim() < 1:
         fail(op, f"{name} must have at least one dimension, got a 0-d tensor")
+    if t.numel() == 0:  # no rows ([2, 0, hidden] included): nothing is read or written
+        return
     hidden = t.size(-1)
     if hidden > 1 and t.stride(-1) != 1:
         fail(op, f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
@@ -86,32 +88,61 @@ def check_no_partial_overlap(op: str, name: str, t: torch.Tensor, other_name: st
 
 
 def _row_geometry(t: torch.Tensor):
-    """(row stride, row length) in elements when t is rows over dim 0 with everything after dim 0
-    one dense block, in any order of its dims (a column slice of a wider 2-D tensor; a permuted
-    view such as FlashInfer's HND key and value halves of one [blocks, 2, heads, block, head]
-    cache); else None."""
-    if t.dim() < 2:
-        return None
-    expect = 1
-    for st, sz in sorted((t.stride(d), t.size(d)) for d in range(1, t.dim()) if t.size(d) != 1):
-        if st != expect:
-            return None
-        expect *= sz
-    return t.stride(0), expect
+    """t's elements as a strided set: the (size, stride) pairs, strides in elements, of its dims
+    of more than one element (the base offset comes from the data pointer). Every view has one;
+    _disjoint_columns decides on these sets rather than on t's dim order, so rows may span
+    several leading dims, heads may be strided and inner dims permuted."""
+    return tuple((s, st) for s, st in zip(t.shape, t.stride()) if s != 1)
 
 
 def _disjoint_columns(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Interleaved views whose extents overlap but whose elements do not: column slices of one
-    row-major buffer with the same row stride (query and key inside a fused qkv tensor)."""
-    ga, gb = _row_geometry(a), _row_geometry(b)
-    if ga is None or gb is None or ga[0] != gb[0] or a.element_size() != b.element_size():
+    row-major buffer (query and key inside a fused qkv tensor, with rows over one dim or several:
+    [tokens] or [batch, seq]), head slices of a padded [..., heads, head_size + pad] buffer, the
+    permuted halves of one FlashInfer [blocks, 2, heads, block, head] cache.
+
+    Exact for such views, conservative otherwise (False: they may overlap). A strided set is
+    {base + sum k_i s_i}. For a period P (one of the strides) with every stride >= P a multiple
+    of P and the dims of stride < P within one row (base mod P plus their extent <= P), each
+    element is P * row + column with the rows and the columns two smaller strided sets, and the
+    set is their product: two such sets are disjoint exactly when their columns or their rows
+    are. Recursion on both; the base case compares extents.
+    """
+    if a.element_size() != b.element_size():
         return False
-    stride, (la, lb) = ga[0], (ga[1], gb[1])
     delta = b.data_ptr() - a.data_ptr()
-    if stride <= 0 or delta % a.element_size():
+    if delta % a.element_size():
         return False
-    d = (delta // a.element_size()) % stride
-    return la + lb <= stride and la <= d <= stride - lb
+
+    def extent(base, dims):
+        return base, base + sum((s - 1) * st for s, st in dims) + 1
+
+    def split(base, dims, p):
+        """(columns, rows) of a strided set for the period p, or None."""
+        inner = tuple((s, st) for s, st in dims if st < p)
+        outer = tuple((s, st) for s, st in dims if st >= p)
+        col = base % p
+        if any(st % p for _, st in outer) or extent(col, inner)[1] > p:
+            return None
+        return (col, inner), ((base - col) // p, tuple((s, st // p) for s, st in outer))
+
+    memo = {}
+
+    def disjoint(x, y):
+        (lo_x, hi_x), (lo_y, hi_y) = extent(*x), extent(*y)
+        if hi_x <= lo_y or hi_y <= lo_x:
+            return True
+        if (x, y) not in memo:
+            memo[(x, y)] = False  # strides shrink (p > 1) or dims drop: no cycles; a guard
+            for p in sorted({st for _, st in x[1] + y[1] if st > 1}):
+                sx, sy = split(*x, p), split(*y, p)
+                if sx is not None and sy is not None and (
+                        disjoint(sx[0], sy[0]) or disjoint(sx[1], sy[1])):
+                    memo[(x, y)] = True
+                    break
+        return memo[(x, y)]
+
+    return disjoint((0, _row_geometry(a)), (delta // a.element_size(), _row_geometry(b)))
 
 
 def _extent(t: torch.Tensor):

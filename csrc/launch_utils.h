@@ -200,6 +200,10 @@ inline RowView row_view(const char* op, const char* name, const at::Tensor& t, b
   RowView v;
   v.ptr = t.data_ptr();
   v.rows = hidden == 0 ? 0 : t.numel() / hidden;
+  if (t.numel() == 0) {  // no rows ([2, 0, hidden] included): nothing is read or written
+    v.stride = hidden;
+    return v;
+  }
   int64_t expect = -1;  // stride the next-outer non-trivial dim must have
   for (int64_t d = nd - 2; d >= 0; --d) {
     if (t.size(d) == 1) continue;
@@ -223,29 +227,61 @@ struct Heads {
   void* ptr = nullptr;
   int64_t token_stride = 0;
   int heads = 0;
+  int64_t head_stride = 0;  // in elements; head_size unless `strided` heads_view found otherwise
 };
 
 // query/key of the RoPE ops: shape positions.shape + (heads * head_size,) or + (heads, head_size),
-// each token's values packed, the token dims collapsible into one stride.
+// the token dims collapsible into one stride. Each token's values packed (head_stride =
+// head_size), or with `strided` (rotary_embedding; the fused RoPE + cache kernels take packed
+// heads only) also + (..., head_size) with each head contiguous and the head dims collapsible
+// into one head stride >= head_size (t[..., :head_size] of a padded [..., heads, head_size + pad]
+// tensor). Written elements must not overlap. A tensor with no elements is accepted as is.
 inline Heads heads_view(const char* kOp, const char* name, const at::Tensor& x,
-                        const at::Tensor& positions, int64_t head_size) {
+                        const at::Tensor& positions, int64_t head_size, bool strided = false) {
   const int64_t lead = positions.dim();
   TORCH_CHECK(x.dim() > lead && x.sizes().slice(0, lead) == positions.sizes(), kOp, ": ", name,
               " must start with the positions' shape ", dims(positions.sizes()), ", got ",
               dims(x.sizes()));
   int64_t per_token = 1, expect = 1;
+  bool packed = true;
   for (int64_t d = x.dim() - 1; d >= lead; --d) {
-    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expect, kOp, ": ", name,
-                " must hold each token's heads contiguously, got strides ", dims(x.strides()));
+    if (x.size(d) != 1 && x.stride(d) != expect) packed = false;
     expect *= x.size(d);
     per_token *= x.size(d);
   }
+  TORCH_CHECK(packed || strided || x.numel() == 0, kOp, ": ", name,
+              " must hold each token's heads contiguously, got strides ", dims(x.strides()));
   TORCH_CHECK(per_token % head_size == 0, kOp, ": ", name, " values per token (",
               num(per_token), ") not a multiple of head_size ", num(head_size));
   Heads h;
   h.ptr = x.data_ptr();
   h.heads = static_cast<int>(per_token / head_size);
+  h.head_stride = head_size;
   h.token_stride = per_token;
+  if (x.numel() == 0) return h;  // nothing to read or write ([2, 0, hidden] included)
+  if (!packed) {
+    TORCH_CHECK(x.dim() >= lead + 2 && x.size(-1) == head_size &&
+                    (head_size == 1 || x.stride(-1) == 1),
+                kOp, ": ", name,
+                " must be positions' shape + (heads * head_size) with its values packed, or + "
+                "(heads, head_size) with each head contiguous, got shape ",
+                dims(x.sizes()), " and strides ", dims(x.strides()));
+    int64_t next = -1;
+    bool first = true;
+    for (int64_t d = x.dim() - 2; d >= lead; --d) {
+      if (x.size(d) == 1) continue;
+      TORCH_CHECK(next < 0 || x.stride(d) == next, kOp, ": ", name,
+                  " head dims must collapse into one head stride, got strides ",
+                  dims(x.strides()));
+      if (first) h.head_stride = x.stride(d);
+      first = false;
+      next = x.stride(d) * x.size(d);
+    }
+    TORCH_CHECK(h.heads <= 1 || h.head_stride >= head_size, kOp, ": ", name,
+                " heads overlap in memory (head stride ", num(h.head_stride), " < head_size ",
+                num(head_size), ")");
+    h.token_stride = static_cast<int64_t>(h.heads) * h.head_stride;
+  }
   int64_t next = -1;
   bool first = true;
   for (int64_t d = lead - 1; d >= 0; --d) {
@@ -256,8 +292,15 @@ inline Heads heads_view(const char* kOp, const char* name, const at::Tensor& x,
     first = false;
     next = x.stride(d) * x.size(d);
   }
-  TORCH_CHECK(positions.numel() <= 1 || h.token_stride >= per_token, kOp, ": ", name,
-              " tokens overlap in memory");
+  // The tokens' [heads, head_size] blocks must not run into each other or, heads-major (token
+  // stride < head stride), the heads' [tokens, head_size] blocks.
+  const int64_t tokens = positions.numel();
+  const int64_t heads_extent = (h.heads - 1) * h.head_stride + head_size;
+  const int64_t tokens_extent = (tokens - 1) * h.token_stride + head_size;
+  TORCH_CHECK(tokens <= 1 || h.token_stride >= heads_extent ||
+                  (h.heads > 1 && h.token_stride >= head_size &&
+                   h.token_stride < h.head_stride && h.head_stride >= tokens_extent),
+              kOp, ": ", name, " tokens overlap in memory");
   return h;
 }
 

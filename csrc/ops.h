@@ -21,7 +21,8 @@ void act_and_mul(at::Tensor& out, const at::Tensor& input, int64_t kind, double 
 void swigluoai_and_mul(at::Tensor& out, const at::Tensor& input, double alpha, double limit);
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
                       const std::optional<at::Tensor>& key, int64_t head_size,
-                      const at::Tensor& cos_sin_cache, bool is_neox);
+                      const at::Tensor& cos_sin_cache, bool is_neox, int64_t rope_dim_offset = 0,
+                      bool inverse = false);
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                        at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t kind,
                        const at::Tensor& k_scale, const at::Tensor& v_scale);

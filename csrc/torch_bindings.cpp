@@ -28,7 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &compile_ops::rotary_embedding,
         "rotate query (and key) in place by the cos/sin of each token's position",
         py::arg("positions"), py::arg("query"), py::arg("key"), py::arg("head_size"),
-        py::arg("cos_sin_cache"), py::arg("is_neox"));
+        py::arg("cos_sin_cache"), py::arg("is_neox"), py::arg("rope_dim_offset") = 0,
+        py::arg("inverse") = false);
   m.def("reshape_and_cache", &compile_ops::reshape_and_cache,
         "write key/value at their slots into the x-packed paged cache (kind: 0 auto, 1 e4m3, 2 "
         "e5m2)",

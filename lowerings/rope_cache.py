@@ -96,6 +96,18 @@ def _rows(t: torch.Tensor, base: torch.Tensor):
     return (t.storage_offset() - base.storage_offset(), t.size(0), t.stride(0), inner)
 
 
+def _heads_packed(t: torch.Tensor, lead: int) -> bool:
+    """The dims after the positions' `lead` dims are packed (each token's heads contiguous), as
+    the fused RoPE + cache ops require; rotary_embedding alone also takes strided heads."""
+    inner = 1
+    for d in range(t.dim() - 1, lead - 1, -1):
+        if not statically_known_true(t.size(d) == 1) and \
+                not statically_known_true(t.stride(d) == inner):
+            return False
+        inner = inner * t.size(d)
+    return True
+
+
 def _same(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         statically_known_true(x == y) for x, y in zip(a, b))
@@ -164,10 +176,18 @@ class RopeCachePass(FusionPass):
                 isinstance(kv_dtype, str)):
             self.near_miss("head_size, is_neox or kv_cache_dtype is not a constant", cn)
             return False
+        if rkw.get("rope_dim_offset", 0) != 0 or rkw.get("inverse", False) is not False:
+            self.near_miss("rotary_embedding with rope_dim_offset or inverse (the fused ops have "
+                           "neither)", cn)
+            return False
         k_idx, k_view = _spec(r, "key", bases)
         q_idx, q_view = _spec(r, "query", bases)
         if k_idx is None:
             self.near_miss("rotary_embedding without a key", r)
+            return False
+        lead = _val(rkw.get("positions"))
+        if q_view is not None and (lead is None or not _heads_packed(q_view, lead.dim())):
+            self.near_miss("query heads are strided (the fused ops take packed heads)", cn)
             return False
         if k_idx != new_base_idx:
             self.near_miss("cache key comes from another base than the rotated key", cn)

@@ -153,6 +153,34 @@ def test_reshape_and_cache_consecutive_slots(coop, cache_kernel, dtype, kv, bs, 
     assert rv.abs().sum() > 0
 
 
+@pytest.mark.parametrize("inputs", ["plain", "odd"])
+@pytest.mark.parametrize("dtype,kv,x", [
+    (torch.float32, "auto", 1), (torch.float32, "auto", 16), (torch.float16, "auto", 2),
+    (torch.bfloat16, "auto", 16), (torch.bfloat16, "fp8", 4), (torch.float16, "fp8_e5m2", 8),
+    (torch.float32, "fp8", 1)])
+def test_reshape_and_cache_any_x(emu, dtype, kv, x, inputs, gen):
+    """x = key_cache.size(4) other than 16 bytes: the element-wise kernel (per-head scales,
+    padding and out-of-range slots skipped, float8 storage for x = 1)."""
+    heads, hs, nb, bs, tokens = 3, 32, 5, 8, 23
+    key, value = kv_pair(tokens, heads, hs, hs, dtype, gen, inputs)
+    slots = torch.randperm(nb * bs, generator=gen)[:tokens]
+    slots[1::5] = -1
+    cdt = cache_dtype(kv, dtype, "float8" if x == 1 else "uint8")
+    kc = torch.zeros(nb, heads, hs // x, bs, x, dtype=cdt)
+    vc = torch.zeros(nb, heads, hs, bs, dtype=cdt)
+    rk, rv = kc.clone(), vc.clone()
+    s = torch.tensor([0.5, 1.0, 2.0])
+    emu.reshape_and_cache(key, value, kc, vc, slots, _KV_KIND[kv], s, s)
+    ops.reshape_and_cache(key, value, rk, rv, slots, kv, s, s)
+    assert torch.equal(codes(kc), codes(rk)) and torch.equal(codes(vc), codes(rv))
+    assert codes(rk).float().abs().sum() > 0
+    bad = slots.clone()
+    bad[0] = nb * bs  # out of range: the kernel skips the token
+    before_k, before_v = codes(kc).clone(), codes(vc).clone()
+    emu.reshape_and_cache(key[:1], value[:1], kc, vc, bad[:1], _KV_KIND[kv], s, s)
+    assert torch.equal(codes(kc), before_k) and torch.equal(codes(vc), before_v)
+
+
 def test_out_of_range_slots_are_skipped(coop, cache_kernel, gen):
     emu = coop
     heads, hs, nb, bs = 2, 64, 4, 16
@@ -255,6 +283,54 @@ def test_convert_fp8(emu, dtype, kv, offset, gen):
     assert torch.equal(back, ref)
 
 
+def convert_block_case(case, gen):
+    """(output, input, scale, kv) for convert_fp8 by blocks (vLLM: same blocks and elements per
+    block, shapes free; each side's own block stride)."""
+    nb, h, bs, hs = 5, 2, 8, 32
+    rand = lambda shape, dt: (torch.randn(shape, generator=gen) * 4).to(dt)  # noqa: E731
+    full = lambda shape, dt: torch.full(shape, 7, dtype=dt)  # noqa: E731
+    if case == "x8_to_x16_flat":  # dense caches of another x: the flat kernel
+        return (full((nb, h, hs // 16, bs, 16), torch.uint8),
+                rand((nb, h, hs // 8, bs, 8), torch.bfloat16), 0.37, "fp8")
+    if case == "kv_halves_vec":  # padded block strides on both sides, 16-byte packs
+        out = full((nb, 2, h, hs // 16, bs, 16), torch.float8_e5m2)[:, 1]
+        return out, rand((nb, 2, h, hs // 8, bs, 8), torch.float16)[:, 0], 2.0, "fp8_e5m2"
+    if case == "dequant_padded":  # codes with padding between blocks -> bf16 of another shape
+        q = quantize_fp8_ref(torch.randn(nb, 600, generator=gen), 1.0, FP8["fp8"])
+        return (full((nb, h, hs // 8, bs, 8), torch.bfloat16),
+                q.view(torch.uint8)[:, :512].view(nb, h, hs // 16, bs, 16), 0.25, "fp8")
+    if case == "odd_strides":  # block strides not a multiple of the pack: element accesses
+        return (full((nb, 77), torch.uint8)[:, 3:70], rand((nb, 70), torch.float32)[:, 1:68],
+                0.37, "fp8_e4m3")
+    # "auto_unaligned": a plain cast, bases off 16 bytes, padded strides
+    return (full((nb, 40), torch.bfloat16)[:, 1:33].view(nb, 4, 8),
+            rand((nb, 35), torch.float32)[:, 2:34], 1.0, "auto")
+
+
+@pytest.mark.parametrize("case", ["x8_to_x16_flat", "kv_halves_vec", "dequant_padded",
+                                  "odd_strides", "auto_unaligned"])
+def test_convert_fp8_blocks(emu, case, gen):
+    out, inp, scale, kv = convert_block_case(case, gen)
+    base = out if out._base is None else out._base
+    want_base = base.clone()
+    want = want_base.as_strided(out.shape, out.stride(), out.storage_offset())
+    ops.convert_fp8(want, inp, scale, kv)
+    emu.convert_fp8(out, inp, scale, _KV_KIND[kv])
+    assert torch.equal(codes(base), codes(want_base))  # padding between blocks untouched
+
+
+def test_convert_fp8_launcher_checks(emu):
+    """The launcher's own checks (a second line behind the Python layer's)."""
+    x = torch.randn(4, 2, 8)
+    for out, inp, fragment in [
+            (torch.empty(5, 16, dtype=torch.uint8), x, "same number of blocks"),
+            (torch.empty(4, 15, dtype=torch.uint8), x, "same number of elements"),
+            (torch.empty(4, 16, dtype=torch.uint8), x.transpose(1, 2), "contiguous within a"),
+            (torch.empty(20, dtype=torch.uint8).as_strided((4, 16), (1, 1)), x, "overlap")]:
+        with pytest.raises(RuntimeError, match=fragment):
+            emu.convert_fp8(out, inp, 1.0, _KV_KIND["fp8"])
+
+
 @pytest.mark.parametrize("mode", ["memcpy", "kernel", "auto"])
 @pytest.mark.parametrize("nbytes_div", [1, 2, 3])
 def test_swap_blocks(emu, mode, nbytes_div, gen):
@@ -325,6 +401,96 @@ def test_rotary_out_of_range_positions_are_skipped(emu, pad, gen):
     positions = torch.tensor([1, 8, -1])
     emu.rotary_embedding(positions, q, None, 64, cache, True)
     assert torch.equal(q[1:], q0[1:]) and not torch.equal(q[0], q0[0])
+
+
+def _rope_bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+# Strided heads, rope_dim_offset and inverse. Heads at stride head_size + pad: a pad of 8 keeps
+# each head 16-byte aligned for every dtype (the 128-bit kernels), an odd pad or offset does not
+# (the element-wise kernels; UBSan's alignment check would abort a misaligned 128-bit access).
+# Packed heads with inverse=False run the packed instantiation (the offset moves the pointer),
+# strided heads or inverse the general one.
+ROPE_CASES = {  # name: (lead, pad (None: packed [tokens, heads * head]), fused, offset, inverse)
+    "padded_vec": ((5,), 8, False, 0, False),
+    "padded_odd": ((5,), 1, False, 0, False),
+    "bshd_fused_vec": ((2, 3), 8, True, 0, False),
+    "bshd_fused_odd": ((2, 3), 3, True, 0, False),
+    "offset_vec": ((5,), None, False, 16, False),
+    "offset_odd": ((5,), None, False, 5, False),
+    "inverse_vec": ((5,), None, False, 0, True),
+    "inverse_odd": ((5,), None, False, 3, True),
+    "strided_offset_inverse_vec": ((2, 3), 8, True, 32, True),
+    "strided_offset_inverse_odd": ((5,), 2, False, 32, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_strided_offset_inverse(emu, dtype, is_neox, case, gen):
+    lead, pad, fused, offset, inverse = ROPE_CASES[case]
+    nq, nk, hs, rot = 4, 2, 64, 32
+    positions = torch.randint(0, 64, lead, generator=gen)
+    cache = rope_cos_sin_cache(64, rot)
+    if pad is None:
+        bufs = [torch.randn(*lead, h, hs, generator=gen).to(dtype) for h in (nq, nk)]
+        q, k = (b.flatten(-2) for b in bufs)
+        written = [nq, nk]
+    elif fused:
+        bufs = [torch.randn(*lead, nq + 2 * nk, hs + pad, generator=gen).to(dtype)]
+        q, k = bufs[0][..., :nq, :hs], bufs[0][..., nq:nq + nk, :hs]
+        written = [nq + nk]
+    else:
+        bufs = [torch.randn(*lead, h, hs + pad, generator=gen).to(dtype) for h in (nq, nk)]
+        q, k = (b[..., :hs] for b in bufs)
+        written = [nq, nk]
+    before = [b.clone() for b in bufs]
+    want_q, want_k = rotary_embedding_ref(positions, q, k, hs, cache, is_neox, offset, inverse)
+    emu.rotary_embedding(positions, q, k, hs, cache, is_neox, offset, inverse)
+    assert_close(q, want_q)
+    assert_close(k, want_k)
+    for b, b0, n in zip(bufs, before, written):  # padding, v heads, non-rotary dims untouched
+        keep = torch.ones(b.shape, dtype=torch.bool)
+        keep[..., :n, offset:offset + rot] = False
+        assert torch.equal(_rope_bits(b)[keep], _rope_bits(b0)[keep])
+    # and back: the inverse of the rotation
+    emu.rotary_embedding(positions, q, k, hs, cache, is_neox, offset, not inverse)
+    assert_close(q, before[0][..., :nq, :hs].reshape(q.shape))
+
+
+def test_rotary_launcher_checks(emu, gen):
+    """The launcher refuses what the Python checks refuse (overlapping heads or tokens, a bad
+    rope_dim_offset) and takes empty inner leading dims; the fused RoPE + cache launcher keeps
+    refusing strided heads (its kernel takes packed heads only)."""
+    pos = torch.arange(4)
+    q = torch.randn(4, 32, generator=gen)
+    q0 = q.clone()
+    cache = rope_cos_sin_cache(8, 8)
+    for view, hs, fragment in [(q.as_strided((4, 2, 16), (32, 8, 1)), 16, "heads overlap"),
+                               (q.as_strided((4, 2, 6), (6, 8, 1)), 6, "tokens overlap"),
+                               (q.view(4, 16, 2).transpose(1, 2), 16, "each head contiguous")]:
+        with pytest.raises(RuntimeError, match=fragment):
+            emu.rotary_embedding(pos, view, None, hs, rope_cos_sin_cache(8, 6), True)
+    for offset in (-1, 9):
+        with pytest.raises(RuntimeError, match="rope_dim_offset"):
+            emu.rotary_embedding(pos, q, None, 16, cache, True, offset, False)
+    assert torch.equal(q, q0)
+    for lead in [(2, 0), (0, 0)]:
+        emu.rotary_embedding(torch.zeros(lead, dtype=torch.int64), torch.empty(*lead, 8), None,
+                             4, rope_cos_sin_cache(8, 4), True, 0, True)
+    # heads-major tokens ([heads, tokens, head] buffer seen as [tokens, heads, head]) are taken
+    hm = torch.randn(2, 4, 16, generator=gen).transpose(0, 1)
+    want, _ = rotary_embedding_ref(pos, hm, None, 16, cache, False, 8, True)
+    emu.rotary_embedding(pos, hm, None, 16, cache, False, 8, True)
+    assert_close(hm, want)
+    row, _, k, v, rpos, cs, kc, vc, slots = rope_cache_case(9, 4, 2, 64, 64, torch.float32,
+                                                            "auto", "NHD", gen)
+    padded = torch.randn(9, 4, 72, generator=gen)[..., :64]
+    with pytest.raises(RuntimeError, match="query must hold each token's heads contiguously"):
+        emu.fused_rope_and_cache_flash(rpos.clamp(0, 63), padded, k, v, 64, cs, True, kc, vc,
+                                       slots, 0, torch.ones(1), torch.ones(1), True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,15 @@ class Attn(torch.nn.Module):
             q, k, v = qkv3[:, :NQ], qkv3[:, NQ:NQ + NK], qkv3[:, NQ + NK:]
         else:
             q, k, v = qkv.split([NQ * HD, NK * HD, NK * HD], dim=-1)
-        ops.rotary_embedding(positions, q, k, HD, cache, self.is_neox)
+        if self.variant == "strided_q":  # heads at stride HD + 4: rotary_embedding takes it
+            q = (x @ self.w[:, :NQ * (HD + 4)]).view(-1, NQ, HD + 4)[..., :HD]
+        if self.variant == "inverse":
+            ops.rotary_embedding(positions, q, k, HD, cache, self.is_neox, inverse=True)
+        elif self.variant == "offset":  # rotary dims at the end of each head
+            ops.rotary_embedding(positions, q, k, HD, cache[:, :HD // 2].contiguous(),
+                                 self.is_neox, rope_dim_offset=HD // 2)
+        else:
+            ops.rotary_embedding(positions, q, k, HD, cache, self.is_neox)
         key = k.view(-1, NK, HD)
         value = v.reshape(-1, NK, HD)
         extra = None
@@ -157,6 +165,10 @@ def test_dynamic_tokens():
     ("mutate_key", "cache key is not a view of a rotary_embedding result"),
     ("read_cache_between", "a cache is used between rotary_embedding and the write"),
     ("value_is_key", "value overlaps the rotated query or key"),
+    # rotary_embedding's own features that the fused ops do not have (issue 25)
+    ("inverse", "rotary_embedding with rope_dim_offset or inverse (the fused ops have neither)"),
+    ("offset", "rotary_embedding with rope_dim_offset or inverse (the fused ops have neither)"),
+    ("strided_q", "query heads are strided (the fused ops take packed heads)"),
 ])
 def test_does_not_fuse(variant, reason):
     eager, ea, got, ca, code = run(Attn(variant=variant), inputs())

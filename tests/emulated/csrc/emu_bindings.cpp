@@ -17,7 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm_out", &compile_ops::fused_add_rms_norm_out);
   m.def("act_and_mul", &compile_ops::act_and_mul);
   m.def("swigluoai_and_mul", &compile_ops::swigluoai_and_mul);
-  m.def("rotary_embedding", &compile_ops::rotary_embedding);
+  m.def("rotary_embedding", &compile_ops::rotary_embedding, py::arg("positions"),
+        py::arg("query"), py::arg("key"), py::arg("head_size"), py::arg("cos_sin_cache"),
+        py::arg("is_neox"), py::arg("rope_dim_offset") = 0, py::arg("inverse") = false);
   m.def("reshape_and_cache", &compile_ops::reshape_and_cache);
   m.def("reshape_and_cache_flash", &compile_ops::reshape_and_cache_flash);
   m.def("gather_cache", &compile_ops::gather_cache);
