@@ -95,6 +95,21 @@ def rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neo
     return rotate(query), (rotate(key) if key is not None else None)
 
 
+def _collapsed_stride(x: torch.Tensor, dims, what: str) -> Optional[int]:
+    """The one stride of `dims` (innermost first) taken as one flat dim: each dim of size > 1
+    must sit at the previous one's stride * size. None when every dim has size 1."""
+    stride, expect = None, None
+    for d in dims:
+        if x.size(d) == 1:
+            continue
+        if expect is not None and x.stride(d) != expect:
+            C.fail(OP, f"{what}, got shape {tuple(x.shape)} and strides {x.stride()}")
+        if stride is None:
+            stride = x.stride(d)
+        expect = x.stride(d) * x.size(d)
+    return stride
+
+
 def _heads_layout(name: str, x: torch.Tensor, lead: int, head_size: int, strided: bool):
     """(tokens, heads, token stride, head stride) of a query/key; raises when the heads or the
     tokens are not at one stride each or would overlap when written. `strided`: the heads may
@@ -126,32 +141,16 @@ def _heads_layout(name: str, x: torch.Tensor, lead: int, head_size: int, strided
                        f"its values packed, or + (heads, head_size) with each head contiguous "
                        f"(last dim of size head_size {head_size} and stride 1); got shape "
                        f"{tuple(x.shape)} and strides {x.stride()}")
-        head_stride, expect = None, None
-        for d in range(x.dim() - 2, lead - 1, -1):
-            if x.size(d) == 1:
-                continue
-            if expect is not None and x.stride(d) != expect:
-                C.fail(OP, f"{name} head dims must collapse into one head stride, got shape "
-                           f"{tuple(x.shape)} and strides {x.stride()}")
-            if head_stride is None:
-                head_stride = x.stride(d)
-            expect = x.stride(d) * x.size(d)
+        head_stride = _collapsed_stride(x, range(x.dim() - 2, lead - 1, -1),
+                                        f"{name} head dims must collapse into one head stride")
         if head_stride is None:  # one head: its stride is never used
             head_stride = head_size
     if heads > 1 and head_stride < head_size:
         C.fail(OP, f"{name} heads overlap in memory (head stride {head_stride} < head_size "
                    f"{head_size})")
     # Tokens: leading dims collapsible into one stride.
-    token_stride, expect = None, None
-    for d in range(lead - 1, -1, -1):
-        if x.size(d) == 1:
-            continue
-        if expect is not None and x.stride(d) != expect:
-            C.fail(OP, f"{name} token dims must collapse into one stride, got strides "
-                       f"{x.stride()}")
-        if token_stride is None:
-            token_stride = x.stride(d)
-        expect = x.stride(d) * x.size(d)
+    token_stride = _collapsed_stride(x, range(lead - 1, -1, -1),
+                                     f"{name} token dims must collapse into one stride")
     if token_stride is None:  # one token
         return tokens, heads, heads * head_stride, head_stride
     # Written elements must not overlap: the tokens' heads ([heads, head_size] blocks at the
