@@ -14,6 +14,7 @@ from compile_ops.activation import (
     silu_and_mul,
     swigluoai_and_mul,
 )
+from compile_ops.activation_quant import silu_and_mul_per_block_quant, silu_and_mul_quant
 from compile_ops.attention import merge_attn_states
 from compile_ops.cache import (
     convert_fp8,
@@ -31,6 +32,13 @@ from compile_ops.mla import (
     indexer_k_quant_and_cache,
 )
 from compile_ops.norm import fused_add_rms_norm, fused_add_rms_norm_out, rms_norm
+from compile_ops.norm_quant import (
+    fused_add_rms_norm_static_fp8_quant,
+    rms_norm_dynamic_per_token_quant,
+    rms_norm_per_block_quant,
+    rms_norm_static_fp8_quant,
+)
+from compile_ops.quant import per_token_group_quant_fp8, scaled_fp8_quant
 from compile_ops.rope_cache import fused_rope_and_cache, fused_rope_and_cache_flash
 from compile_ops.rotary import rotary_embedding
 from compile_ops.sampling import argmax
@@ -54,6 +62,14 @@ __all__ = [
     "gelu_tanh_and_mul",
     "fatrelu_and_mul",
     "swigluoai_and_mul",
+    "silu_and_mul_quant",
+    "silu_and_mul_per_block_quant",
+    "scaled_fp8_quant",
+    "rms_norm_static_fp8_quant",
+    "fused_add_rms_norm_static_fp8_quant",
+    "rms_norm_dynamic_per_token_quant",
+    "rms_norm_per_block_quant",
+    "per_token_group_quant_fp8",
     "rotary_embedding",
     "reshape_and_cache",
     "reshape_and_cache_flash",

@@ -175,3 +175,31 @@ def check_epsilon(op: str, epsilon) -> None:
         fail(op, f"epsilon must be a float, got {type(epsilon).__name__}", TypeError)
     if not (0.0 <= float(epsilon) < float("inf")):
         fail(op, f"epsilon must be finite and >= 0, got {epsilon}")
+
+
+def check_out(op: str, name: str, t, input: torch.Tensor, dtypes, *, shape=None,
+              shape_note: str = "", contiguous: bool = True) -> None:
+    """An output tensor of the quant ops: a dtype among `dtypes`, input's device, the shape of
+    input (or `shape`, described by `shape_note`), contiguous unless told otherwise."""
+    check_tensor(op, name, t)
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d) for d in dtypes)
+        fail(op, f"{name} must have dtype {names}, got {t.dtype}", TypeError)
+    if t.device != input.device:
+        fail(op, f"{name} must be on device {input.device} (same as input), got {t.device}")
+    if shape is None and t.shape != input.shape:
+        fail(op, f"{name} must have the shape of input {tuple(input.shape)}, got "
+                 f"{tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        fail(op, f"{name} must have shape {tuple(shape)}{shape_note}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        fail(op, f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def check_float32(op: str, name: str, t, input: torch.Tensor) -> None:
+    """A float32 tensor (a scale) on input's device."""
+    check_tensor(op, name, t)
+    if t.dtype != torch.float32:
+        fail(op, f"{name} must have dtype torch.float32, got {t.dtype}", TypeError)
+    if t.device != input.device:
+        fail(op, f"{name} must be on device {input.device} (same as input), got {t.device}")

@@ -13,53 +13,16 @@
 
 #include "compile_ops/norm.cuh"
 #include "launch_utils.h"
+#include "row_plan.h"
 
 namespace compile_ops {
 namespace {
-
-// Rows handled by one block when a single warp owns a row.
-constexpr int kWarpRowsPerBlock = 4;
-static_assert(32 * kWarpRowsPerBlock <= kRegKernelThreads, "warp-row blocks exceed the launch bound");
-// Rows of up to this many packs go to one warp; longer rows get a block of threads.
-constexpr int kMaxPacksPerWarpRow = 32 * 8;
-// Threads per row for long rows (the register-cached kernel's launch bound). Rows longer than
-// 8 packs x 256 threads (16384 bf16/fp16 elements, 8192 fp32, 2048 unaligned) use the two-pass
-// kernel: holding them in registers would need more threads, capping registers at 64 and spilling.
-constexpr int kMaxRowThreads = kRegKernelThreads;
-
-// Smallest packs-per-thread V in {1, 2, 4, 8} with ceil(n / V) <= limit, or 0 if none.
-int pick_packs_per_thread(int64_t n, int64_t limit) {
-  for (int v = 1; v <= 8; v *= 2)
-    if (ceil_div(n, v) <= limit) return v;
-  return 0;
-}
 
 // The shifted kernel for misaligned rows wins only at large batches. Measured on an H100
 // (bf16, hidden 769, add + rms_norm): 4096 rows 12.6 us vs 13.8 us scalar, 16384 rows 47.6 vs
 // 48.7 us; but 1 row 2.47 vs 1.24 us and 512 rows 4.62 vs 2.79 us. The cause of its fixed
 // overhead is not established yet (see bench/NOTES.md); below this many rows the scalar kernel runs.
 constexpr int64_t kShiftMinRows = 4096;
-
-// Grid and packs-per-thread for rows of n packs (v == 0: too long for the register kernels).
-struct RowPlan {
-  dim3 grid, block;
-  int v;
-};
-
-RowPlan plan_rows(int64_t n, int64_t rows) {
-  RowPlan p;
-  if (n <= kMaxPacksPerWarpRow) {
-    p.v = pick_packs_per_thread(n, 32);
-    p.block = dim3(32, kWarpRowsPerBlock);
-    p.grid = dim3(static_cast<unsigned>(ceil_div(rows, kWarpRowsPerBlock)));
-  } else {
-    p.v = pick_packs_per_thread(n, kMaxRowThreads);
-    const int64_t threads = p.v ? ceil_div(ceil_div(n, p.v), 32) * 32 : 0;
-    p.block = dim3(static_cast<unsigned>(threads));
-    p.grid = dim3(static_cast<unsigned>(rows));
-  }
-  return p;
-}
 
 // Row pointers and strides of one launch. res / res_out: the fused ops' residual input and output
 // (the same tensor for the in-place op), unused otherwise.
@@ -86,18 +49,6 @@ void launch_twopass(const NormArgs<T>& a, cudaStream_t stream, int dev) {
   launch_kernel(rms_norm_twopass_kernel<T, W, FUSED>, dim3(static_cast<unsigned>(a.rows)),
                 dim3(threads), stream, dev, a.out, a.os, a.in, a.is, a.res, a.rs, a.res_out,
                 a.ros, a.w, a.hidden, a.eps);
-}
-
-// Kernel<V> for V in {1, 2, 4, 8}; false when the plan has no register variant.
-template <template <int> class Kernel, typename... Args>
-bool launch_by_packs(const RowPlan& p, cudaStream_t stream, int dev, Args... args) {
-  switch (p.v) {
-    case 1: launch_kernel(Kernel<1>::fn, p.grid, p.block, stream, dev, args...); return true;
-    case 2: launch_kernel(Kernel<2>::fn, p.grid, p.block, stream, dev, args...); return true;
-    case 4: launch_kernel(Kernel<4>::fn, p.grid, p.block, stream, dev, args...); return true;
-    case 8: launch_kernel(Kernel<8>::fn, p.grid, p.block, stream, dev, args...); return true;
-    default: return false;
-  }
 }
 
 template <typename T, int W, bool FUSED>

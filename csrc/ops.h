@@ -85,4 +85,32 @@ void cp_gather_indexer_k_quant_cache(const at::Tensor& kv_cache, at::Tensor& dst
                                      at::Tensor& dst_scale, const at::Tensor& block_table,
                                      const at::Tensor& cu_seq_lens, int64_t quant_block_size);
 void argmax(at::Tensor& out, const at::Tensor& input);
+// FP8 / INT8 activation quantization (vLLM's quant ops; csrc/include/compile_ops/quant.cuh).
+void silu_and_mul_quant(at::Tensor& result, const at::Tensor& input, const at::Tensor& scale);
+void silu_and_mul_per_block_quant(at::Tensor& out, const at::Tensor& input, at::Tensor& scales,
+                                  int64_t group_size, const std::optional<at::Tensor>& scale_ub,
+                                  bool is_scale_transposed);
+void static_scaled_fp8_quant(at::Tensor& result, const at::Tensor& input, const at::Tensor& scale,
+                             int64_t group_m, int64_t group_n);
+void dynamic_scaled_fp8_quant(at::Tensor& result, const at::Tensor& input, at::Tensor& scale);
+void dynamic_per_token_scaled_fp8_quant(at::Tensor& result, const at::Tensor& input,
+                                        at::Tensor& scale,
+                                        const std::optional<at::Tensor>& scale_ub);
+void per_token_group_fp8_quant(const at::Tensor& input, at::Tensor& output_q,
+                               at::Tensor& output_s, int64_t group_size, double eps,
+                               double fp8_min, double fp8_max, bool scale_ue8m0);
+void rms_norm_static_fp8_quant(at::Tensor& result, const at::Tensor& input,
+                               const at::Tensor& weight, const at::Tensor& scale, double epsilon);
+void fused_add_rms_norm_static_fp8_quant(at::Tensor& result, const at::Tensor& input,
+                                         at::Tensor& residual, const at::Tensor& weight,
+                                         const at::Tensor& scale, double epsilon);
+void rms_norm_dynamic_per_token_quant(at::Tensor& result, const at::Tensor& input,
+                                      const at::Tensor& weight, at::Tensor& scale, double epsilon,
+                                      const std::optional<at::Tensor>& scale_ub,
+                                      const std::optional<at::Tensor>& residual);
+void rms_norm_per_block_quant(at::Tensor& result, const at::Tensor& input,
+                              const at::Tensor& weight, at::Tensor& scale, double epsilon,
+                              const std::optional<at::Tensor>& scale_ub,
+                              const std::optional<at::Tensor>& residual, int64_t group_size,
+                              bool is_scale_transposed);
 }  // namespace compile_ops

@@ -105,4 +105,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax", &compile_ops::argmax,
         "out[r] <- index of the first maximum of input[r, :] (NaN the largest)", py::arg("out"),
         py::arg("input"));
+  m.def("silu_and_mul_quant", &compile_ops::silu_and_mul_quant,
+        "result <- fp8(T(T(silu(x1)) * x2) * (1 / scale)) (static per-tensor scale)",
+        py::arg("result"), py::arg("input"), py::arg("scale"));
+  m.def("silu_and_mul_per_block_quant", &compile_ops::silu_and_mul_per_block_quant,
+        "out, scales <- per-(token, group) FP8/INT8 quantization of fp32 silu(x1) * x2",
+        py::arg("out"), py::arg("input"), py::arg("scales"), py::arg("group_size"),
+        py::arg("scale_ub") = py::none(), py::arg("is_scale_transposed") = false);
+  m.def("static_scaled_fp8_quant", &compile_ops::static_scaled_fp8_quant, py::arg("result"),
+        py::arg("input"), py::arg("scale"), py::arg("group_m"), py::arg("group_n"));
+  m.def("dynamic_scaled_fp8_quant", &compile_ops::dynamic_scaled_fp8_quant, py::arg("result"),
+        py::arg("input"), py::arg("scale"));
+  m.def("dynamic_per_token_scaled_fp8_quant", &compile_ops::dynamic_per_token_scaled_fp8_quant,
+        py::arg("result"), py::arg("input"), py::arg("scale"), py::arg("scale_ub"));
+  m.def("per_token_group_fp8_quant", &compile_ops::per_token_group_fp8_quant, py::arg("input"),
+        py::arg("output_q"), py::arg("output_s"), py::arg("group_size"), py::arg("eps"),
+        py::arg("fp8_min"), py::arg("fp8_max"), py::arg("scale_ue8m0"));
+  m.def("rms_norm_static_fp8_quant", &compile_ops::rms_norm_static_fp8_quant,
+        "result <- fp8(rms_norm(input) * weight * (1 / scale))", py::arg("result"),
+        py::arg("input"), py::arg("weight"), py::arg("scale"), py::arg("epsilon"));
+  m.def("fused_add_rms_norm_static_fp8_quant", &compile_ops::fused_add_rms_norm_static_fp8_quant,
+        "residual <- T(input + residual); result <- fp8(rms_norm(residual) * weight / scale)",
+        py::arg("result"), py::arg("input"), py::arg("residual"), py::arg("weight"),
+        py::arg("scale"), py::arg("epsilon"));
+  m.def("rms_norm_dynamic_per_token_quant", &compile_ops::rms_norm_dynamic_per_token_quant,
+        "(residual add +) rms_norm, then per-token FP8/INT8 quantization with its scales",
+        py::arg("result"), py::arg("input"), py::arg("weight"), py::arg("scale"),
+        py::arg("epsilon"), py::arg("scale_ub"), py::arg("residual"));
+  m.def("rms_norm_per_block_quant", &compile_ops::rms_norm_per_block_quant,
+        "(residual add +) rms_norm, then per-group (64/128) FP8/INT8 quantization",
+        py::arg("result"), py::arg("input"), py::arg("weight"), py::arg("scale"),
+        py::arg("epsilon"), py::arg("scale_ub"), py::arg("residual"), py::arg("group_size"),
+        py::arg("is_scale_transposed"));
 }

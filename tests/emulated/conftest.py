@@ -33,7 +33,8 @@ def emu():
                ("emu_bindings.cpp", "emu_activation.cpp", "emu_pos_encoding.cpp",
                 "emu_cache.cpp", "emu_rope_cache.cpp", "emu_layernorm.cpp", "emu_attention.cpp",
                 "emu_decode_attention.cpp",
-                "emu_mla.cpp", "emu_sampling.cpp")]
+                "emu_mla.cpp", "emu_sampling.cpp", "emu_activation_quant.cpp", "emu_quant.cpp",
+                "emu_layernorm_quant.cpp")]
     asan = os.environ.get("COMPILE_OPS_EMU_ASAN", "") not in ("", "0")
     san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     return cpp.load(

@@ -33,12 +33,15 @@ __device__ __forceinline__ T scale_out(float zn, const T& w, bool has_weight) {
   return has_weight ? from_float<T>(to_float(y) * to_float(w)) : y;
 }
 
-// Sum over the blockDim.x threads that own one row. blockDim.x == 32 means one warp per row
+// Reduce over the blockDim.x threads that own one row. blockDim.x == 32 means one warp per row
 // (blockDim.y rows per block) and needs no shared memory; otherwise blockDim.y == 1 and the
-// warps of the block combine their partial sums through shared memory.
-__device__ __forceinline__ float row_sum(float v) {
+// warps of the block combine their partial results through shared memory (one array per
+// operation). Lanes past the block's warps contribute 0: the identity of a sum, and of a max over
+// non-negative values (row_max reduces absolute values; fmaxf ignores NaN).
+template <typename Op>
+__device__ __forceinline__ float row_reduce(float v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   if (blockDim.x == 32) return v;
   __shared__ float partial[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -46,9 +49,19 @@ __device__ __forceinline__ float row_sum(float v) {
   __syncthreads();
   v = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.f;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ float row_sum(float v) { return row_reduce(v, SumOp{}); }
+__device__ __forceinline__ float row_max(float v) { return row_reduce(v, MaxOp{}); }
 
 // One pass over the data: each thread keeps its V packs of W elements in registers between the
 // reduction and the write, so input and residual are read once and every output written once.

@@ -36,4 +36,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexer_k_quant_and_cache", &compile_ops::indexer_k_quant_and_cache);
   m.def("cp_gather_indexer_k_quant_cache", &compile_ops::cp_gather_indexer_k_quant_cache);
   m.def("argmax", &compile_ops::argmax);
+  m.def("silu_and_mul_quant", &compile_ops::silu_and_mul_quant);
+  m.def("silu_and_mul_per_block_quant", &compile_ops::silu_and_mul_per_block_quant);
+  m.def("static_scaled_fp8_quant", &compile_ops::static_scaled_fp8_quant, py::arg("result"),
+        py::arg("input"), py::arg("scale"), py::arg("group_m"), py::arg("group_n"));
+  m.def("dynamic_scaled_fp8_quant", &compile_ops::dynamic_scaled_fp8_quant, py::arg("result"),
+        py::arg("input"), py::arg("scale"));
+  m.def("dynamic_per_token_scaled_fp8_quant", &compile_ops::dynamic_per_token_scaled_fp8_quant,
+        py::arg("result"), py::arg("input"), py::arg("scale"), py::arg("scale_ub"));
+  m.def("per_token_group_fp8_quant", &compile_ops::per_token_group_fp8_quant, py::arg("input"),
+        py::arg("output_q"), py::arg("output_s"), py::arg("group_size"), py::arg("eps"),
+        py::arg("fp8_min"), py::arg("fp8_max"), py::arg("scale_ue8m0"));
+  m.def("rms_norm_static_fp8_quant", &compile_ops::rms_norm_static_fp8_quant);
+  m.def("fused_add_rms_norm_static_fp8_quant", &compile_ops::fused_add_rms_norm_static_fp8_quant);
+  m.def("rms_norm_dynamic_per_token_quant", &compile_ops::rms_norm_dynamic_per_token_quant);
+  m.def("rms_norm_per_block_quant", &compile_ops::rms_norm_per_block_quant);
 }
