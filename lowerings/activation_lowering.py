@@ -24,7 +24,7 @@ import os
 import torch
 
 import compile_ops  # noqa: F401
-from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass
+from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass, out_buffer
 
 aten = torch.ops.aten
 EMPTY_TARGETS = (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default)
@@ -60,13 +60,7 @@ class ActivationLoweringPass(FusionPass):
                  and n.target in AUTO_FUNCTIONALIZED and n.args[0] in targets]
         return sum(self._try_lower(graph, n, targets[n.args[0]]) for n in nodes)
 
-    def _out_buffer(self, node):
-        kw = node.kwargs
-        if node.target is torch.ops.higher_order.auto_functionalized_v2:
-            if any(k.startswith("_out_") and k != "_out_base_index" for k in kw):
-                return None
-            return kw["_all_bases"][kw["_out_base_index"]]
-        return kw.get("out")
+    _out_buffer = staticmethod(out_buffer)
 
     def _try_lower(self, graph, node, act: str) -> bool:
         x = node.kwargs.get("input")

@@ -52,7 +52,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
-from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass
+from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass, out_buffer
 
 aten = torch.ops.aten
 EMPTY_TARGETS = (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default)
@@ -155,13 +155,7 @@ class AddRMSNormPass(FusionPass):
                 matches += 1
         return matches
 
-    def _out_buffer(self, norm: torch.fx.Node):
-        kw = norm.kwargs
-        if norm.target is torch.ops.higher_order.auto_functionalized_v2:
-            if any(k.startswith("_out_") and k != "_out_base_index" for k in kw):
-                return None  # out is a view of a larger base
-            return kw["_all_bases"][kw["_out_base_index"]]
-        return kw.get("out")
+    _out_buffer = staticmethod(out_buffer)
 
     def _try_fuse(self, graph: torch.fx.Graph, norm: torch.fx.Node) -> bool:
         h = norm.kwargs.get("input")

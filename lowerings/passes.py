@@ -123,6 +123,17 @@ class FusionPass:
         log.debug("%s: near miss at %s: %s", self.name, at.name, reason)
 
 
+def out_buffer(node: torch.fx.Node):
+    """The ``out`` buffer of a functionalized out-style op (v1 or v2), or None where v2 passes a
+    view of a larger base."""
+    kw = node.kwargs
+    if node.target is torch.ops.higher_order.auto_functionalized_v2:
+        if any(k.startswith("_out_") and k != "_out_base_index" for k in kw):
+            return None  # out is a view of a larger base
+        return kw["_all_bases"][kw["_out_base_index"]]
+    return kw.get("out")
+
+
 def op_name(node: torch.fx.Node) -> str:
     """A short, torch-version-stable name of a call target (for graph snapshots)."""
     t = node.target
@@ -193,15 +204,17 @@ class PassManager(CustomGraphPass):
 
 
 def default_passes() -> list[FusionPass]:
+    from lowerings.act_quant import ActQuantPass
     from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
     from lowerings.argmax import ArgmaxPass
+    from lowerings.norm_quant import NormQuantPass
     from lowerings.rms_norm_math import RMSNormMathPass
     from lowerings.rope_cache import RopeCachePass
     from lowerings.static_cache_attention import StaticCacheAttentionPass
 
-    return [StaticCacheAttentionPass(), RMSNormMathPass(), AddRMSNormPass(), RopeCachePass(),
-            ActivationLoweringPass(), ArgmaxPass()]
+    return [StaticCacheAttentionPass(), RMSNormMathPass(), AddRMSNormPass(), NormQuantPass(),
+            RopeCachePass(), ActQuantPass(), ActivationLoweringPass(), ArgmaxPass()]
 
 
 _MANAGER: PassManager | None = None
