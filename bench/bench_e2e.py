@@ -239,13 +239,15 @@ def first_call(point: Point, name: str, fn, steps: int):
 def step_bytes(cfg: LlamaConfig, batch: int, context: int) -> int:
     """Minimum traffic of one decode step (see the module docstring)."""
     h, q, kv, i = cfg.hidden, cfg.q_size, cfg.kv_size, cfg.intermediate
-    layer_weights = h * (q + 2 * kv) + q * h + h * 2 * i + i * h + 2 * h
-    elems = (cfg.layers * layer_weights + h + cfg.vocab * h   # layers, final norm, lm_head
+    proj = h * (q + 2 * kv) + q * h + h * 2 * i + i * h         # the four projections
+    size = torch.empty((), dtype=cfg.dtype).element_size()
+    proj_bytes = proj * (1 if cfg.fp8 else size)                # FP8 weights: one byte each
+    elems = (cfg.layers * 2 * h + h + cfg.vocab * h            # norms, final norm, lm_head
              + batch * h                                        # embedding rows
              + cfg.layers * 2 * kv * batch * (context + 1)      # K/V read (new token included)
              + cfg.layers * 2 * kv * batch                      # K/V of the new token written
              + batch * cfg.vocab)                               # logits written
-    return elems * torch.empty((), dtype=cfg.dtype).element_size()
+    return elems * size + cfg.layers * proj_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +609,10 @@ def main():
     p.add_argument("--context", type=int, nargs="+", default=CONTEXTS,
                    help="tokens already in each sequence's cache")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of Llama 3 8B's shapes")
+    p.add_argument("--fp8", choices=("dynamic", "static"), default=None,
+                   help="FP8 (W8A8) projections: per-channel FP8 weights, activations quantized "
+                        "per token at run time (dynamic) or with one static scale per input "
+                        "(static): the 8b-<n>layers-fp8(-static) configs of the main job")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--ablate", action="store_true",
                    help="also time compile_ops without each of its passes (" +
@@ -630,11 +636,12 @@ def main():
         return 0
 
     variants = [v for v in ALL_VARIANTS if v in args.variants or (args.ablate and v in ABLATIONS)]
-    base = LlamaConfig.llama3_8b_layers(args.layers, dtype=dtype)
+    base = LlamaConfig.llama3_8b_layers(args.layers, dtype=dtype, fp8=args.fp8 or "")
     grid = [(b, c) for c in args.context for b in args.batch]
-    rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype})", copy_bw,
+    fp8 = f", FP8 {args.fp8}" if args.fp8 else ""
+    rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype}{fp8})", copy_bw,
                     "inductor", ["batch", "context"], grid=grid, context_fill=CONTEXT_FILL)
-    stem = args.stem or harness.device_stem("e2e")
+    stem = args.stem or harness.device_stem(f"e2e_fp8_{args.fp8}" if args.fp8 else "e2e")
     if args.profile is not None:
         os.makedirs(args.out, exist_ok=True)
         PROFILE["path"] = os.path.join(args.out, f"{stem}_kernels.md")

@@ -13,6 +13,7 @@ SCRIPTS = [
     ("bench/bench_backend.py",
      "add + rms_norm fused out of place (graph inputs), all variants match"),
     ("bench/bench_activation.py", "cpu check ok: 6 activations, all variants match"),
+    ("bench/bench_quant.py", "cpu check ok: 9 quant cases, all variants match"),
     ("bench/bench_rotary.py", "cpu check ok: rotary_embedding variants match"),
     ("bench/bench_cache.py", "cpu check ok: kv-cache variants match"),
     ("bench/bench_rope_cache.py", "cpu check ok: rope + cache variants match"),

@@ -61,7 +61,7 @@ import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from compile_ops.attention import BLOCK_SIZES, HEAD_SIZES, PARTITION_SIZE
 from compile_ops.testing import TOLERANCES
 
-__all__ = ["Generation", "Llama", "LlamaConfig", "LlamaReference", "PagedKVCache",
+__all__ = ["Fp8Linear", "Generation", "Llama", "LlamaConfig", "LlamaReference", "PagedKVCache",
            "compare_generations", "compile_steps", "generate", "logits_tolerance",
            "rope_cos_sin_cache", "main"]
 
@@ -94,8 +94,13 @@ class LlamaConfig:
     num_blocks: int = 256
     dtype: torch.dtype = torch.float32
     eps: float = 1e-5
+    # FP8 (W8A8) projections: "" (none), "dynamic" (activations quantized per token at run time)
+    # or "static" (one calibrated scale per projection input). Weights per output channel.
+    fp8: str = ""
 
     def __post_init__(self):
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads "
                              f"({self.kv_heads})")
@@ -145,19 +150,27 @@ class LlamaConfig:
 
     def describe(self) -> str:
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
+        fp8 = {"": "", "dynamic": ", FP8 W8A8 (per-channel weights, dynamic per-token "
+               "activations)", "static": ", FP8 W8A8 (per-channel weights, static per-tensor "
+               "activations)"}[self.fp8]
         return (f"vocab {self.vocab}, hidden {self.hidden}, {layers}, {self.heads} "
                 f"heads / {self.kv_heads} kv heads of {self.head_dim}, intermediate "
-                f"{self.intermediate}, block {self.block_size}, {str(self.dtype)[6:]}")
+                f"{self.intermediate}, block {self.block_size}, {str(self.dtype)[6:]}{fp8}")
 
 
 def config_from_name(name: str, **overrides) -> LlamaConfig:
-    """``tiny`` or ``8b-<n>layers`` (e.g. ``8b-4layers``)."""
-    if name == "tiny":
+    """``tiny`` or ``8b-<n>layers`` (e.g. ``8b-4layers``), optionally with ``-fp8`` (FP8
+    projections, activations quantized per token at run time) or ``-fp8-static`` (one static
+    scale per projection input): e.g. ``8b-4layers-fp8``, ``tiny-fp8-static``."""
+    m = re.fullmatch(r"(tiny|8b-(\d+)layers?)(-fp8(-static|-dynamic)?)?", name)
+    if not m:
+        raise ValueError(f"unknown config {name!r}: use 'tiny' or '8b-<n>layers' (e.g. "
+                         "8b-4layers), optionally + '-fp8' or '-fp8-static'")
+    if m.group(3):
+        overrides.setdefault("fp8", "static" if m.group(4) == "-static" else "dynamic")
+    if m.group(1) == "tiny":
         return LlamaConfig.tiny(**overrides)
-    m = re.fullmatch(r"8b-(\d+)layers?", name)
-    if m:
-        return LlamaConfig.llama3_8b_layers(int(m.group(1)), **overrides)
-    raise ValueError(f"unknown config {name!r}: use 'tiny' or '8b-<n>layers' (e.g. 8b-4layers)")
+    return LlamaConfig.llama3_8b_layers(int(m.group(2)), **overrides)
 
 
 def rope_cos_sin_cache(cfg: LlamaConfig, device="cpu") -> torch.Tensor:
@@ -192,6 +205,49 @@ def _linear(in_features: int, out_features: int, weight: torch.Tensor) -> torch.
     return lin
 
 
+FP8_MODES = ("", "dynamic", "static")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (448.0 * 512.0)
+
+
+class Fp8Linear(torch.nn.Module):
+    """A W8A8 projection as FP8 checkpoints run it in plain PyTorch: the weight in
+    float8_e4m3fn with one float32 scale per output channel, the input quantized to FP8 by the
+    native formula (what the ``norm_quant`` / ``act_quant`` passes match), then
+    ``torch._scaled_mm`` (row-wise scales) into the model dtype.
+
+    ``mode="dynamic"``: per-token scales ``max(amax(|x|) / 448, 1 / (448 * 512))`` and
+    ``x / scale``. ``mode="static"``: one scale ``input_scale`` (calibrated: ``amax / 448`` of
+    the inputs it was built for) and ``x * (1 / scale)``; the GEMM takes it as ``[tokens, 1]``.
+    """
+
+    def __init__(self, weight: torch.Tensor, mode: str, input_amax: float):
+        super().__init__()
+        w = weight.float()
+        w_scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)  # per channel
+        self.register_buffer("weight", (w / w_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8))
+        self.register_buffer("weight_scale", w_scale[None, :].contiguous())   # [1, out]
+        self.register_buffer("input_scale", torch.tensor(input_amax / FP8_MAX,
+                                                         device=weight.device))
+        self.mode = mode
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.mode == "static":
+            q = (x2.float() * self.input_scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            scale_a = self.input_scale.expand(x2.shape[0], 1).contiguous()
+        else:
+            xf = x2.float()
+            scale_a = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+            q = (xf / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale,
+                             out_dtype=x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
 class _Init:
     """Seeded weights: normal with std 1/sqrt(fan_in) for projections (activations stay O(1)
     through the layers), std 1 for the embedding, 1 + N(0, 0.1) for the norm weights."""
@@ -204,9 +260,13 @@ class _Init:
         t = torch.randn(*shape, generator=self.gen, device=self.device, dtype=torch.float32)
         return (t * std + mean).to(self.cfg.dtype)
 
-    def linear(self, in_features: int, out_features: int) -> torch.nn.Linear:
-        return _linear(in_features, out_features,
-                       self.normal(out_features, in_features, std=in_features ** -0.5))
+    def linear(self, in_features: int, out_features: int, input_amax: float = 0.0):
+        """A projection: ``torch.nn.Linear``, or with ``cfg.fp8`` an ``Fp8Linear`` whose static
+        input scale covers inputs up to ``input_amax`` (larger values saturate at 448)."""
+        w = self.normal(out_features, in_features, std=in_features ** -0.5)
+        if self.cfg.fp8 and input_amax:
+            return Fp8Linear(w, self.cfg.fp8, input_amax)
+        return _linear(in_features, out_features, w)
 
     def norm(self) -> torch.nn.Parameter:
         return torch.nn.Parameter(self.normal(self.cfg.hidden, std=0.1, mean=1.0),
@@ -251,8 +311,10 @@ class LlamaAttention(torch.nn.Module):
         super().__init__()
         self.cfg, self.attn_version = cfg, attn_version
         self.scale = cfg.head_dim ** -0.5
-        self.qkv_proj = init.linear(cfg.hidden, cfg.q_size + 2 * cfg.kv_size)
-        self.o_proj = init.linear(cfg.q_size, cfg.hidden)
+        # FP8 static scales: what these seeded weights produce (normalized inputs: |x| < ~6;
+        # attention outputs, averages of values: < ~6; see Fp8Linear)
+        self.qkv_proj = init.linear(cfg.hidden, cfg.q_size + 2 * cfg.kv_size, input_amax=8.0)
+        self.o_proj = init.linear(cfg.q_size, cfg.hidden, input_amax=8.0)
 
     def forward(self, positions, hidden, kv_cache, meta: StepMeta):
         cfg = self.cfg
@@ -298,8 +360,8 @@ class LlamaAttention(torch.nn.Module):
 class LlamaMLP(torch.nn.Module):
     def __init__(self, cfg: LlamaConfig, init: _Init):
         super().__init__()
-        self.gate_up_proj = init.linear(cfg.hidden, 2 * cfg.intermediate)
-        self.down_proj = init.linear(cfg.intermediate, cfg.hidden)
+        self.gate_up_proj = init.linear(cfg.hidden, 2 * cfg.intermediate, input_amax=8.0)
+        self.down_proj = init.linear(cfg.intermediate, cfg.hidden, input_amax=24.0)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -505,6 +567,12 @@ def _ref_add_rms_norm(x, residual, weight, eps):
         z.to(x.dtype)
 
 
+def _ref_linear(proj, x):
+    """A projection in plain PyTorch: F.linear, or an FP8 projection's own native math (the
+    quantization and torch._scaled_mm are plain PyTorch already)."""
+    return proj(x) if isinstance(proj, Fp8Linear) else F.linear(x, proj.weight)
+
+
 def _rope(x, cos, sin):
     """NeoX RoPE on x [B, heads, T, head_dim]; cos/sin [T, head_dim / 2] float32."""
     half = x.shape[-1] // 2
@@ -551,7 +619,7 @@ class LlamaReference(torch.nn.Module):
             else:
                 h, residual = _ref_add_rms_norm(h, residual, layer.input_layernorm, eps)
             attn = layer.self_attn
-            qkv = F.linear(h, attn.qkv_proj.weight)
+            qkv = _ref_linear(attn.qkv_proj, h)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = _rope(q.reshape(b, t, cfg.heads, hd).transpose(1, 2), cos, sin)
             k = _rope(k.reshape(b, t, cfg.kv_heads, hd).transpose(1, 2), cos, sin)
@@ -560,11 +628,11 @@ class LlamaReference(torch.nn.Module):
             vc.index_copy_(2, positions, v)
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=attn.scale,
                                                enable_gqa=True)
-            h = F.linear(o.transpose(1, 2).reshape(b, t, cfg.q_size), attn.o_proj.weight)
+            h = _ref_linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, cfg.q_size))
             h, residual = _ref_add_rms_norm(h, residual, layer.post_attention_layernorm, eps)
-            gate, up = F.linear(h, layer.mlp.gate_up_proj.weight).chunk(2, dim=-1)
-            h = F.linear((F.silu(gate.float()).to(h.dtype).float() * up.float()).to(h.dtype),
-                         layer.mlp.down_proj.weight)
+            gate, up = _ref_linear(layer.mlp.gate_up_proj, h).chunk(2, dim=-1)
+            h = _ref_linear(layer.mlp.down_proj,
+                            (F.silu(gate.float()).to(h.dtype).float() * up.float()).to(h.dtype))
         h, _ = _ref_add_rms_norm(h, residual, m.norm, eps)
         logits = F.linear(h[:, -1], m.lm_head.weight)
         return logits.argmax(dim=-1), logits
@@ -799,6 +867,18 @@ def _graph_report(graph: str, counters: dict, before: list, after: list, cfg: Ll
     for k, n in sorted(rc.items()):
         if k.startswith("near_miss"):
             lines.append(f"    rope_cache: {k.replace('near_miss: ', 'near miss: ')} x{n}")
+    if cfg.fp8:
+        nq, aq = counters.get("norm_quant", {}), counters.get("act_quant", {})
+        lines.append(f"    norm_quant: matched {nq.get('matched', 0)} (expected {2 * cfg.layers}: "
+                     "each layer's two norms feed an FP8 projection; the final norm feeds the "
+                     "bf16 lm_head)")
+        want_aq = cfg.layers if cfg.fp8 == "static" else 0
+        lines.append(f"    act_quant: matched {aq.get('matched', 0)} (expected {want_aq}"
+                     + (": one per MLP)" if want_aq else ": no fused SiLU + per-token op)"))
+        for name, c in (("norm_quant", nq), ("act_quant", aq)):
+            for k, n in sorted(c.items()):
+                if k.startswith("near_miss"):
+                    lines.append(f"    {name}: {k.replace('near_miss: ', 'near miss: ')} x{n}")
     la = counters.get("lower_activation", {})
     lines.append(f"    lower_activation: matched {la.get('matched', 0)}")
     for k, n in sorted(la.items()):
@@ -821,7 +901,9 @@ def main(argv=None) -> int:
         description="A paged-KV Llama-style model: eager vs torch.compile(backend='inductor') vs "
                     "backend='compile_ops' (tokens, fusion report, decode step time).")
     p.add_argument("--config", default="tiny", help="tiny (default) or 8b-<n>layers, e.g. "
-                   "8b-4layers (Llama 3 8B shapes with n layers)")
+                   "8b-4layers (Llama 3 8B shapes with n layers); + '-fp8' (W8A8, dynamic "
+                   "per-token activations) or '-fp8-static' (static per-tensor), e.g. "
+                   "8b-4layers-fp8")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=8)
@@ -848,7 +930,7 @@ def main(argv=None) -> int:
         overrides["dtype"] = getattr(torch, args.dtype)
     elif device.type == "cpu":
         overrides["dtype"] = torch.float32
-    elif args.config == "tiny":
+    elif args.config.startswith("tiny"):
         overrides["dtype"] = torch.bfloat16
     try:
         cfg = config_from_name(args.config, **overrides)

@@ -203,6 +203,51 @@ def test_inductor_backend_matches_eager_without_fusing(fresh_compile):
 
 
 # ---------------------------------------------------------------------------------------------
+# FP8 (W8A8) projections: the norm + quant and SiLU + quant fusions (issue 26)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fp8", ["dynamic", "static"])
+def test_fp8_model_fuses_norm_and_activation_quant(fp8, fresh_compile):
+    cfg = LlamaConfig.tiny(fp8=fp8)
+    model = Llama(cfg, seed=0)
+    prompt = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(1))
+    eager = generate(model, prompt, 3)
+    ref = generate(LlamaReference(model), prompt, 3)
+    # paged vs dense attention differ in float32 rounding; an FP8 code that flips on it moves a
+    # logit by up to ~0.1 here: the tokens must agree, the logits only roughly
+    assert torch.equal(ref.tokens, eager.tokens)
+    assert float((ref.logits - eager.logits).abs().max()) < 0.3
+    prefill_fn, decode_fn = compile_steps(model, "compile_ops", fullgraph=True)
+    got = generate(model, prompt, 3, prefill_fn=prefill_fn, decode_fn=decode_fn)
+    # The fused ops quantize exactly as the native formulas (float32, same ops): same tokens,
+    # logits within the float32 tolerance (reduction order of the norms).
+    assert torch.equal(got.tokens, eager.tokens)
+    assert_close(got.logits, eager.logits)
+    c = lowerings.counters()
+    layers = cfg.layers
+    # Two graphs (prefill, decode); per graph each layer's two norms feed an FP8 projection
+    # (the final norm feeds the bf16 lm_head: not an FP8 model's norm, nothing said).
+    assert c["norm_quant"] == {"matched": 2 * 2 * layers}, c
+    if fp8 == "static":
+        assert c["act_quant"] == {"matched": 2 * layers}, c
+    else:  # vLLM has no fused SiLU + per-token quant op
+        assert c["act_quant"] == {
+            "near_miss: dynamic per-token quantization of the activation (no fused op)":
+                2 * layers}, c
+    after = lowerings.pass_manager().ops_after  # the decode graph
+
+    def count(name):
+        return sum(1 for o in after if o == f"auto_functionalized(compile_ops.{name}.default)")
+
+    if fp8 == "static":
+        assert count("rms_norm_static_fp8_quant") == 1       # layer 0's input norm
+        assert count("fused_add_rms_norm_static_fp8_quant") == 2 * layers - 1
+        assert count("silu_and_mul_quant") == layers
+    else:
+        assert count("rms_norm_dynamic_per_token_quant") == 2 * layers
+    assert count("fused_add_rms_norm") == 1  # the final norm (lm_head in the model dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # The main-job command
 # ---------------------------------------------------------------------------------------------
 def test_main_command_runs_on_cpu():
