@@ -52,8 +52,12 @@ class ActQuantPass(NormQuantPass):
         if isinstance(tail, str):
             self.near_miss(tail, node)
             return False
-        if tail.kind != "static":
+        if tail.kind == "per_token":
             self.near_miss("dynamic per-token quantization of the activation (no fused op)", node)
+            return False
+        if tail.kind == "group":
+            self.near_miss("group quantization of the activation (silu_and_mul_per_block_quant "
+                           "quantizes the float32 product, not silu_and_mul's rounded one)", node)
             return False
         out = self._out_buffer(node)
         if not _is(out, *EMPTY_TARGETS) or len(out.users) != 1:

@@ -11,6 +11,8 @@ normalized output, written either as our quant ops or as the native PyTorch that
     dynamic per token:  s = (y.float().abs().amax(-1, keepdim=True) / 448).clamp(min=1/(448*512))
                         q = (y.float() / s).clamp(-448, 448).to(float8_e4m3fn)
                         (or compile_ops.dynamic_per_token_scaled_fp8_quant(q, y, s, None))
+    per group (64/128): the per-token formula over y.float().view(T, H // g, g), the FP8 result
+                        viewed back to [T, H] (vLLM's native group quantization)
 
 and rewrites the pair into vLLM's fused ops:
 
@@ -21,6 +23,8 @@ and rewrites the pair into vLLM's fused ops:
                                                                             scale, eps)
     fused_add_rms_norm  + per token  -> rms_norm_dynamic_per_token_quant(q, x, w, s, eps, None,
                                                                          residual)
+    (either)            + per group  -> rms_norm_per_block_quant(q, x, w, s, eps, None,
+                                                                 residual or None, g, False)
 
 The fused ops compute the quantization exactly as the native formulas above (the same float32
 reciprocal-multiply or division, the same minimum scale), with two differences that vLLM's own
@@ -51,6 +55,7 @@ import math
 import operator
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass, out_buffer
@@ -129,6 +134,22 @@ def _feeds_fp8(y: torch.fx.Node, depth: int = 8) -> bool:
     return False
 
 
+def _viewed(graph: torch.fx.Graph, node: torch.fx.Node, want: torch.Tensor,
+            before: torch.fx.Node) -> torch.fx.Node:
+    """`node` itself, or a view of it with `want`'s shape, inserted before `before`."""
+    have = _val(node)
+    if list(have.shape) == list(want.shape):
+        return node
+    shape = [d if isinstance(d, int) else -1 for d in want.shape]
+    if shape.count(-1) > 1:
+        shape = list(want.shape)
+    with graph.inserting_before(before):
+        v = graph.call_function(aten.view.default, (node, shape))
+    with getattr(have, "fake_mode", None) or contextlib.nullcontext():
+        v.meta["val"] = have.view(want.shape)
+    return v
+
+
 def _fresh(graph: torch.fx.Graph, x: torch.fx.Node, shape: list, dtype) -> torch.fx.Node:
     """A new contiguous buffer of `shape` (dims of x's shape, or 1) on x's device; symbolic
     dims are read from x through sym_size nodes."""
@@ -148,6 +169,10 @@ def _fresh(graph: torch.fx.Graph, x: torch.fx.Node, shape: list, dtype) -> torch
     with getattr(xv, "fake_mode", None) or contextlib.nullcontext():
         buf.meta["val"] = torch.empty(shape, dtype=dtype, device=xv.device)
     return buf
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+GROUPS = (64, 128)
 
 
 class _Tail:
@@ -208,6 +233,16 @@ class NormQuantPass(FusionPass):
         elif dtype != torch.float32:
             return f"the normalized output ({dtype}) is not upcast to float32 before quantizing"
         users = list(base.users)
+        if len(users) == 1 and _is(users[0], *_VIEWS):  # [T, H] -> [T, H / g, g]: groups
+            view, yv = users[0], _val(y)
+            vv = _val(view)
+            g = vv.shape[-1] if vv is not None and vv.dim() == yv.dim() + 1 else None
+            if g not in GROUPS or not statically_known_true(vv.shape[-2] * g == yv.shape[-1]) \
+                    or list(vv.shape[:-2]) != list(yv.shape[:-1]):
+                return "the normalized output is reshaped, not into groups of 64 or 128 columns"
+            if len(view.users) != 2:
+                return "no FP8 quantization of the normalized output"
+            return self._match_per_token(view, list(view.users), nodes + [view], group=g)
         if len(users) == 1 and _is(users[0], aten.mul.Tensor):
             return self._match_static(base, users[0], nodes)
         if len(users) == 1 and _is(users[0], aten.div.Tensor):
@@ -227,7 +262,7 @@ class NormQuantPass(FusionPass):
             return "static scale is not a float32 tensor of one element"
         return self._finish(_Tail("static", None, nodes + [other, mul], scale=scale), mul)
 
-    def _match_per_token(self, base, users, nodes):
+    def _match_per_token(self, base, users, nodes, group=None):
         absn = next((u for u in users if _is(u, aten.abs.default)), None)
         div = next((u for u in users if _is(u, aten.div.Tensor) and u.args[0] is base), None)
         if absn is None or div is None:
@@ -249,8 +284,17 @@ class NormQuantPass(FusionPass):
         if div.args[1] is not cmin:
             return "per-token quantization: y is not divided by its scale"
         # the scales may have other readers (the GEMM's scale_a): they get the fused op's
-        tail = _Tail("per_token", None, nodes + [absn, amax, d448, cmin, div], s=cmin)
-        return self._finish(tail, div)
+        tail = _Tail("per_token" if group is None else "group", None,
+                     nodes + [absn, amax, d448, cmin, div], s=cmin)
+        tail.group = group
+        tail = self._finish(tail, div)
+        if isinstance(tail, _Tail) and group is not None:
+            back = _only_user(tail.q)  # the FP8 groups viewed back as rows
+            if _is(back, *_VIEWS) and list(_val(back).shape) == list(_val(base).shape[:-2]) + \
+                    [_val(base).shape[-2] * group]:
+                tail.nodes.append(back)
+                tail.q = back
+        return tail
 
     def _finish(self, tail: _Tail, last):
         bounds = _clamp_bounds(_only_user(last)) if _only_user(last) is not None else None
@@ -360,6 +404,9 @@ class NormQuantPass(FusionPass):
             q_buf = _fresh(graph, x, list(xv.shape), FP8)
             if tail.kind == "per_token":
                 s_buf = _fresh(graph, x, list(xv.shape[:-1]) + [1], torch.float32)
+            elif tail.kind == "group":
+                s_buf = _fresh(graph, x, list(xv.shape[:-1]) + [xv.shape[-1] // tail.group],
+                               torch.float32)
             ops = torch.ops.compile_ops
             if tail.kind == "static" and not fused_add:
                 target, kw = ops.rms_norm_static_fp8_quant.default, {
@@ -371,6 +418,12 @@ class NormQuantPass(FusionPass):
                     "result": q_buf, "input": x, "residual": residual, "weight": weight,
                     "scale": tail.scale, "epsilon": float(eps)}
                 idx = {"q": 1, "sum": 2}
+            elif tail.kind == "group":
+                target, kw = ops.rms_norm_per_block_quant.default, {
+                    "result": q_buf, "input": x, "weight": weight, "scale": s_buf,
+                    "epsilon": float(eps), "scale_ub": None, "residual": residual,
+                    "group_size": tail.group, "is_scale_transposed": False}
+                idx = {"q": 1, "s": 2, "sum": 3} if fused_add else {"q": 1, "s": 2}
             else:
                 target, kw = ops.rms_norm_dynamic_per_token_quant.default, {
                     "result": q_buf, "input": x, "weight": weight, "scale": s_buf,
@@ -392,7 +445,11 @@ class NormQuantPass(FusionPass):
         # Rewire: the FP8 tensor, the scales, the residual sum.
         qs = tail.q if isinstance(tail.q, list) else [tail.q]
         for n in qs:
-            n.replace_all_uses_with(outs["q"])
+            n.replace_all_uses_with(_viewed(graph, outs["q"], _val(n), n))
+        if tail.kind == "group":  # native scales [.., G, 1]: a view of ours [.., G]
+            for u in list(tail.s.users):
+                if u not in tail.nodes:
+                    u.replace_input_with(tail.s, _viewed(graph, outs["s"], _val(tail.s), u))
         if tail.kind == "per_token":
             if isinstance(tail.s, list):  # our op's getitem(2) nodes
                 for n in tail.s:

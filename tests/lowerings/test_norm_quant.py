@@ -248,3 +248,83 @@ def test_nan_becomes_448_when_fused(quant):
     assert counts()[0] == 1
     assert torch.isnan(eager[0][2]).all()   # native: NaN row (NaN code into the GEMM)
     assert torch.equal(got[0][:2], eager[0][:2]) and torch.equal(got[0][3:], eager[0][3:])
+
+
+def native_group(y, g=128):
+    t, h = y.shape
+    yg = y.float().view(t, h // g, g)
+    s = (yg.abs().amax(-1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
+    return (yg / s).clamp(-448, 448).to(FP8).view(t, h), s
+
+
+class NormGroup(torch.nn.Module):
+    """rms_norm (or add + rms_norm) -> DeepSeek-style group quantization (vLLM's native
+    QuantFP8 formula): the FP8 rows and the [T, G, 1] scales are the outputs."""
+
+    def __init__(self, g=128, add=False, dtype=torch.bfloat16, hidden=256):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+        self.g, self.add = g, add
+
+    def forward(self, x, r):
+        x, r = x * 1.5, r * 0.5
+        if self.add:
+            x = x + r
+        y = torch.empty_like(x)
+        ops.rms_norm(y, x, self.w, EPS)
+        q, s = native_group(y, self.g)
+        return q.view(torch.uint8), s, x
+
+
+def _rows(tokens=7, hidden=256, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(tokens, hidden, generator=g).to(dtype),
+            torch.randn(tokens, hidden, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("add", [False, True])
+def test_group_quant_fused_into_rms_norm_per_block_quant(g, add):
+    model = NormGroup(g, add)
+    x, r = _rows()
+    with torch.no_grad():
+        eager = model(x.clone(), r.clone())
+        got = torch.compile(model, backend="compile_ops", fullgraph=True)(x.clone(), r.clone())
+    if not add:
+        for a, b in zip(got, eager):
+            assert a.shape == b.shape and torch.equal(a, b)
+    else:  # eager normalizes the bf16-rounded sum, the fused ops the float32 one
+        assert_close(got[0].view(FP8).float(), eager[0].view(FP8).float(), FP8)
+        assert_close(got[1], eager[1], torch.bfloat16)
+        assert_close(got[2], eager[2], torch.bfloat16)
+    assert counts() == (1, {})
+    after = lowerings.pass_manager().ops_after
+    assert "auto_functionalized(compile_ops.rms_norm_per_block_quant.default)" in after
+    assert "aten.amax.default" not in after
+
+
+def test_group_of_other_size_is_a_near_miss():
+    model = NormGroup(32)
+    x, r = _rows()
+    with torch.no_grad():
+        eager = model(x.clone(), r.clone())
+        got = torch.compile(model, backend="compile_ops", fullgraph=True)(x.clone(), r.clone())
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+    assert counts() == (0, {
+        "the normalized output is reshaped, not into groups of 64 or 128 columns": 1})
+
+
+def test_group_quant_dynamic_tokens():
+    model = NormGroup(128)
+    compiled = torch.compile(model, backend="compile_ops", fullgraph=True)
+    for t in (3, 11, 17):
+        x, r = _rows(t)
+        xc, rc = x.clone(), r.clone()
+        torch._dynamo.mark_dynamic(xc, 0)
+        torch._dynamo.mark_dynamic(rc, 0)
+        with torch.no_grad():
+            for a, b in zip(compiled(xc, rc), model(x, r)):
+                assert torch.equal(a, b)
+    assert counts() == (1, {})
