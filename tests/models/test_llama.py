@@ -305,6 +305,33 @@ def test_cuda_bf16_matches_reference_and_compiles(attn_version, fresh_compile):
     assert lowerings.counters()["add_rms_norm"]["matched"] == 2 * 2 * cfg.layers
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("fp8", ["dynamic", "static"])
+def test_cuda_fp8_model_fuses_and_compiles(fp8, fresh_compile):
+    """The FP8 W8A8 model in bf16 on the GPU: eager (native quant + torch._scaled_mm) against
+    the compile_ops backend with CUDA graphs (the fused norm / SiLU + quant kernels): the tokens
+    agree (an FP8 code flipped by float32 reduction order may move a logit by ~0.1, so the
+    logits are compared loosely), and the passes fire as on the CPU."""
+    cfg = LlamaConfig.tiny(dtype=torch.bfloat16, fp8=fp8)
+    model = Llama(cfg, seed=0, device="cuda")
+    prompt = torch.randint(0, cfg.vocab, (B, T), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.cuda()
+    eager = generate(model, prompt, N)
+    cache = PagedKVCache(cfg, "cuda")
+    cache.mark_static()
+    prefill_fn, decode_fn = compile_steps(model, "compile_ops", cuda_graphs=True)
+    for _ in range(2):  # compile + record, then replay
+        got = generate(model, prompt, N, prefill_fn=prefill_fn, decode_fn=decode_fn,
+                       kv_cache=cache)
+        cmp = compare_generations(eager, got, cfg.dtype, cfg.layers)
+        assert cmp.tokens_equal or cmp.ok, cmp.message
+        assert float((got.logits - eager.logits).abs().max()) < 0.5
+    c = lowerings.counters()
+    assert c["norm_quant"]["matched"] == 2 * 2 * cfg.layers, c
+    if fp8 == "static":
+        assert c["act_quant"]["matched"] == 2 * cfg.layers, c
+
+
 # ---------------------------------------------------------------------------------------------
 # A Hugging Face Llama under the compile_ops backend
 # ---------------------------------------------------------------------------------------------
