@@ -91,9 +91,19 @@ def main():
     p.add_argument("--ops", nargs="+", default=list(NATIVE), choices=list(NATIVE))
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 7, 128, 512, 4096, 16384])
     p.add_argument("--d", type=int, nargs="+", default=[4096, 14336])
+    p.add_argument("--quant", action="store_true",
+                   help="instead: the SiLU-and-mul + FP8 quant cases of bench_quant.py (static "
+                        "and 128-group) over --tokens x --d")
     harness.add_common_args(p)
     args = p.parse_args()
     dtype, copy_bw = harness.start(args)
+    if args.quant and not args.cpu_check:
+        import bench_quant
+        bench_quant.check("cuda", dtype)
+        bench_quant.run_grid(bench_quant.ACT_CASES, args.tokens, args.d, dtype, copy_bw, args.out,
+                             harness.device_stem("activation_quant"),
+                             title="SiLU-and-mul + FP8 quantization")
+        return
     if args.cpu_check:
         check("cpu", torch.float32)
         print(f"cpu check ok: {len(NATIVE)} activations, all variants match")

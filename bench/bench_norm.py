@@ -134,6 +134,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="tokens 1, 4096; hidden 4096, 8192; bf16")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--stem", default=None, help="file name stem (default: norm_<device>)")
+    p.add_argument("--quant", action="store_true",
+                   help="instead: the RMSNorm + FP8 quant cases of bench_quant.py (fused op, "
+                        "unfused ops, eager and Inductor on the native formulation) over "
+                        "--tokens x --hidden, first of --dtypes")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.hidden, args.subset_dtypes = [1, 4096], [4096, 8192], []
@@ -144,6 +148,15 @@ def main():
     torch.manual_seed(0)
     copy_bw = harness.copy_bandwidth()
     print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    if args.quant:
+        import bench_quant
+        dtype = DTYPE_NAMES[args.dtypes[0]]
+        bench_quant.check("cuda", dtype)
+        dev = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
+        bench_quant.run_grid(bench_quant.NORM_CASES, args.tokens, args.hidden, dtype, copy_bw,
+                             args.out, args.stem or f"norm_quant_{dev}",
+                             title="RMSNorm + FP8 quantization")
+        return
 
     grid = [(d, t, h) for d in args.dtypes for t in args.tokens for h in args.hidden]
     grid += [(d, t, h) for d in args.subset_dtypes if d not in args.dtypes

@@ -100,6 +100,9 @@ NATIVE = {
 }
 COMPILED = {k: torch.compile(v, dynamic=False) for k, v in NATIVE.items()}
 GATED = ("silu_mul+static", "silu_mul+group128")
+NORM_CASES = ("rms_norm+static", "add_rms_norm+static", "rms_norm+per_token",
+              "rms_norm+group128")  # bench_norm.py --quant
+ACT_CASES = GATED  # bench_activation.py --quant
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +225,18 @@ def main():
         print(f"cpu check ok: {len(NATIVE)} quant cases, all variants match")
         return
     check("cuda", dtype)
-    rep = harness.Report("FP8 activation quantization", copy_bw, "compiled_native",
-                         ["case", "tokens", "hidden"])
+    run_grid(args.cases, args.tokens, args.hidden, dtype, copy_bw, args.out,
+             harness.device_stem("quant"))
+
+
+def run_grid(cases, tokens, hidden, dtype, copy_bw, out, stem, title="FP8 activation quantization"):
+    """Time every case x hidden x tokens point (eager_native, compiled_native, ops, ops_unfused)
+    and write the report (also called by bench_norm.py --quant and bench_activation.py --quant)."""
+    rep = harness.Report(title, copy_bw, "compiled_native", ["case", "tokens", "hidden"])
     size = torch.finfo(dtype).bits // 8
-    for case in args.cases:
-        for h in args.hidden:
-            for t in args.tokens:
+    for case in cases:
+        for h in hidden:
+            for t in tokens:
                 key = {"case": case, "tokens": t, "hidden": h}
                 n = nbytes(case, t, h, size)
                 variants = [
@@ -242,9 +251,9 @@ def main():
                         c, *make_inputs(c, t, h, dtype, "cuda"))))
                 for name, make in variants:
                     rep.add(harness.measure(key, name, make, n))
-    paths = rep.write(args.out, harness.device_stem("quant"), plot_x="tokens",
-                      plot_group=["case", "hidden"])
+    paths = rep.write(out, stem, plot_x="tokens", plot_group=["case", "hidden"])
     print("wrote", *paths)
+    return rep
 
 
 if __name__ == "__main__":
