@@ -82,3 +82,24 @@ def rope_cos_sin_cache(max_pos: int, rot_dim: int, dtype: torch.dtype = torch.fl
     inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
     freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=dtype, device=device)
+
+
+def special_gate_up_rows(group_size: int, groups: int, *, up_inf: bool = False,
+                         generator: torch.Generator = None) -> torch.Tensor:
+    """Two float32 rows ``[gate | up]`` and ``[up | gate]`` of gated-activation input whose
+    ``group_size``-column groups hold the special cases of the quantization kernels: an all-zero
+    gate group, one NaN, an all-NaN group, +inf, -inf, an all-zero up group (``groups >= 6``), and
+    with ``up_inf`` an inf in the up half of group 6 (``groups >= 7``)."""
+    inf, nan = float("inf"), float("nan")
+    gs = group_size
+    g = torch.randn(groups * gs, generator=generator)
+    u = torch.randn(groups * gs, generator=generator)
+    g[0:gs] = 0.0
+    g[gs + 3] = nan
+    g[2 * gs:3 * gs] = nan
+    g[3 * gs + 5] = inf
+    g[4 * gs + 7] = -inf
+    u[5 * gs:6 * gs] = 0.0
+    if up_inf:
+        u[6 * gs + 1] = inf
+    return torch.stack([torch.cat([g, u]), torch.cat([u, g])])

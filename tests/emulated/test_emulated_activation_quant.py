@@ -16,6 +16,7 @@ import torch
 
 from compile_ops.activation_quant import (silu_and_mul_per_block_quant_ref,
                                           silu_and_mul_quant_ref)
+from compile_ops.testing import special_gate_up_rows
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -127,17 +128,8 @@ def test_per_block_several_ctas(coop, gen):
 
 @pytest.mark.parametrize("qdtype", [FP8, torch.int8])
 def test_per_block_special_groups(coop, qdtype):
-    inf, nan = float("inf"), float("nan")
     gs = 64
-    g = torch.randn(6 * gs, generator=torch.Generator().manual_seed(3))
-    u = torch.randn(6 * gs, generator=torch.Generator().manual_seed(4))
-    g[0:gs] = 0.0
-    g[gs + 3] = nan
-    g[2 * gs:3 * gs] = nan
-    g[3 * gs + 5] = inf
-    g[4 * gs + 7] = -inf
-    u[5 * gs:6 * gs] = 0.0
-    x = torch.stack([torch.cat([g, u]), torch.cat([u, g])]).bfloat16()
+    x = special_gate_up_rows(gs, 6, generator=torch.Generator().manual_seed(3)).bfloat16()
     for transposed in (False, True):
         for ub in ([None, torch.tensor(0.25)] if qdtype == FP8 else [None]):
             q, s = run_block(coop, x, gs, qdtype, ub, transposed)

@@ -11,7 +11,7 @@ from compile_ops import activation_quant as AQ
 from compile_ops._fp8 import FP8_MIN_SCALE, INT8_MIN_SCALE
 from compile_ops.activation_quant import (silu_and_mul_per_block_quant_ref,
                                           silu_and_mul_quant_ref)
-from compile_ops.testing import assert_raises_eager_and_fake
+from compile_ops.testing import assert_raises_eager_and_fake, special_gate_up_rows
 
 ops = torch.ops.compile_ops
 FP8 = torch.float8_e4m3fn
@@ -509,18 +509,8 @@ def test_cuda_silu_and_mul_per_block_quant(tokens, hidden, dtype, row_pad, gen):
 @pytest.mark.cuda
 @pytest.mark.parametrize("qdtype", QDTYPES)
 def test_cuda_special_values(qdtype):
-    inf, nan = float("inf"), float("nan")
     gs = 64
-    g = torch.randn(8 * gs)
-    u = torch.randn(8 * gs)
-    g[0:gs] = 0.0
-    g[gs + 3] = nan
-    g[2 * gs:3 * gs] = nan
-    g[3 * gs + 5] = inf
-    g[4 * gs + 7] = -inf
-    u[5 * gs:6 * gs] = 0.0
-    u[6 * gs + 1] = inf
-    x = torch.stack([torch.cat([g, u]), torch.cat([u, g])]).cuda()
+    x = special_gate_up_rows(gs, 8, up_inf=True).cuda()
     for transposed in (False, True):
         for ub in ([None, torch.tensor([0.5], device="cuda")] if qdtype == FP8 else [None]):
             q, s = run_block(x, gs, qdtype, ub, transposed)
