@@ -59,6 +59,23 @@ _no_argmax): the summary gives the time each pass's rewrite saves per step.
                                               # 16, every variant (compiled ones too) for 2
                                               # decode steps: tokens and logits vs eager
 
+Tensor parallelism (--tp N, under torchrun --nproc-per-node N; one GPU per rank, NCCL): the
+model split Megatron-style over the ranks (compile_ops.models.llama: column-parallel qkv /
+gate_up, row-parallel o_proj / down_proj whose outputs are all-reduced; embedding, norms and
+lm_head replicated; each rank's paged cache holds its KV heads). Variants eager, inductor and
+compile_ops on the same TP model (no inductor_native: the plain-PyTorch reference is the
+one-process model); --ablate adds compile_ops_no_allreduce_norm. Every rank runs the same grid
+in lockstep (each step's all-reduces pair them up): the context fill is checked against a dense
+copy of the rank's own KV heads, and the timing is the harness's (warm-up, one step captured in a
+CUDA graph, median of 20 samples of >= 20 ms) with the replays per sample agreed over the ranks,
+reported as the slowest rank's median. Bytes are one rank's: its slices of the projections and
+of the KV, the replicated embedding rows, norms and lm_head (the all-reduces not counted).
+Rank 0 prints and writes bench/results/e2e_tp<N>_<device>.* (e2e_fp8_<mode>_tp<N>_<device>
+with --fp8).
+
+    torchrun --nproc-per-node 2 bench/bench_e2e.py --tp 2 --quick
+    COMPILE_OPS_PASS_DEVICES=all torchrun --nproc-per-node 2 bench/bench_e2e.py --tp 2 --cpu-check
+
 Writes bench/results/e2e_<device>.{json,md,png} (--out, --stem).
 """
 
@@ -83,6 +100,7 @@ from compile_ops.models.llama import (  # noqa: E402
     LlamaConfig,
     LlamaReference,
     PagedKVCache,
+    allreduce_norm_expected,
     compare_generations,
     compile_steps,
 )
@@ -93,7 +111,10 @@ VARIANTS = ("eager", "inductor", "compile_ops", "inductor_native")
 # that pass's rewrite saves per step.
 ABLATIONS = {"compile_ops_no_add_rms_norm": "add_rms_norm",
              "compile_ops_no_rope_cache": "rope_cache", "compile_ops_no_argmax": "argmax"}
-ALL_VARIANTS = VARIANTS + tuple(ABLATIONS)
+# --tp: the variants on the TP model, and the ablation of the TP-only pass
+TP_VARIANTS = ("eager", "inductor", "compile_ops")
+TP_ABLATIONS = {"compile_ops_no_allreduce_norm": "allreduce_norm"}
+ALL_VARIANTS = VARIANTS + tuple(ABLATIONS) + tuple(TP_ABLATIONS)
 BATCHES, CONTEXTS = [1, 8, 32, 128], [512, 4096]
 QUICK_BATCHES, QUICK_CONTEXTS = [1, 32], [512]
 FILL_CHUNK_TOKENS = 1 << 17  # random K/V generated per chunk while filling (256 MiB each, bf16)
@@ -120,7 +141,12 @@ class Point:
         self.cache = PagedKVCache(cfg, dev, num_blocks=batch * cfg.max_blocks, seed=seed)
         self.seqs = self.cache.add_sequences(batch)
         _, slots = self.cache.prefill(self.seqs, context)  # reserves the blocks, no compute
-        self.dense = ref.new_cache(batch, max_len=context + steps)
+        if ref is not None:
+            self.dense = ref.new_cache(batch, max_len=context + steps)
+        else:  # TP (no reference): a dense copy of the rank's KV heads to check the fill with
+            shape = (batch, cfg.local_kv_heads, context + steps, cfg.head_dim)
+            self.dense = [tuple(torch.zeros(shape, dtype=cfg.dtype, device=dev)
+                                for _ in range(2)) for _ in range(cfg.layers)]
         fill_context(model, self.cache.kv_caches, slots, self.dense, batch, context, seed)
         del slots
         self.paged_args = [self.cache.decode(self.seqs) for _ in range(steps)]
@@ -140,16 +166,18 @@ class Point:
 def fill_context(model: Llama, paged, slots, dense, batch: int, context: int, seed: int) -> None:
     """Random K/V [batch * context, kv_heads, head_dim] per layer, written into the paged caches
     with reshape_and_cache at `slots` (sequence-major, as PagedKVCache.prefill returns them)
-    and into the dense caches at positions 0..context-1, a chunk of sequences at a time."""
+    and into the dense caches at positions 0..context-1, a chunk of sequences at a time. A rank
+    of a TP model keeps its KV heads of the same draws (the one-process model's context)."""
     cfg, dev = model.cfg, model.device
-    nkv, hd = cfg.kv_heads, cfg.head_dim
+    nkv, hd = cfg.local_kv_heads, cfg.head_dim
+    heads = slice(model.tp.rank * nkv, (model.tp.rank + 1) * nkv) if model.tp else slice(None)
     gen = torch.Generator(device=dev).manual_seed(seed + 2)
     per = max(1, FILL_CHUNK_TOKENS // context)  # sequences per chunk
     for (kc, vc), (dk, dv) in zip(paged, dense):
         for s0 in range(0, batch, per):
             n = min(per, batch - s0)
-            k, v = (torch.randn(n * context, nkv, hd, generator=gen, device=dev, dtype=cfg.dtype)
-                    for _ in range(2))
+            k, v = (torch.randn(n * context, cfg.kv_heads, hd, generator=gen, device=dev,
+                                dtype=cfg.dtype)[:, heads].contiguous() for _ in range(2))
             ops.reshape_and_cache(k, v, kc, vc, slots[s0 * context:(s0 + n) * context], "auto",
                                   model.k_scale, model.v_scale)
             dk[s0:s0 + n, :, :context].copy_(k.view(n, context, nkv, hd).transpose(1, 2))
@@ -161,7 +189,7 @@ def check_fill(point: Point, cfg: LlamaConfig, seqs=None) -> None:
     """The paged caches hold the dense caches' K/V at every context position of the sequences
     `seqs` (indices, default all; read back through the block tables, in reshape_and_cache's
     layout), and the context is not all zeros."""
-    bs, nkv, hd, n = cfg.block_size, cfg.kv_heads, cfg.head_dim, point.context
+    bs, nkv, hd, n = cfg.block_size, cfg.local_kv_heads, cfg.head_dim, point.context
     pos = torch.arange(n, device=point.dense[0][0].device)
     for layer, ((kc, vc), (dk, dv)) in enumerate(zip(point.cache.kv_caches, point.dense)):
         for b in (range(point.batch) if seqs is None else seqs):
@@ -194,12 +222,14 @@ def without_pass(name: str):
 
 def step_fns(model: Llama, ref: LlamaReference) -> dict:
     """{variant: step function}: eager or compiled (dynamic=False, no CUDA graphs of their own:
-    the timing captures each step in a CUDA graph the same way)."""
+    the timing captures each step in a CUDA graph the same way). ``ref`` None (TP): no
+    inductor_native."""
     fns = {"eager": model.decode,
            "inductor": compile_steps(model, "inductor", cuda_graphs=False)[1],
-           "compile_ops": compile_steps(model, "compile_ops", cuda_graphs=False)[1],
-           "inductor_native": compile_steps(ref, "inductor", cuda_graphs=False)[1]}
-    for variant, pass_name in ABLATIONS.items():
+           "compile_ops": compile_steps(model, "compile_ops", cuda_graphs=False)[1]}
+    if ref is not None:
+        fns["inductor_native"] = compile_steps(ref, "inductor", cuda_graphs=False)[1]
+    for variant, pass_name in {**ABLATIONS, **TP_ABLATIONS}.items():
         fns[variant] = torch.compile(model.decode, backend=without_pass(pass_name),
                                      fullgraph=True, dynamic=False)
     return fns
@@ -237,8 +267,8 @@ def first_call(point: Point, name: str, fn, steps: int):
 
 
 def step_bytes(cfg: LlamaConfig, batch: int, context: int) -> int:
-    """Minimum traffic of one decode step (see the module docstring)."""
-    h, q, kv, i = cfg.hidden, cfg.q_size, cfg.kv_size, cfg.intermediate
+    """Minimum traffic of one decode step (see the module docstring); under TP of one rank."""
+    h, q, kv, i = cfg.hidden, cfg.local_q_size, cfg.local_kv_size, cfg.local_intermediate
     proj = h * (q + 2 * kv) + q * h + h * 2 * i + i * h         # the four projections
     size = torch.empty((), dtype=cfg.dtype).element_size()
     proj_bytes = proj * (1 if cfg.fp8 else size)                # FP8 weights: one byte each
@@ -293,6 +323,63 @@ def cpu_check() -> None:
     print("cpu check ok: e2e variants match")
 
 
+def cpu_check_tp(tp: int) -> None:
+    """--cpu-check --tp N (under torchrun, gloo; the passes forced onto CPU graphs with
+    COMPILE_OPS_PASS_DEVICES=all, as for --cpu-check): the tiny config split over the ranks,
+    batch 2, context 16, eager / inductor / compile_ops (+ compile_ops without allreduce_norm)
+    for 2 decode steps; tokens equal and logits close to eager's, TP eager to the one-process
+    model's (the same weights and context), the compile_ops decode graph fused (2 add_rms_norm,
+    1 rope_cache and, where the pass exists, 2 allreduce_norm matches per layer)."""
+    t0 = time.perf_counter()
+    batch, context, steps = 2, 16, 2
+    cfg = sized_config(LlamaConfig.tiny(dtype=torch.float32, tp=tp), context, steps)
+    model = Llama(cfg, seed=0, device="cpu")
+    point = Point(model, None, batch, context, steps)
+    check_fill(point, cfg)
+    point.dense = None
+    has_ar = _has_pass("allreduce_norm")
+    names = TP_VARIANTS + (tuple(TP_ABLATIONS) if has_ar else ())
+    gens, counters = {}, {}
+    fns = step_fns(model, None)
+    for name in names:
+        t1 = time.perf_counter()
+        gens[name], counters[name] = first_call(point, name, fns[name], steps)
+        print(f"{name}: {steps} decode steps in {time.perf_counter() - t1:.1f} s "
+              f"(compilation included)", flush=True)
+    one = Llama(cfg.replace(tp=1), seed=0, device="cpu")
+    one_point = Point(one, LlamaReference(one), batch, context, steps)
+    one_gen, _ = first_call(one_point, "eager", one.decode, steps)
+    checks = [("eager vs the one-process model", one_gen, gens["eager"])]
+    checks += [(f"{name} vs eager", gens["eager"], gen) for name, gen in gens.items()
+               if name != "eager"]
+    for what, expected, gen in checks:
+        cmp = compare_generations(expected, gen, cfg.dtype, cfg.layers)
+        print(f"{what}: {cmp.message}")
+        if not (cmp.ok and cmp.tokens_equal):
+            raise AssertionError(f"{what}: {cmp.message}")
+    want = {"add_rms_norm": 2 * cfg.layers, "rope_cache": cfg.layers}
+    if has_ar:
+        want["allreduce_norm"] = 2 * cfg.layers
+    c = counters["compile_ops"]
+    matched = {k: c.get(k, {}).get("matched", 0) for k in want}
+    if matched != want:
+        raise AssertionError(f"compile_ops decode graph: matched {matched}, expected {want} "
+                             f"({c})")
+    if has_ar:
+        a = counters["compile_ops_no_allreduce_norm"]
+        if "allreduce_norm" in a or a.get("add_rms_norm", {}).get("matched") != 2 * cfg.layers:
+            raise AssertionError(f"compile_ops_no_allreduce_norm: the pass ran or others did "
+                                 f"not ({a})")
+    print(f"compile_ops decode graph (rank 0 of {tp}): matched {matched}"
+          + ("" if has_ar else "; no allreduce_norm pass in this build")
+          + f"; {time.perf_counter() - t0:.1f} s in all")
+    print(f"cpu check ok: e2e tp{tp} variants match")
+
+
+def _has_pass(name: str) -> bool:
+    return any(getattr(p, "name", "") == name for p in lowerings.pass_manager().passes)
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +387,13 @@ class E2EReport(harness.Report):
     """The harness's table (baseline: inductor) plus compile_ops' speedups, the acceptance
     summary, skipped points and notes; the plot shows µs per step and the speedups."""
 
-    def __init__(self, *a, grid=(), context_fill="", **kw):
+    def __init__(self, *a, grid=(), context_fill="", variants=VARIANTS,
+                 baselines=("inductor", "inductor_native"), **kw):
         super().__init__(*a, **kw)
         self.grid = list(grid)            # [(batch, context)] asked for
         self.context_fill = context_fill
+        self.variants = tuple(variants)   # the table's columns
+        self.baselines = tuple(baselines)  # what compile_ops' speedups are over
         self.skipped: list[dict] = []     # {batch, context, variant, reason}
         self.notes: list[str] = []
         self.failed = False               # a failure other than out of memory
@@ -337,7 +427,7 @@ class E2EReport(harness.Report):
         """What each pass saves per step: its ablation's time minus compile_ops'."""
         c = variants.get("compile_ops")
         out = []
-        for variant, pass_name in ABLATIONS.items():
+        for variant, pass_name in {**ABLATIONS, **TP_ABLATIONS}.items():
             a = variants.get(variant)
             if c and a:
                 out.append(f"{pass_name} saves {(a.seconds - c.seconds) * 1e6:.1f} us")
@@ -347,26 +437,28 @@ class E2EReport(harness.Report):
         rows, lines = self._rows(), []
         for (batch, context), vs in rows.items():
             parts = []
-            for over in ("inductor", "inductor_native"):
+            for over in self.baselines:
                 x = self.speedup(vs, over)
                 parts.append(f"x{x:.2f} vs {over}" if x else f"- vs {over}")
             c = vs.get("compile_ops")
             us = f"{c.seconds * 1e6:.1f} us" if c else "not measured"
             lines.append(f"batch {batch}, context {context}: compile_ops {us}, "
                          + ", ".join(parts + self.savings(vs)))
-        for over in ("inductor", "inductor_native"):
+        for over in self.baselines:
             lines.append(f"compile_ops faster than {over} at every point of the grid "
                          f"({len(self.grid)} points): {self.verdict(over)}")
         return lines
 
     def markdown(self) -> str:
+        cols, overs = self.variants, self.baselines
         lines = [super().markdown(), self.context_fill, "",
                  "## compile_ops speedups (time of the column's variant / time of compile_ops)",
-                 "", "| batch | context | " + " | ".join(f"{v} µs" for v in VARIANTS)
-                 + " | x inductor | x inductor_native |", "|---" * (len(VARIANTS) + 4) + "|"]
+                 "", "| batch | context | " + " | ".join(f"{v} µs" for v in cols)
+                 + " | " + " | ".join(f"x {o}" for o in overs) + " |",
+                 "|---" * (len(cols) + len(overs) + 2) + "|"]
         for (batch, context), vs in self._rows().items():
-            cells = [f"{vs[v].seconds * 1e6:.1f}" if v in vs else "-" for v in VARIANTS]
-            for over in ("inductor", "inductor_native"):
+            cells = [f"{vs[v].seconds * 1e6:.1f}" if v in vs else "-" for v in cols]
+            for over in overs:
                 x = self.speedup(vs, over)
                 cells.append(f"{x:.2f}" if x else "-")
             lines.append(f"| {batch} | {context} | " + " | ".join(cells) + " |")
@@ -404,7 +496,7 @@ class E2EReport(harness.Report):
         contexts = sorted({r.case["context"] for r in self.results})
         styles = ["-", "--", ":", "-."]
         colors = dict(zip(VARIANTS, ["tab:gray", "tab:blue", "tab:red", "tab:green"]))
-        for v in VARIANTS:
+        for v in self.variants:
             for i, c in enumerate(contexts):
                 pts = sorted((r.case[x_key], r.seconds * 1e6) for r in self.results
                              if r.variant == v and r.case["context"] == c)
@@ -414,7 +506,7 @@ class E2EReport(harness.Report):
         ax.set_ylabel("µs per decode step")
         ax.set_yscale("log")
         rows = self._rows()
-        for j, over in enumerate(("inductor", "inductor_native")):
+        for j, over in enumerate(self.baselines):
             for i, c in enumerate(contexts):
                 pts = sorted((b, self.speedup(vs, over)) for (b, ctx), vs in rows.items()
                              if ctx == c and self.speedup(vs, over))
@@ -483,6 +575,8 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
         return
     checked = sorted({0, batch - 1})
     check_fill(point, cfg, seqs=checked)  # the CUDA write, read back
+    if ref is None:  # TP: the dense copy only served the check
+        point.dense = None
     print(f"  filled in {time.perf_counter() - t0:.1f} s (paged == dense checked for sequence(s) "
           f"{', '.join(map(str, checked))})", flush=True)
     nbytes = step_bytes(cfg, batch, context)
@@ -503,9 +597,12 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
                 msg += "; matched " + ", ".join(f"{k} {v.get('matched', 0)}"
                                                 for k, v in sorted(counters.items()))
                 want = {"add_rms_norm": 2 * cfg.layers, "rope_cache": cfg.layers, "argmax": 1}
+                if cfg.tp > 1 and _has_pass("allreduce_norm") and \
+                        name != "compile_ops_no_add_rms_norm":  # it fuses add_rms_norm's output
+                    want["allreduce_norm"] = allreduce_norm_expected(cfg)
                 for pass_name, n in want.items():
                     got = counters.get(pass_name, {}).get("matched", 0)
-                    if ABLATIONS.get(name) != pass_name and got != n:
+                    if {**ABLATIONS, **TP_ABLATIONS}.get(name) != pass_name and got != n:
                         rep.notes.append(f"{label}: {name} decode graph: {pass_name} matched "
                                          f"{got}, expected {n} ({counters.get(pass_name)})")
             if expected is None:
@@ -524,7 +621,8 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
                 with torch.no_grad():
                     return run_step(point, name, fn, 0, point.first_tokens)
 
-            t = harness.time_calls([call], nbytes, use_graph=True)
+            timer = time_calls_lockstep if cfg.tp > 1 else harness.time_calls
+            t = timer([call], nbytes, use_graph=True)
             rep.add(harness.Result(case, name, t["seconds"], nbytes, t["graph"], t["sets"],
                                    t["spread"], l2_resident=False, extra=extra))
             if PROFILE.get("path") and name in PROFILE["variants"]:
@@ -542,6 +640,60 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
             _free()
     del point
     _free()
+
+
+def time_calls_lockstep(calls: list, bytes_per_call: int, *, use_graph: bool = True,
+                        repeats: int = 20, min_ms: float = 20.0) -> dict:
+    """harness.time_calls (CUDA graph) for the ranks of a TP model. Every replay holds
+    all-reduces that pair the ranks up, so every rank must replay as often as the others: the
+    same warm-up on a side stream, one graph of the calls, samples of >= min_ms, but the replays
+    per sample agreed over the ranks (the most any rank asks for), and the result the slowest
+    rank's median (the step ends when the last rank's does)."""
+    import statistics
+
+    import torch.distributed as dist
+
+    if not use_graph:
+        raise ValueError("time_calls_lockstep times CUDA-graph replays only")
+
+    def agree(value, dtype):
+        t = torch.tensor([value], dtype=dtype, device="cuda")
+        dist.all_reduce(t, dist.ReduceOp.MAX)
+        return t.item()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: compilation, autotuning, allocator
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread queries events while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for c in calls:
+            c()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    inner = int(agree(max(1, int(min_ms / once)), torch.int64))
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / (inner * len(calls)))
+    del graph
+    median = statistics.median(samples)
+    return {"seconds": agree(median, torch.float64),
+            "spread": (max(samples) - min(samples)) / median, "graph": True, "sets": len(calls)}
 
 
 PROFILE = {}  # --profile: {"path": kernel-list file, "variants": [...]}
@@ -573,6 +725,15 @@ def profile_step(call, label: str, path: str, steps: int = 10) -> None:
         f.write("\n")
 
 
+CONTEXT_FILL_TP = (
+    "Context: random K/V (seeded normal, the model dtype) drawn per layer for all KV heads, each "
+    "rank writing its own heads into its paged cache with reshape_and_cache at the slots "
+    "PagedKVCache.prefill reserves (checked against a dense copy, then dropped). Tensor parallel "
+    "{tp}: Megatron-style split (column-parallel qkv / gate_up, row-parallel o_proj / down_proj "
+    "all-reduced; embedding, norms, lm_head replicated); every variant on the same TP model, "
+    "timed in lockstep as CUDA-graph replays of one step (the replays per sample agreed over the "
+    "ranks), the slowest rank's median reported; bytes and GB/s are one rank's (all-reduces not "
+    "counted).")
 CONTEXT_FILL = (
     "Context: random K/V (seeded normal, the model dtype) written per layer into the paged cache "
     "with reshape_and_cache at the slots PagedKVCache.prefill reserves, and the same values into "
@@ -582,9 +743,11 @@ CONTEXT_FILL = (
     "reduce-overhead, captured like eager).")
 
 
-def run_grid(rep, base, batches, contexts, variants, seed, out, stem, device="cuda") -> list:
+def run_grid(rep, base, batches, contexts, variants, seed, out, stem, device="cuda",
+             write: bool = True) -> list:
     """Per context: the model (caches and tables sized to it) and its compiled steps; per batch:
-    bench_point, then the report is rewritten. Returns the written paths."""
+    bench_point, then the report is rewritten (``write``: TP ranks other than 0 do not).
+    Returns the written paths."""
     paths = []
     for context in contexts:
         cfg = sized_config(base, context, 1)
@@ -592,11 +755,12 @@ def run_grid(rep, base, batches, contexts, variants, seed, out, stem, device="cu
               f"{cfg.max_seq_len}) ...", flush=True)
         torch._dynamo.reset()  # drop the previous context's compiled steps
         model = Llama(cfg, seed=seed, device=device)
-        ref = LlamaReference(model)
+        ref = LlamaReference(model) if cfg.tp == 1 else None
         fns = step_fns(model, ref)
         for batch in batches:
             bench_point(rep, model, ref, fns, variants, batch, context, seed)
-            paths = rep.write(out, stem, plot_x="batch", plot_group=["context"])
+            if write:
+                paths = rep.write(out, stem, plot_x="batch", plot_group=["context"])
         del model, ref, fns
         _free()
     return paths
@@ -613,13 +777,20 @@ def main():
                    help="FP8 (W8A8) projections: per-channel FP8 weights, activations quantized "
                         "per token at run time (dynamic) or with one static scale per input "
                         "(static): the 8b-<n>layers-fp8(-static) configs of the main job")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS,
+                   help="default: " + " ".join(VARIANTS) + " (--tp: " + " ".join(TP_VARIANTS)
+                   + ")")
     p.add_argument("--ablate", action="store_true",
                    help="also time compile_ops without each of its passes (" +
                         ", ".join(ABLATIONS) + "): the time each rewrite saves per step")
     p.add_argument("--quick", action="store_true", help="batch 1, 32 and context 512")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stem", default=None, help="output file stem (default e2e_<device>)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: run under torchrun --nproc-per-node N (one GPU "
+                        "per rank; with --cpu-check gloo on the CPU); variants " +
+                        ", ".join(TP_VARIANTS) + " (--ablate: + " + ", ".join(TP_ABLATIONS) +
+                        "); rank 0 writes e2e_tp<N>_<device>.*")
     p.add_argument("--profile", nargs="*", default=None, metavar="VARIANT",
                    help="also write the kernel list of one step (torch.profiler) of these "
                         "variants (none named: compile_ops and inductor_native) to "
@@ -630,35 +801,95 @@ def main():
         args.batch, args.context = QUICK_BATCHES, QUICK_CONTEXTS
     if min(args.batch) < 1 or min(args.context) < 1 or args.layers < 1:
         p.error("--batch, --context and --layers must be >= 1")
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
+    if args.tp == 1:
+        if args.variants and set(args.variants) & set(TP_ABLATIONS):
+            p.error(f"{', '.join(TP_ABLATIONS)}: only with --tp > 1")
+        args.variants = args.variants or list(VARIANTS)
+        return run(args)
+    return run_tp(p, args)
+
+
+def run(args, rank: int = 0) -> int:
     dtype, copy_bw = harness.start(args)
     if args.cpu_check:
-        cpu_check()
+        if args.tp > 1:
+            cpu_check_tp(args.tp)
+        else:
+            cpu_check()
         return 0
 
-    variants = [v for v in ALL_VARIANTS if v in args.variants or (args.ablate and v in ABLATIONS)]
-    base = LlamaConfig.llama3_8b_layers(args.layers, dtype=dtype, fp8=args.fp8 or "")
+    ablations = {**ABLATIONS, **TP_ABLATIONS} if args.tp > 1 else ABLATIONS
+    variants = [v for v in ALL_VARIANTS if v in args.variants or (args.ablate and v in ablations)]
+    base = LlamaConfig.llama3_8b_layers(args.layers, dtype=dtype, fp8=args.fp8 or "",
+                                        **({"tp": args.tp} if args.tp > 1 else {}))
     grid = [(b, c) for c in args.context for b in args.batch]
     fp8 = f", FP8 {args.fp8}" if args.fp8 else ""
-    rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype}{fp8})", copy_bw,
-                    "inductor", ["batch", "context"], grid=grid, context_fill=CONTEXT_FILL)
-    stem = args.stem or harness.device_stem(f"e2e_fp8_{args.fp8}" if args.fp8 else "e2e")
+    if args.tp == 1:
+        rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype}{fp8})",
+                        copy_bw, "inductor", ["batch", "context"], grid=grid,
+                        context_fill=CONTEXT_FILL)
+    else:
+        rep = E2EReport(f"decode step, {args.layers} layers of Llama 3 8B ({args.dtype}{fp8}), "
+                        f"tensor parallel {args.tp}", copy_bw, "inductor", ["batch", "context"],
+                        grid=grid, context_fill=CONTEXT_FILL_TP.format(tp=args.tp),
+                        variants=TP_VARIANTS, baselines=("inductor",))
+    prefix = f"e2e_fp8_{args.fp8}" if args.fp8 else "e2e"
+    stem = args.stem or harness.device_stem(prefix + (f"_tp{args.tp}" if args.tp > 1 else ""))
     if args.profile is not None:
-        os.makedirs(args.out, exist_ok=True)
-        PROFILE["path"] = os.path.join(args.out, f"{stem}_kernels.md")
-        PROFILE["variants"] = args.profile or ["compile_ops", "inductor_native"]
-        with open(PROFILE["path"], "w") as f:
-            f.write(f"# Kernels of one decode step ({base.describe()}), torch.profiler over 10 "
-                    f"plain calls (not graph replays), {torch.cuda.get_device_name()}, torch "
-                    f"{torch.__version__}\n\n")
+        PROFILE["variants"] = args.profile or (["compile_ops", "inductor_native"]
+                                               if args.tp == 1 else ["compile_ops", "inductor"])
+        if rank:  # the profiled steps run on every rank (their all-reduces); rank 0 writes
+            PROFILE["path"] = os.devnull
+        else:
+            os.makedirs(args.out, exist_ok=True)
+            PROFILE["path"] = os.path.join(args.out, f"{stem}_kernels.md")
+            with open(PROFILE["path"], "w") as f:
+                f.write(f"# Kernels of one decode step ({base.describe()}), torch.profiler over "
+                        f"10 plain calls (not graph replays), {torch.cuda.get_device_name()}, "
+                        f"torch {torch.__version__}\n\n")
     print(f"model: {base.describe()}; variants: {', '.join(variants)}; grid (batch x context): "
           f"{', '.join(f'{b}x{c}' for b, c in grid)}", flush=True)
-    paths = run_grid(rep, base, args.batch, args.context, variants, args.seed, args.out, stem)
+    device = f"cuda:{torch.cuda.current_device()}" if args.tp > 1 else "cuda"
+    paths = run_grid(rep, base, args.batch, args.context, variants, args.seed, args.out, stem,
+                     device=device, write=rank == 0)
     print("wrote", *paths)
     print(f"{rep.name}:", *rep.summary(), sep="\n  ")
     if rep.failed:
         print("some variants failed (see the skipped list)")
         return 1
     return 0
+
+
+def run_tp(p, args) -> int:
+    """--tp N under torchrun: every rank runs the grid in lockstep, rank 0 prints and writes;
+    the exit code is the worst rank's."""
+    import torch.distributed as dist
+
+    from compile_ops.models.llama import init_tp
+
+    try:  # sizes that do not split: said before anything starts
+        if args.cpu_check:
+            LlamaConfig.tiny(tp=args.tp)
+        else:
+            LlamaConfig.llama3_8b_layers(args.layers, tp=args.tp)
+    except ValueError as exc:
+        p.error(str(exc))
+    args.variants = args.variants or list(TP_VARIANTS)
+    if "inductor_native" in args.variants:
+        p.error("--tp: inductor_native is the one-process plain-PyTorch model, not split "
+                f"(variants: {', '.join(TP_VARIANTS + tuple(ABLATIONS) + tuple(TP_ABLATIONS))})")
+    rank, device = init_tp(args.tp, "cpu" if args.cpu_check else "cuda", p.error)
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        rc = run(args, rank)
+        worst = torch.tensor([rc], device=device)
+        dist.all_reduce(worst, dist.ReduceOp.MAX)
+        return int(worst.item())
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

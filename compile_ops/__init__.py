@@ -15,6 +15,7 @@ from compile_ops.activation import (
     swigluoai_and_mul,
 )
 from compile_ops.activation_quant import silu_and_mul_per_block_quant, silu_and_mul_quant
+from compile_ops.allreduce_norm import fused_allreduce_add_rms_norm
 from compile_ops.attention import merge_attn_states
 from compile_ops.cache import (
     convert_fp8,
@@ -87,6 +88,7 @@ __all__ = [
     "cp_gather_indexer_k_quant_cache",
     "argmax",
     "static_cache_attention",
+    "fused_allreduce_add_rms_norm",
 ]
 
 

@@ -1,5 +1,11 @@
 """python -m compile_ops: what is registered, whether the CUDA kernels are built, and a tiny
-eager + torch.compile run checked against the reference."""
+eager + torch.compile run checked against the reference.
+
+With arguments it runs the main job instead, the paged-KV Llama (``python -m
+compile_ops.models.llama``, the same options), e.g. on two tensor-parallel ranks::
+
+    torchrun --nproc-per-node 2 -m compile_ops --config 8b-4layers --tp 2
+"""
 
 import sys
 import time
@@ -73,4 +79,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1:  # the main job's options: --config, --tp, ...
+        from compile_ops.models.llama import main as main_job
+
+        sys.exit(main_job(sys.argv[1:]))
     sys.exit(main())

@@ -113,4 +113,13 @@ void rms_norm_per_block_quant(at::Tensor& result, const at::Tensor& input,
                               const std::optional<at::Tensor>& scale_ub,
                               const std::optional<at::Tensor>& residual, int64_t group_size,
                               bool is_scale_transposed);
+// All-reduce (sum, over symmetric memory) + residual add + RMSNorm, in place on input and
+// residual. buffer_ptrs / signal_pad_ptrs: device int64 tables of every rank's symmetric buffer
+// and signal pad (compile_ops/allreduce_norm.py sets them up); mode 0 one-shot, 1 two-shot.
+void fused_allreduce_add_rms_norm(at::Tensor& input, at::Tensor& residual,
+                                  const at::Tensor& weight, double epsilon,
+                                  const at::Tensor& buffer_ptrs,
+                                  const at::Tensor& signal_pad_ptrs, int64_t rank,
+                                  int64_t world_size, int64_t buffer_bytes,
+                                  int64_t signal_pad_bytes, int64_t mode);
 }  // namespace compile_ops

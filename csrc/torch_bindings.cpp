@@ -137,4 +137,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("result"), py::arg("input"), py::arg("weight"), py::arg("scale"),
         py::arg("epsilon"), py::arg("scale_ub"), py::arg("residual"), py::arg("group_size"),
         py::arg("is_scale_transposed"));
+  m.def("fused_allreduce_add_rms_norm", &compile_ops::fused_allreduce_add_rms_norm,
+        "s <- sum over the ranks of input (symmetric memory, fp32 in rank order); residual <- "
+        "s + residual; input <- rms_norm(residual) * weight (mode 0 one-shot, 1 two-shot)",
+        py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("epsilon"),
+        py::arg("buffer_ptrs"), py::arg("signal_pad_ptrs"), py::arg("rank"),
+        py::arg("world_size"), py::arg("buffer_bytes"), py::arg("signal_pad_bytes"),
+        py::arg("mode"));
 }

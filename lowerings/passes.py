@@ -207,14 +207,16 @@ def default_passes() -> list[FusionPass]:
     from lowerings.act_quant import ActQuantPass
     from lowerings.activation_lowering import ActivationLoweringPass
     from lowerings.add_rms_norm import AddRMSNormPass
+    from lowerings.allreduce_norm import AllReduceNormPass
     from lowerings.argmax import ArgmaxPass
     from lowerings.norm_quant import NormQuantPass
     from lowerings.rms_norm_math import RMSNormMathPass
     from lowerings.rope_cache import RopeCachePass
     from lowerings.static_cache_attention import StaticCacheAttentionPass
 
-    return [StaticCacheAttentionPass(), RMSNormMathPass(), AddRMSNormPass(), NormQuantPass(),
-            RopeCachePass(), ActQuantPass(), ActivationLoweringPass(), ArgmaxPass()]
+    return [StaticCacheAttentionPass(), RMSNormMathPass(), AddRMSNormPass(), AllReduceNormPass(),
+            NormQuantPass(), RopeCachePass(), ActQuantPass(), ActivationLoweringPass(),
+            ArgmaxPass()]
 
 
 _MANAGER: PassManager | None = None

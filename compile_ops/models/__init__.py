@@ -3,7 +3,9 @@
     from compile_ops.models import Llama, LlamaConfig, LlamaReference, PagedKVCache, generate
 
 ``python -m compile_ops.models.llama`` runs the Llama-style model eagerly and compiled with the
-``inductor`` and ``compile_ops`` backends, checks the tokens agree and prints a fusion report.
+``inductor`` and ``compile_ops`` backends, checks the tokens agree and prints a fusion report
+(``torchrun --nproc-per-node 2 -m compile_ops.models.llama --tp 2``: the same, tensor-parallel
+over two processes; ``LlamaConfig(tp=2)``).
 
 The names are loaded on first use, so that ``python -m compile_ops.models.llama`` does not import
 the module twice (once as a package member, once as ``__main__``).

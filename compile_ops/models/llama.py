@@ -41,6 +41,18 @@ normalized value rounded to the dtype before the weight multiply), RoPE on the h
 
 Limits of the ops this model uses: ``paged_attention_v1/v2`` take head sizes 64-256 and block
 sizes 8/16/32, so the smallest config uses head_dim 64 and block_size 8.
+
+Tensor parallelism (``LlamaConfig.tp``, ``--tp N`` under ``torchrun --nproc-per-node N``):
+Megatron's split, one process per rank. ``qkv_proj`` and ``gate_up_proj`` are column-parallel
+(each rank computes its heads, KV heads included, and its slice of the intermediate size; its
+paged cache holds its KV heads), ``o_proj`` and ``down_proj`` row-parallel, their partial
+outputs summed by ``torch.distributed._functional_collectives.all_reduce`` (traced as
+``_c10d_functional.all_reduce`` + ``wait_tensor``) right before the residual add + RMSNorm,
+which the ``allreduce_norm`` pass fuses. The embedding, the norms and ``lm_head`` are replicated.
+Every rank draws the whole model's weights from the seed and keeps its slices, so a TP model is
+checked against the one-process model and ``LlamaReference`` of the same seed.
+
+    torchrun --nproc-per-node 2 -m compile_ops.models.llama --config 8b-4layers --tp 2
 """
 
 from __future__ import annotations
@@ -61,9 +73,10 @@ import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from compile_ops.attention import BLOCK_SIZES, HEAD_SIZES, PARTITION_SIZE
 from compile_ops.testing import TOLERANCES
 
-__all__ = ["Fp8Linear", "Generation", "Llama", "LlamaConfig", "LlamaReference", "PagedKVCache",
-           "compare_generations", "compile_steps", "generate", "logits_tolerance",
-           "rope_cos_sin_cache", "main"]
+__all__ = ["FP8_TP_LOGITS_TOLERANCE", "Fp8Linear", "Generation", "Llama", "LlamaConfig",
+           "LlamaReference", "PagedKVCache", "TPGroup", "all_reduce_sum",
+           "allreduce_norm_expected", "compare_generations", "compile_steps", "generate",
+           "init_tp", "logits_tolerance", "rope_cos_sin_cache", "main"]
 
 ops = torch.ops.compile_ops
 
@@ -97,6 +110,10 @@ class LlamaConfig:
     # FP8 (W8A8) projections: "" (none), "dynamic" (activations quantized per token at run time)
     # or "static" (one calibrated scale per projection input). Weights per output channel.
     fp8: str = ""
+    # Tensor parallelism (Megatron): ranks of the group the model is split over. The sizes above
+    # stay the whole model's; each rank holds heads / tp query heads, kv_heads / tp KV heads (and
+    # their cache) and intermediate / tp of the MLP (the ``local_*`` properties).
+    tp: int = 1
 
     def __post_init__(self):
         if self.fp8 not in FP8_MODES:
@@ -104,6 +121,12 @@ class LlamaConfig:
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads "
                              f"({self.kv_heads})")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp must be a positive int, got {self.tp!r}")
+        for name in ("heads", "kv_heads", "intermediate"):
+            if getattr(self, name) % self.tp:
+                raise ValueError(f"tensor parallelism: {name} ({getattr(self, name)}) must be "
+                                 f"divisible by tp ({self.tp}): each rank holds {name} / tp")
         if self.head_dim not in HEAD_SIZES:
             raise ValueError(f"head_dim {self.head_dim}: paged attention takes {list(HEAD_SIZES)}")
         if self.block_size not in BLOCK_SIZES:
@@ -148,14 +171,36 @@ class LlamaConfig:
     def max_seq_len(self) -> int:
         return self.max_blocks * self.block_size
 
+    # What one tensor-parallel rank holds (the whole model's sizes when tp == 1).
+    @property
+    def local_heads(self) -> int:
+        return self.heads // self.tp
+
+    @property
+    def local_kv_heads(self) -> int:
+        return self.kv_heads // self.tp
+
+    @property
+    def local_intermediate(self) -> int:
+        return self.intermediate // self.tp
+
+    @property
+    def local_q_size(self) -> int:
+        return self.local_heads * self.head_dim
+
+    @property
+    def local_kv_size(self) -> int:
+        return self.local_kv_heads * self.head_dim
+
     def describe(self) -> str:
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
         fp8 = {"": "", "dynamic": ", FP8 W8A8 (per-channel weights, dynamic per-token "
                "activations)", "static": ", FP8 W8A8 (per-channel weights, static per-tensor "
                "activations)"}[self.fp8]
+        tp = f", tensor parallel {self.tp}" if self.tp > 1 else ""
         return (f"vocab {self.vocab}, hidden {self.hidden}, {layers}, {self.heads} "
                 f"heads / {self.kv_heads} kv heads of {self.head_dim}, intermediate "
-                f"{self.intermediate}, block {self.block_size}, {str(self.dtype)[6:]}{fp8}")
+                f"{self.intermediate}, block {self.block_size}, {str(self.dtype)[6:]}{fp8}{tp}")
 
 
 def config_from_name(name: str, **overrides) -> LlamaConfig:
@@ -248,6 +293,97 @@ class Fp8Linear(torch.nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tensor parallelism (Megatron): column-parallel qkv / gate_up, row-parallel o_proj / down_proj
+# ---------------------------------------------------------------------------------------------
+class TPGroup(NamedTuple):
+    """This process's place in the tensor-parallel group: its rank, the group's size and name
+    (the functional collectives take the name: a string Dynamo traces as a constant)."""
+
+    rank: int
+    size: int
+    group_name: str
+
+
+def tp_group_of(cfg: LlamaConfig, group=None) -> Optional[TPGroup]:
+    """The ``TPGroup`` of this process for ``cfg.tp`` ranks: ``group`` (a ProcessGroup; default
+    the world group) of an initialized ``torch.distributed``. None when ``cfg.tp == 1``."""
+    if cfg.tp == 1:
+        if group is not None:
+            raise ValueError("a tensor-parallel group was given but cfg.tp is 1: set cfg.tp to "
+                             "the group's size")
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"cfg.tp = {cfg.tp}: the model is split over {cfg.tp} processes and "
+                           "needs torch.distributed initialized in each (init_process_group; "
+                           f"e.g. run under torchrun --nproc-per-node {cfg.tp})")
+    group = group if group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)
+    if size != cfg.tp:
+        raise ValueError(f"cfg.tp = {cfg.tp} but the process group has {size} ranks")
+    return TPGroup(dist.get_rank(group), size, group.group_name)
+
+
+def all_reduce_sum(y: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The row-parallel projections' sum over the ranks, as the functional collective (traced
+    as ``_c10d_functional.all_reduce`` + ``wait_tensor``: what the ``allreduce_norm`` pass
+    looks for in front of an add + RMSNorm). Eager: waited here, a plain tensor comes back."""
+    from torch.distributed import _functional_collectives as funcol
+
+    y = funcol.all_reduce(y, "sum", group_name)
+    if isinstance(y, funcol.AsyncCollectiveTensor):  # eager only (traced: a plain tensor)
+        y = y.wait()
+    return y
+
+
+def _rows(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if w.dtype == FP8:  # gathers of float8 are not implemented everywhere: move the bytes
+        return w.view(torch.uint8)[index].view(FP8).contiguous()
+    return w[index].contiguous()
+
+
+def shard_column_parallel(proj, parts, tp: Optional[TPGroup]):
+    """A column-parallel projection: of each of the stacked outputs ``parts`` (qkv: q, k, v
+    sizes; gate_up: gate, up) the rank keeps its contiguous 1/size (its heads, its part of the
+    intermediate size). ``Fp8Linear``: the FP8 weight rows and their per-output-channel scales
+    (a row's scale depends on that row alone, so they equal the one-process model's)."""
+    if tp is None:
+        return proj
+    rows, off = [], 0
+    for n in parts:
+        k = n // tp.size
+        rows.append(torch.arange(off + tp.rank * k, off + (tp.rank + 1) * k))
+        off += n
+    index = torch.cat(rows).to(proj.weight.device)
+    if isinstance(proj, Fp8Linear):
+        proj.weight = _rows(proj.weight, index)
+        proj.weight_scale = proj.weight_scale[:, index].contiguous()
+        proj.out_features = len(index)
+        return proj
+    return _linear(proj.in_features, len(index), _rows(proj.weight, index))
+
+
+def shard_row_parallel(proj, tp: Optional[TPGroup]):
+    """A row-parallel projection: the rank keeps its 1/size of the input columns (the heads /
+    intermediate slice its column-parallel partner produced); the partial outputs are summed
+    by ``all_reduce_sum``. ``Fp8Linear``: the FP8 weight columns; the per-output-channel
+    weight scales stay the whole row's (quantized before slicing, so the rank's partial GEMMs
+    sum to the one-process GEMM when the activation scale is the same on every rank: a static
+    scale is; a dynamic per-token scale is the amax of the rank's slice, a finer scale than the
+    one-process model's, equal up to FP8 rounding)."""
+    if tp is None:
+        return proj
+    k = proj.in_features // tp.size
+    cols = slice(tp.rank * k, (tp.rank + 1) * k)
+    if isinstance(proj, Fp8Linear):
+        proj.weight = proj.weight.view(torch.uint8)[:, cols].contiguous().view(FP8)
+        proj.in_features = k
+        return proj
+    return _linear(k, proj.out_features, proj.weight[:, cols].contiguous())
+
+
 class _Init:
     """Seeded weights: normal with std 1/sqrt(fan_in) for projections (activations stay O(1)
     through the layers), std 1 for the embedding, 1 + N(0, 0.1) for the norm weights."""
@@ -307,20 +443,24 @@ def use_v1(attn_version: str, max_seq_len: int, num_seqs: int, num_heads: int) -
 
 
 class LlamaAttention(torch.nn.Module):
-    def __init__(self, cfg: LlamaConfig, init: _Init, attn_version: str):
+    def __init__(self, cfg: LlamaConfig, init: _Init, attn_version: str,
+                 tp: Optional[TPGroup] = None):
         super().__init__()
         self.cfg, self.attn_version = cfg, attn_version
+        self.tp_group_name = tp.group_name if tp else ""
         self.scale = cfg.head_dim ** -0.5
         # FP8 static scales: what these seeded weights produce (normalized inputs: |x| < ~6;
         # attention outputs, averages of values: < ~6; see Fp8Linear)
-        self.qkv_proj = init.linear(cfg.hidden, cfg.q_size + 2 * cfg.kv_size, input_amax=8.0)
-        self.o_proj = init.linear(cfg.q_size, cfg.hidden, input_amax=8.0)
+        self.qkv_proj = shard_column_parallel(
+            init.linear(cfg.hidden, cfg.q_size + 2 * cfg.kv_size, input_amax=8.0),
+            (cfg.q_size, cfg.kv_size, cfg.kv_size), tp)
+        self.o_proj = shard_row_parallel(init.linear(cfg.q_size, cfg.hidden, input_amax=8.0), tp)
 
     def forward(self, positions, hidden, kv_cache, meta: StepMeta):
         cfg = self.cfg
-        hd, nh, nkv = cfg.head_dim, cfg.heads, cfg.kv_heads
+        hd, nh, nkv = cfg.head_dim, cfg.local_heads, cfg.local_kv_heads
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = qkv.split([cfg.local_q_size, cfg.local_kv_size, cfg.local_kv_size], dim=-1)
         ops.rotary_embedding(positions, q, k, hd, meta.cos_sin_cache, True)
         key_cache, value_cache = kv_cache
         ops.reshape_and_cache(k.view(-1, nkv, hd), v.view(-1, nkv, hd), key_cache, value_cache,
@@ -334,51 +474,58 @@ class LlamaAttention(torch.nn.Module):
         else:
             o = self._paged_attention(q.view(-1, nh, hd), key_cache, value_cache, meta)
             o = o.view(-1, nh * hd)
-        return self.o_proj(o)
+        o = self.o_proj(o)
+        return all_reduce_sum(o, self.tp_group_name) if self.tp_group_name else o
 
     def _paged_attention(self, q, key_cache, value_cache, meta: StepMeta):
         cfg = self.cfg
-        seqs = q.shape[0]
-        out = torch.empty((seqs, cfg.heads, cfg.head_dim), dtype=q.dtype, device=q.device)
-        if use_v1(self.attn_version, cfg.max_seq_len, seqs, cfg.heads):
-            ops.paged_attention_v1(out, q, key_cache, value_cache, cfg.kv_heads, self.scale,
+        seqs, nh, nkv = q.shape[0], cfg.local_heads, cfg.local_kv_heads
+        out = torch.empty((seqs, nh, cfg.head_dim), dtype=q.dtype, device=q.device)
+        if use_v1(self.attn_version, cfg.max_seq_len, seqs, nh):
+            ops.paged_attention_v1(out, q, key_cache, value_cache, nkv, self.scale,
                                    meta.block_tables, meta.seq_lens, cfg.block_size,
                                    cfg.max_seq_len, None, "auto", meta.k_scale, meta.v_scale)
             return out
         parts = -(-cfg.max_seq_len // PARTITION_SIZE)
-        exp_sums = torch.empty((seqs, cfg.heads, parts), dtype=torch.float32, device=q.device)
+        exp_sums = torch.empty((seqs, nh, parts), dtype=torch.float32, device=q.device)
         max_logits = torch.empty_like(exp_sums)
-        tmp_out = torch.empty((seqs, cfg.heads, parts, cfg.head_dim), dtype=q.dtype,
+        tmp_out = torch.empty((seqs, nh, parts, cfg.head_dim), dtype=q.dtype,
                               device=q.device)
         ops.paged_attention_v2(out, exp_sums, max_logits, tmp_out, q, key_cache, value_cache,
-                               cfg.kv_heads, self.scale, meta.block_tables, meta.seq_lens,
+                               nkv, self.scale, meta.block_tables, meta.seq_lens,
                                cfg.block_size, cfg.max_seq_len, None, "auto", meta.k_scale,
                                meta.v_scale)
         return out
 
 
 class LlamaMLP(torch.nn.Module):
-    def __init__(self, cfg: LlamaConfig, init: _Init):
+    def __init__(self, cfg: LlamaConfig, init: _Init, tp: Optional[TPGroup] = None):
         super().__init__()
-        self.gate_up_proj = init.linear(cfg.hidden, 2 * cfg.intermediate, input_amax=8.0)
-        self.down_proj = init.linear(cfg.intermediate, cfg.hidden, input_amax=24.0)
+        self.tp_group_name = tp.group_name if tp else ""
+        self.gate_up_proj = shard_column_parallel(
+            init.linear(cfg.hidden, 2 * cfg.intermediate, input_amax=8.0),
+            (cfg.intermediate, cfg.intermediate), tp)
+        self.down_proj = shard_row_parallel(
+            init.linear(cfg.intermediate, cfg.hidden, input_amax=24.0), tp)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         act = torch.empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,), dtype=x.dtype,
                           device=x.device)
         ops.silu_and_mul(act, gate_up)
-        return self.down_proj(act)
+        out = self.down_proj(act)
+        return all_reduce_sum(out, self.tp_group_name) if self.tp_group_name else out
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: LlamaConfig, init: _Init, attn_version: str, fused_add_norm: bool):
+    def __init__(self, cfg: LlamaConfig, init: _Init, attn_version: str, fused_add_norm: bool,
+                 tp: Optional[TPGroup] = None):
         super().__init__()
         self.eps, self.fused_add_norm = cfg.eps, fused_add_norm
         self.input_layernorm = init.norm()
-        self.self_attn = LlamaAttention(cfg, init, attn_version)
+        self.self_attn = LlamaAttention(cfg, init, attn_version, tp)
         self.post_attention_layernorm = init.norm()
-        self.mlp = LlamaMLP(cfg, init)
+        self.mlp = LlamaMLP(cfg, init, tp)
 
     def forward(self, positions, hidden, residual, kv_cache, meta: StepMeta):
         hidden, residual = add_rms_norm(hidden, residual, self.input_layernorm, self.eps,
@@ -401,19 +548,31 @@ class Llama(torch.nn.Module):
     ``attn_version``: ``"auto"`` (default: vLLM's choice, see ``use_v1``), ``"v1"`` or ``"v2"``
     paged attention for decode.
     ``fused_add_norm``: call ``fused_add_rms_norm`` directly instead of add + ``rms_norm``.
+
+    Tensor parallelism (``cfg.tp > 1``, one model per process of ``tp_group``, default the
+    world group of an initialized ``torch.distributed``): Megatron's split. ``qkv_proj`` and
+    ``gate_up_proj`` are column-parallel (the rank's heads, KV heads included, and its slice of
+    the intermediate size), ``o_proj`` and ``down_proj`` row-parallel, their partial outputs
+    summed by an all-reduce (``all_reduce_sum``) in front of the residual add + RMSNorm. Every
+    rank draws the whole one-process model's weights from ``seed`` and keeps its slices, so the
+    TP model computes what ``Llama(cfg.replace(tp=1), seed=seed)`` does (up to the order of the
+    sums). The embedding, the norms and ``lm_head`` are replicated: every rank computes the
+    same residual stream and the same logits and tokens. The paged cache of a rank holds its
+    KV heads (``PagedKVCache`` sizes it by ``cfg.local_kv_heads``).
     """
 
     def __init__(self, cfg: LlamaConfig, *, seed: int = 0, device="cpu",
-                 attn_version: str = "auto", fused_add_norm: bool = False):
+                 attn_version: str = "auto", fused_add_norm: bool = False, tp_group=None):
         super().__init__()
         if attn_version not in ATTN_VERSIONS:
             raise ValueError(f"attn_version must be one of {ATTN_VERSIONS}, got {attn_version!r}")
         self.cfg, self.attn_version, self.fused_add_norm = cfg, attn_version, fused_add_norm
+        self.tp = tp_group_of(cfg, tp_group)
         init = _Init(cfg, seed, device)
         self.embed_tokens = torch.nn.Embedding.from_pretrained(
             init.normal(cfg.vocab, cfg.hidden), freeze=True)
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, init, attn_version, fused_add_norm)
+            LlamaDecoderLayer(cfg, init, attn_version, fused_add_norm, self.tp)
             for _ in range(cfg.layers))
         self.norm = init.norm()
         self.lm_head = init.linear(cfg.hidden, cfg.vocab)
@@ -460,7 +619,9 @@ class PagedKVCache:
     """Per-layer paged caches and the block bookkeeping of a batch of sequences.
 
     ``kv_caches[layer] = (key_cache, value_cache)`` in ``reshape_and_cache``'s layout. Blocks come
-    from a seeded permutation of the free list (a sequence's blocks are scattered).
+    from a seeded permutation of the free list (a sequence's blocks are scattered). Under tensor
+    parallelism (``cfg.tp > 1``) the caches of a rank hold its ``cfg.local_kv_heads`` KV heads;
+    every rank keeps the same block tables.
     """
 
     def __init__(self, cfg: LlamaConfig, device="cpu", *, num_blocks: Optional[int] = None,
@@ -468,7 +629,7 @@ class PagedKVCache:
         self.cfg, self.device = cfg, torch.device(device)
         self.num_blocks = num_blocks or cfg.num_blocks
         x = 16 // torch.empty((), dtype=cfg.dtype).element_size()
-        nb, nkv, hd, bs = self.num_blocks, cfg.kv_heads, cfg.head_dim, cfg.block_size
+        nb, nkv, hd, bs = self.num_blocks, cfg.local_kv_heads, cfg.head_dim, cfg.block_size
         self.kv_caches = [
             (torch.zeros(nb, nkv, hd // x, bs, x, dtype=cfg.dtype, device=self.device),
              torch.zeros(nb, nkv, hd, bs, dtype=cfg.dtype, device=self.device))
@@ -593,6 +754,11 @@ class LlamaReference(torch.nn.Module):
 
     def __init__(self, model: Llama):
         super().__init__()
+        if model.cfg.tp > 1:
+            raise ValueError(f"LlamaReference takes the one-process model (cfg.tp = 1), got a "
+                             f"rank of a tp = {model.cfg.tp} model: check a TP model against "
+                             "LlamaReference(Llama(cfg.replace(tp=1), seed=<the same seed>)), "
+                             "which holds the same weights")
         self.model = model  # the same parameters
         self.cfg = model.cfg
 
@@ -770,12 +936,24 @@ class Comparison(NamedTuple):
     message: str
 
 
+# FP8 under tensor parallelism: a row-parallel projection's dynamic per-token activation scale
+# is the amax of the rank's slice of the row (as vLLM quantizes), not of the whole row, so a TP
+# FP8 model quantizes differently from the one-process FP8 model; with static scales the codes
+# are the same, but a last-bit difference of a partial sum can flip an FP8 code downstream.
+# Measured on the tiny model (CPU, float32 and bfloat16, prefill logits ~ N(0, 1)): the TP FP8
+# model is 0.08-0.15 (max |diff|) from the one-process FP8 model, and either FP8 model
+# 0.18-0.23 from the unquantized one. atol 0.5 is FP8's own error with room; a split gone wrong
+# moves them by O(1) (leaving out down_proj's all-reduce: 1.5, FP8 or not).
+FP8_TP_LOGITS_TOLERANCE = {"atol": 0.5, "rtol": 0.0}
+
+
 def compare_generations(expected: Generation, got: Generation, dtype: torch.dtype,
-                        layers: int = 2) -> Comparison:
+                        layers: int = 2, tol: Optional[dict] = None) -> Comparison:
     """Tokens equal and logits close; a different token is accepted only at a near tie (logits
     still within the tolerance at that step, and the expected run's margin between the two tokens
-    at most 2 * atol), after which the histories differ and the comparison stops."""
-    tol = logits_tolerance(dtype, layers)
+    at most 2 * atol), after which the histories differ and the comparison stops. ``tol``
+    (atol/rtol) replaces ``logits_tolerance(dtype, layers)``."""
+    tol = tol or logits_tolerance(dtype, layers)
     et, gt = expected.tokens, got.tokens
     steps = et.shape[1]
     diff_at = [(s, b) for s in range(steps) for b in range(et.shape[0]) if et[b, s] != gt[b, s]]
@@ -845,6 +1023,38 @@ def _short_op(name: str) -> str:
     return name.replace(".default", "")
 
 
+def allreduce_norm_expected(cfg: LlamaConfig) -> int:
+    """The ``allreduce_norm`` matches of one step's graph of a TP model: each layer's two
+    all-reduces (o_proj's, down_proj's) each feed a residual add + RMSNorm (the post-attention
+    norm; the next layer's input norm, or the final norm after the last layer), so 2 per layer:
+    of the 2 * layers + 1 norms only the first layer's input norm, which reads the embedding,
+    has no all-reduce in front of it."""
+    return 2 * cfg.layers if cfg.tp > 1 else 0
+
+
+def _allreduce_norm_lines(counters: dict, before: list, cfg: LlamaConfig) -> list[str]:
+    import lowerings
+
+    ar = counters.get("allreduce_norm", {})
+    n_ar = sum(1 for op in before if op.startswith("_c10d_functional.all_reduce"))
+    want = allreduce_norm_expected(cfg)
+    installed = any(getattr(p, "name", "") == "allreduce_norm"
+                    for p in lowerings.pass_manager().passes)
+    if not installed and not ar:
+        return [f"    allreduce_norm: no such pass in this build ({n_ar} all_reduce before the "
+                f"passes; {want} of them feed an add + RMSNorm)"]
+    why = ("2 per layer: each all-reduce, o_proj's and down_proj's, feeds an add + RMSNorm; "
+           "the first layer's input norm reads the embedding")
+    if cfg.fp8:  # the norms feed quantizing projections: the pass order decides who fuses
+        why += "; FP8: fewer where norm_quant fused a norm with its quantization first"
+    lines = [f"    allreduce_norm: matched {ar.get('matched', 0)} (expected {want}: {why}; "
+             f"{n_ar} all_reduce before the passes)"]
+    for k, n in sorted(ar.items()):
+        if k.startswith("near_miss"):
+            lines.append(f"    allreduce_norm: {k.replace('near_miss: ', 'near miss: ')} x{n}")
+    return lines
+
+
 def _graph_report(graph: str, counters: dict, before: list, after: list, cfg: LlamaConfig,
                   fused_add_norm: bool) -> list[str]:
     lines = [f"  {graph} graph:"]
@@ -867,11 +1077,20 @@ def _graph_report(graph: str, counters: dict, before: list, after: list, cfg: Ll
     for k, n in sorted(rc.items()):
         if k.startswith("near_miss"):
             lines.append(f"    rope_cache: {k.replace('near_miss: ', 'near miss: ')} x{n}")
+    if cfg.tp > 1:
+        lines += _allreduce_norm_lines(counters, before, cfg)
     if cfg.fp8:
         nq, aq = counters.get("norm_quant", {}), counters.get("act_quant", {})
-        lines.append(f"    norm_quant: matched {nq.get('matched', 0)} (expected {2 * cfg.layers}: "
-                     "each layer's two norms feed an FP8 projection; the final norm feeds the "
-                     "bf16 lm_head)")
+        if cfg.tp == 1:
+            lines.append(f"    norm_quant: matched {nq.get('matched', 0)} (expected "
+                         f"{2 * cfg.layers}: each layer's two norms feed an FP8 projection; the "
+                         "final norm feeds the bf16 lm_head)")
+        else:  # a norm fused with its all-reduce is no longer there for norm_quant
+            k = counters.get("allreduce_norm", {}).get("matched", 0)
+            lines.append(f"    norm_quant: matched {nq.get('matched', 0)} (expected "
+                         f"{2 * cfg.layers - k}: each layer's two norms feed an FP8 projection, "
+                         f"less the {k} allreduce_norm fused with their all-reduce; the final "
+                         "norm feeds the bf16 lm_head)")
         want_aq = cfg.layers if cfg.fp8 == "static" else 0
         lines.append(f"    act_quant: matched {aq.get('matched', 0)} (expected {want_aq}"
                      + (": one per MLP)" if want_aq else ": no fused SiLU + per-token op)"))
@@ -919,13 +1138,81 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true",
                    help="also time the plain-PyTorch reference (dense KV) under inductor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (default 1): with N > 1 run under torchrun "
+                        "--nproc-per-node N; each rank holds 1/N of the heads and of the MLP "
+                        "(NCCL on cuda:LOCAL_RANK, gloo on the CPU); rank 0 prints")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or (
         "cuda" if torch.cuda.is_available() and compile_ops.kernels_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU in this process")
-    overrides = {}
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
+    if args.tp == 1:
+        return _main_job(p, args, device)
+    try:  # sizes that do not split: said before anything starts
+        config_from_name(args.config, tp=args.tp)
+    except ValueError as exc:
+        p.error(str(exc))
+    return _main_job_tp(p, args, device)
+
+
+def init_tp(tp: int, device_type: str, error: Optional[Callable[[str], None]] = None):
+    """Join the ``tp`` processes torchrun started (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in
+    the environment): ``(rank, device)``, NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU.
+    ``error(message)`` reports a wrong launch (default: raise RuntimeError)."""
+    import os
+
+    import torch.distributed as dist
+
+    def fail(msg):
+        if error is not None:
+            error(msg)
+        raise RuntimeError(msg)
+
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if world != tp:
+        fail(f"--tp {tp}: run under torchrun --nproc-per-node {tp} (one process per rank; "
+             f"WORLD_SIZE is {os.environ.get('WORLD_SIZE', 'not set')})")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            fail(f"--tp {tp}: rank {local_rank} has no GPU of its own "
+                 f"({torch.cuda.device_count()} visible)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), device
+
+
+def _main_job_tp(p, args, device) -> int:
+    """The main job on ``args.tp`` ranks: every rank runs it in lockstep (each step's
+    all-reduces pair them up), rank 0 prints; the exit code is the worst rank's."""
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+
+    rank, device = init_tp(args.tp, device.type, p.error)
+    try:
+        with open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(devnull if rank else sys.stdout):
+            rc = _main_job(p, args, device)
+        worst = torch.tensor([rc], device=device)
+        dist.all_reduce(worst, dist.ReduceOp.MAX)
+        return int(worst.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def _main_job(p, args, device) -> int:
+    tp = args.tp
+    overrides = {} if tp == 1 else {"tp": tp}
     if args.dtype:
         overrides["dtype"] = getattr(torch, args.dtype)
     elif device.type == "cpu":
@@ -951,12 +1238,25 @@ def main(argv=None) -> int:
           f"{args.attn}, "
           f"{'fused_add_rms_norm in the model' if args.fused_add_norm else 'add + rms_norm'}, "
           f"torch {torch.__version__}", flush=True)
+    if tp > 1:
+        import torch.distributed as dist
+
+        print(f"tensor parallel: {tp} ranks ({dist.get_backend()}), each holds "
+              f"{cfg.local_heads} of {cfg.heads} heads, {cfg.local_kv_heads} of {cfg.kv_heads} "
+              f"KV heads (and their paged cache), {cfg.local_intermediate} of "
+              f"{cfg.intermediate} of the MLP; embedding, norms and lm_head replicated; "
+              "rank 0 prints", flush=True)
 
     t0 = time.perf_counter()
     print("building the model (random weights) ...", flush=True)
     model = Llama(cfg, seed=args.seed, device=device, attn_version=args.attn,
                   fused_add_norm=args.fused_add_norm)
-    ref_model = LlamaReference(model)
+    # TP: the one-process model from the same seed holds the weights the ranks sliced; the
+    # reference computes its math
+    full = model if tp == 1 else Llama(cfg.replace(tp=1), seed=args.seed, device=device,
+                                       attn_version=args.attn,
+                                       fused_add_norm=args.fused_add_norm)
+    ref_model = LlamaReference(full)
     cache = PagedKVCache(cfg, device, seed=args.seed)
     if cuda_graphs:
         cache.mark_static()
@@ -979,15 +1279,24 @@ def main(argv=None) -> int:
     results, failures, step_ms, calls = {}, [], {}, {}
     report = []
 
-    def check(name, gen, against, against_name):
-        cmp = compare_generations(against, gen, cfg.dtype, cfg.layers)
+    def check(name, gen, against, against_name, tol=None):
+        cmp = compare_generations(against, gen, cfg.dtype, cfg.layers, tol)
         print(f"{name}: vs {against_name}: {cmp.message}", flush=True)
         if not cmp.ok:
             failures.append(f"{name} vs {against_name}: {cmp.message}")
 
     print("eager: generating ...", flush=True)
     results["eager"] = generate(model, prompt, args.new_tokens, kv_cache=cache)
-    check("eager", results["eager"], reference, "reference (plain PyTorch, dense KV)")
+    # FP8 on several ranks quantizes the row-parallel inputs per rank: FP8's own tolerance
+    tp_tol = FP8_TP_LOGITS_TOLERANCE if tp > 1 and cfg.fp8 else None
+    if tp > 1:
+        one = generate(full, prompt, args.new_tokens,
+                       kv_cache=PagedKVCache(cfg.replace(tp=1), device, seed=args.seed))
+        check("eager", results["eager"], one, "the one-process model (tp=1, eager)"
+              + (", FP8 tolerance" if tp_tol else ""), tp_tol)
+        del one
+    check("eager", results["eager"], reference, "reference (plain PyTorch, dense KV)"
+          + (", FP8 tolerance" if tp_tol else ""), tp_tol)
     print("eager: timing the decode step ...", flush=True)
     step_ms["eager"] = _median_step_ms(results["eager"].session, device, args.timing_steps)
 
@@ -1053,7 +1362,7 @@ def main(argv=None) -> int:
     for (name, graph), c in calls.items():
         print(f"  {name + ' ' + graph + ':':20s} {_fmt_counter(c)}")
     print(f"decode step, median of {args.timing_steps} ({device.type}, {str(cfg.dtype)[6:]}, "
-          f"batch {args.batch}):")
+          f"batch {args.batch}" + (f", tp {tp}, rank 0" if tp > 1 else "") + "):")
     for name, ms in step_ms.items():
         print(f"  {name:20s} {ms:8.3f} ms")
     names = ["reference"] + list(results)
