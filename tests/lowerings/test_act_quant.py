@@ -23,19 +23,26 @@ def counts(name="act_quant"):
 class Mlp(torch.nn.Module):
     """gate_up GEMM (bf16) -> silu_and_mul -> FP8 quant -> down GEMM (FP8)."""
 
-    def __init__(self, quant="static", extra_read=False, dtype=torch.bfloat16):
+    def __init__(self, quant="static", extra_read=False, dtype=torch.bfloat16, native=None):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.gate_up = (torch.randn(2 * D, H, generator=g) * 0.3).to(dtype)
         self.down = (torch.randn(H, D, generator=g) * 0.5).to(FP8)
         self.scale = torch.tensor(0.01)
         self.ws = torch.tensor(0.02)
-        self.quant, self.extra_read = quant, extra_read
+        self.quant, self.extra_read, self.native = quant, extra_read, native
 
     def forward(self, x):
         gu = x @ self.gate_up.t()
-        y = torch.empty(gu.shape[0], D, dtype=gu.dtype)
-        ops.silu_and_mul(y, gu)
+        if self.native == "gate_up":  # silu(gate) * up as Hugging Face / gpt-fast write it
+            y = torch.nn.functional.silu(gu[..., :D]) * gu[..., D:]
+        elif self.native == "up_gate":
+            y = gu[..., D:] * torch.nn.functional.silu(gu[..., :D])
+        elif self.native == "halves_swapped":  # silu of the second half: not vLLM's layout
+            y = torch.nn.functional.silu(gu[..., D:]) * gu[..., :D]
+        else:
+            y = torch.empty(gu.shape[0], D, dtype=gu.dtype)
+            ops.silu_and_mul(y, gu)
         if self.quant == "static":
             q = (y.float() * self.scale.reciprocal()).clamp(-448, 448).to(FP8)
             sa = self.scale
@@ -90,3 +97,48 @@ class TestActQuant(TestCase):
         assert_close(got, eager)
         self.assertEqual(counts(), (0, {
             "the norm or activation output has other readers besides one quantization": 1}))
+
+    # The native spelling: silu(gate) * up of the two halves of the gate_up GEMM's output.
+    def test_native_silu_mul_static_fused_bit_exact(self):
+        for native in ("gate_up", "up_gate"):
+            for dtype in (torch.bfloat16, torch.float32):
+                with self.subTest(native=native, dtype=dtype):
+                    lowerings.reset_counters()
+                    torch._dynamo.reset()
+                    eager, got = run_both(Mlp("static", native=native, dtype=dtype),
+                                          _x(dtype=dtype))
+                    self.assertTrue(torch.equal(eager, got))
+                    self.assertEqual(counts(), (1, {}))
+                    after = lowerings.pass_manager().ops_after
+                    self.assertIn("auto_functionalized(compile_ops.silu_and_mul_quant.default)",
+                                  after)
+                    for gone in ("aten.exp.default", "aten.slice.Tensor", "aten.clamp_min.default"):
+                        self.assertNotIn(gone, after)
+
+    def test_native_silu_mul_ops_before_after(self):
+        run_both(Mlp("static", native="gate_up"), _x())
+        pm = lowerings.pass_manager()
+        self.assertExpectedInline(" ".join(sorted(set(pm.ops_after) - set(pm.ops_before))),
+                                  """aten.empty.memory_format auto_functionalized(compile_ops.silu_and_mul_quant.default) getitem""")
+        self.assertExpectedInline(" ".join(sorted(set(pm.ops_before) - set(pm.ops_after))),
+                                  """aten.add.Tensor aten.clamp_max.default aten.clamp_min.default aten.div.Tensor aten.exp.default aten.mul.Tensor aten.neg.default aten.reciprocal.default aten.slice.Tensor prims.convert_element_type.default""")
+
+    def test_native_silu_mul_per_token_is_a_near_miss(self):
+        eager, got = run_both(Mlp("per_token", native="gate_up"), _x())
+        assert_close(got, eager)
+        self.assertEqual(counts(), (0, {
+            "dynamic per-token or group quantization of the activation (no fused op with "
+            "silu_and_mul's rounding)": 1}))
+
+    def test_native_silu_mul_read_elsewhere(self):
+        eager, got = run_both(Mlp("static", extra_read=True, native="gate_up"), _x())
+        assert_close(got, eager)
+        self.assertEqual(counts(), (0, {
+            "the norm or activation output has other readers besides one quantization": 1}))
+
+    def test_native_silu_of_the_second_half_is_left_alone(self):
+        eager, got = run_both(Mlp("static", native="halves_swapped"), _x())
+        assert_close(got, eager)  # Inductor's own SiLU (its exp may differ by an ulp)
+        self.assertEqual(counts(), (0, {
+            "silu(gate) * up: gate and up are not the two halves of one tensor "
+            "(x[..., :d], x[..., d:])": 1}))
