@@ -60,6 +60,21 @@ def _silu_of(node, dtype):
     return c.args[0], nodes + [c]
 
 
+def _emit_fused(graph, before, x, shape, scale):
+    """``silu_and_mul_quant(fresh FP8 [shape], x, scale)`` inserted before `before`; returns
+    the getitem of its FP8 result."""
+    with graph.inserting_before(before):
+        q_buf = _fresh(graph, x, shape, FP8)
+        fused = graph.call_function(
+            torch.ops.higher_order.auto_functionalized,
+            (torch.ops.compile_ops.silu_and_mul_quant.default,),
+            {"result": q_buf, "input": x, "scale": scale})
+        q = graph.call_function(operator.getitem, (fused, 1))
+    q.meta["val"] = q_buf.meta["val"]
+    fused.meta["val"] = (None, q_buf.meta["val"])
+    return q
+
+
 class ActQuantPass(NormQuantPass):
     """silu_and_mul -> static FP8 quantization -> ``silu_and_mul_quant`` (vLLM's fused op).
 
@@ -133,16 +148,7 @@ class ActQuantPass(NormQuantPass):
             self.near_miss("dynamic per-token or group quantization of the activation (no fused "
                            "op with silu_and_mul's rounding)", mul)
             return False
-        with graph.inserting_before(tail.q):
-            q_buf = _fresh(graph, x, list(yv.shape), FP8)
-            fused = graph.call_function(
-                torch.ops.higher_order.auto_functionalized,
-                (torch.ops.compile_ops.silu_and_mul_quant.default,),
-                {"result": q_buf, "input": x, "scale": tail.scale})
-            q = graph.call_function(operator.getitem, (fused, 1))
-        q.meta["val"] = q_buf.meta["val"]
-        fused.meta["val"] = (None, q_buf.meta["val"])
-        tail.q.replace_all_uses_with(q)
+        tail.q.replace_all_uses_with(_emit_fused(graph, tail.q, x, list(yv.shape), tail.scale))
         order = {n: i for i, n in enumerate(graph.nodes)}
         dead = tail.nodes + [mul] + silu_nodes
         for n in sorted(set(dead), key=lambda n: -order.get(n, -1)):
@@ -189,15 +195,7 @@ class ActQuantPass(NormQuantPass):
         if not isinstance(yv.shape[-1], int):
             self.near_miss("symbolic last dimension", node)
             return False
-        with graph.inserting_before(node):
-            q_buf = _fresh(graph, x, list(yv.shape[:-1]) + [yv.shape[-1]], FP8)
-            fused = graph.call_function(
-                torch.ops.higher_order.auto_functionalized,
-                (torch.ops.compile_ops.silu_and_mul_quant.default,),
-                {"result": q_buf, "input": x, "scale": tail.scale})
-            q = graph.call_function(operator.getitem, (fused, 1))
-        q.meta["val"] = q_buf.meta["val"]
-        fused.meta["val"] = (None, q_buf.meta["val"])
+        q = _emit_fused(graph, node, x, list(yv.shape), tail.scale)
         for n in (tail.q if isinstance(tail.q, list) else [tail.q]):
             n.replace_all_uses_with(q)
         dead = list(getattr(tail, "getitems", [])) + tail.nodes + [y, node, out]

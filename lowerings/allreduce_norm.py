@@ -56,6 +56,7 @@ import torch
 import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from lowerings.add_rms_norm import _VIEW_OPS, _rows_layout_ok, _same_shape, _view_root
 from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass
+from lowerings.passes import functionalized_arg as _arg
 
 
 def _c10d_ops():
@@ -68,19 +69,6 @@ def _c10d_ops():
 
 def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
-def _arg(node: torch.fx.Node, name: str):
-    """A kwarg of an auto_functionalized call (v2 passes mutated args through _all_bases);
-    None where v2 passes a view of a larger base."""
-    kw = node.kwargs
-    if name in kw:
-        return kw[name]
-    idx = kw.get(f"_{name}_base_index")
-    if idx is not None and not any(k.startswith(f"_{name}_") and k != f"_{name}_base_index"
-                                   for k in kw):
-        return kw["_all_bases"][idx]
-    return None
 
 
 def _result_index(node: torch.fx.Node, name: str) -> int:

@@ -58,7 +58,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
-from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass, out_buffer
+from lowerings.passes import AUTO_FUNCTIONALIZED, FusionPass, functionalized_arg, out_buffer
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -202,17 +202,7 @@ class NormQuantPass(FusionPass):
     # -----------------------------------------------------------------------------------------
     _out_buffer = staticmethod(out_buffer)
 
-    @staticmethod
-    def _arg(norm: torch.fx.Node, name: str):
-        """A kwarg of the functionalized call; v2 passes mutated args through _all_bases."""
-        kw = norm.kwargs
-        if name in kw:
-            return kw[name]
-        idx = kw.get(f"_{name}_base_index")
-        if idx is not None and not any(k.startswith(f"_{name}_") and k != f"_{name}_base_index"
-                                       for k in kw):
-            return kw["_all_bases"][idx]
-        return None
+    _arg = staticmethod(functionalized_arg)
 
     def _match_tail(self, y: torch.fx.Node, dtype: torch.dtype):
         """The quantization of `y`, or a near-miss reason (str)."""

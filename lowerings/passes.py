@@ -123,6 +123,19 @@ class FusionPass:
         log.debug("%s: near miss at %s: %s", self.name, at.name, reason)
 
 
+def functionalized_arg(node: torch.fx.Node, name: str):
+    """A kwarg of an auto_functionalized call (v2 passes mutated args through ``_all_bases``);
+    None where v2 passes a view of a larger base."""
+    kw = node.kwargs
+    if name in kw:
+        return kw[name]
+    idx = kw.get(f"_{name}_base_index")
+    if idx is not None and not any(k.startswith(f"_{name}_") and k != f"_{name}_base_index"
+                                   for k in kw):
+        return kw["_all_bases"][idx]
+    return None
+
+
 def out_buffer(node: torch.fx.Node):
     """The ``out`` buffer of a functionalized out-style op (v1 or v2), or None where v2 passes a
     view of a larger base."""
