@@ -646,11 +646,8 @@ def time_calls_lockstep(calls: list, bytes_per_call: int, *, use_graph: bool = T
                         repeats: int = 20, min_ms: float = 20.0) -> dict:
     """harness.time_calls (CUDA graph) for the ranks of a TP model. Every replay holds
     all-reduces that pair the ranks up, so every rank must replay as often as the others: the
-    same warm-up on a side stream, one graph of the calls, samples of >= min_ms, but the replays
-    per sample agreed over the ranks (the most any rank asks for), and the result the slowest
-    rank's median (the step ends when the last rank's does)."""
-    import statistics
-
+    replays per sample are agreed over the ranks (the most any rank asks for), and the result is
+    the slowest rank's median (the step ends when the last rank's does)."""
     import torch.distributed as dist
 
     if not use_graph:
@@ -661,39 +658,9 @@ def time_calls_lockstep(calls: list, bytes_per_call: int, *, use_graph: bool = T
         dist.all_reduce(t, dist.ReduceOp.MAX)
         return t.item()
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: compilation, autotuning, allocator
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
     # thread_local: NCCL's watchdog thread queries events while this thread captures
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for c in calls:
-            c()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    once = max(start.elapsed_time(end), 1e-3)
-    inner = int(agree(max(1, int(min_ms / once)), torch.int64))
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(inner):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / (inner * len(calls)))
-    del graph
-    median = statistics.median(samples)
-    return {"seconds": agree(median, torch.float64),
-            "spread": (max(samples) - min(samples)) / median, "graph": True, "sets": len(calls)}
+    return harness.time_calls(calls, bytes_per_call, use_graph=True, repeats=repeats,
+                              min_ms=min_ms, agree=agree, capture_error_mode="thread_local")
 
 
 PROFILE = {}  # --profile: {"path": kernel-list file, "variants": [...]}

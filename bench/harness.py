@@ -89,10 +89,16 @@ def num_sets(bytes_per_call: int) -> int:
 
 
 def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = None,
-               repeats: int = 20, min_ms: float = 20.0) -> dict:
+               repeats: int = 20, min_ms: float = 20.0, agree=None,
+               capture_error_mode: str = "global") -> dict:
     """Median seconds per call of rotating through `calls` (zero-argument callables).
 
     Each callable must do the same work on its own input set. Returns seconds and method.
+    `agree` (processes that time collectives together, e.g. the ranks of a TP model): a function
+    of (value, dtype) returning the value agreed by every process (their max); the calls per
+    sample and the median are agreed with it, so every process replays as often as the others
+    and the result is the slowest one's. `capture_error_mode`: torch.cuda.graph's ("thread_local"
+    where another thread, NCCL's watchdog, queries events during capture).
     """
     if use_graph is None:
         use_graph = bytes_per_call < GRAPH_BELOW_BYTES
@@ -107,7 +113,7 @@ def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = Non
 
     if use_graph:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
             for c in calls:
                 c()
         run = graph.replay
@@ -125,6 +131,8 @@ def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = Non
     end.synchronize()
     once = max(start.elapsed_time(end), 1e-3)
     inner = max(1, int(min_ms / once))
+    if agree is not None:
+        inner = int(agree(inner, torch.int64))
     samples = []
     for _ in range(repeats):
         start.record()
@@ -135,8 +143,10 @@ def time_calls(calls: list, bytes_per_call: int, *, use_graph: bool | None = Non
         samples.append(start.elapsed_time(end) / 1e3 / (inner * len(calls)))
     if use_graph:
         del graph
-    return {"seconds": statistics.median(samples), "spread": (max(samples) - min(samples))
-            / statistics.median(samples), "graph": use_graph, "sets": len(calls)}
+    median = statistics.median(samples)
+    return {"seconds": median if agree is None else agree(median, torch.float64),
+            "spread": (max(samples) - min(samples)) / median, "graph": use_graph,
+            "sets": len(calls)}
 
 
 @dataclass
