@@ -100,6 +100,7 @@ from compile_ops.models.llama import (  # noqa: E402
     LlamaConfig,
     LlamaReference,
     PagedKVCache,
+    FP8_LOGITS_TOLERANCE,
     allreduce_norm_expected,
     compare_generations,
     compile_steps,
@@ -608,7 +609,8 @@ def bench_point(rep: E2EReport, model, ref, fns, variants, batch, context, seed)
             if expected is None:
                 expected, expected_name = gen, name
             else:
-                cmp = compare_generations(expected, gen, cfg.dtype, cfg.layers)
+                cmp = compare_generations(expected, gen, cfg.dtype, cfg.layers,
+                                          tol=FP8_LOGITS_TOLERANCE if cfg.fp8 else None)
                 extra["check"] = f"vs {expected_name}: {cmp.message}"
                 msg += f"; vs {expected_name}: {cmp.message}"
                 if not cmp.ok:

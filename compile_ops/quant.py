@@ -56,6 +56,13 @@ def _f32(v: float) -> float:
     return float(torch.tensor(float(v), dtype=torch.float32))
 
 
+def _div(a: torch.Tensor, d: float) -> torch.Tensor:
+    """a / d, an IEEE float32 division on every device: PyTorch's CUDA ``div`` turns a Python
+    scalar divisor into a multiply by its reciprocal (one ulp off at times), where the kernels
+    (vLLM's) divide."""
+    return a / torch.full_like(a, d)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared checks
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ def dynamic_scaled_fp8_quant_ref(input: torch.Tensor) -> tuple[torch.Tensor, tor
     if input.numel() == 0:
         return (torch.empty(input.shape, dtype=FP8_DTYPE, device=input.device),
                 torch.zeros(1, dtype=torch.float32, device=input.device))
-    s = _abs_nan_as_zero(input).amax() / FP8_MAX
+    s = _div(_abs_nan_as_zero(input).amax(), FP8_MAX)
     inv = 1.0 / s
     return to_fp8(input.float() * inv), s.reshape(1)
 
@@ -280,7 +287,7 @@ def dynamic_per_token_scaled_fp8_quant_ref(
     a = _abs_nan_as_zero(input).amax(dim=-1, keepdim=True)
     if scale_ub is not None:
         a = torch.fmin(a, scale_ub.reshape(()).float())
-    s = torch.fmax(a / FP8_MAX, torch.tensor(FP8_MIN_SCALE, device=a.device))
+    s = torch.fmax(_div(a, FP8_MAX), torch.tensor(FP8_MIN_SCALE, device=a.device))
     q = to_fp8(input.float() / s)
     return q, s.reshape(rows, 1)
 
@@ -316,7 +323,7 @@ def per_token_group_fp8_quant_ref(input: torch.Tensor, group_size: int, eps: flo
                             device=input.device))
     x = input.float().reshape(-1, g, group_size)
     amax = torch.clamp(_abs_nan_as_zero(x).amax(dim=-1), min=_f32(eps))
-    s = amax / _f32(fp8_max)
+    s = _div(amax, _f32(fp8_max))
     if scale_ue8m0:
         s = ue8m0_round_up_ref(s)
     q = _group_fp8(x / s.unsqueeze(-1), _f32(fp8_min), _f32(fp8_max))

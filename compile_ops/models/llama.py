@@ -73,7 +73,7 @@ import compile_ops  # noqa: F401  (registers torch.ops.compile_ops)
 from compile_ops.attention import BLOCK_SIZES, HEAD_SIZES, PARTITION_SIZE
 from compile_ops.testing import TOLERANCES
 
-__all__ = ["FP8_TP_LOGITS_TOLERANCE", "Fp8Linear", "Generation", "Llama", "LlamaConfig",
+__all__ = ["FP8_LOGITS_TOLERANCE", "FP8_TP_LOGITS_TOLERANCE", "Fp8Linear", "Generation", "Llama", "LlamaConfig",
            "LlamaReference", "PagedKVCache", "TPGroup", "all_reduce_sum",
            "allreduce_norm_expected", "compare_generations", "compile_steps", "generate",
            "init_tp", "logits_tolerance", "rope_cos_sin_cache", "main"]
@@ -945,6 +945,13 @@ class Comparison(NamedTuple):
 # 0.18-0.23 from the unquantized one. atol 0.5 is FP8's own error with room; a split gone wrong
 # moves them by O(1) (leaving out down_proj's all-reduce: 1.5, FP8 or not).
 FP8_TP_LOGITS_TOLERANCE = {"atol": 0.5, "rtol": 0.0}
+# FP8 fused vs unfused on the GPU: the fused norm/activation + quant ops compute a dynamic scale
+# as vLLM does (amax / 448, an IEEE division), while the native formulation the unfused model
+# runs, ``amax / 448`` on a CUDA tensor, is a multiply by the reciprocal in PyTorch's CUDA div (a
+# Python scalar divisor): scales one ulp apart flip an FP8 code now and then. Seen on an H100 (4
+# layers of Llama 3 8B, FP8 dynamic, batch 1 x 512): max |logit diff| 0.242 vs eager, where
+# Inductor on the same model matched eager exactly. FP8's own error, as for TP.
+FP8_LOGITS_TOLERANCE = FP8_TP_LOGITS_TOLERANCE
 
 
 def compare_generations(expected: Generation, got: Generation, dtype: torch.dtype,
