@@ -103,3 +103,57 @@ def special_gate_up_rows(group_size: int, groups: int, *, up_inf: bool = False,
     if up_inf:
         u[6 * gs + 1] = inf
     return torch.stack([torch.cat([g, u]), torch.cat([u, g])])
+
+
+def quant_mismatch(got: torch.Tensor, want: torch.Tensor, *, source: torch.Tensor = None,
+                   scales: torch.Tensor = None, want_scales: torch.Tensor = None,
+                   limit: int = 4) -> str:
+    """Why two quantized outputs (FP8 or INT8, any device, same shape) differ, for an assertion
+    message: how many codes differ, the largest code distance, and the first ``limit`` positions
+    with both codes, their values, the source value there (``source``: the tensor that was
+    quantized, e.g. the normalized rows) and the row's scales (``scales`` / ``want_scales``:
+    [rows, groups], the group found from the column). Empty string when they are equal. A GPU
+    run that fails a byte-exact test then says in one line whether a scale, a single rounding or
+    the data path is off."""
+    g, w = got.detach().cpu(), want.detach().cpu()
+    if g.shape != w.shape:
+        return f"shapes differ: got {tuple(g.shape)}, want {tuple(w.shape)}"
+    if g.numel() == 0:
+        return ""
+    fp8 = g.dtype == torch.float8_e4m3fn
+    gb = g.view(torch.uint8) if fp8 else g
+    wb = w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w
+    g2, w2, gf, wf = (t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+                      for t in (gb, wb, g.float(), w.float()))
+    diff = (g2 != w2).nonzero()
+    if diff.numel() == 0:
+        if scales is not None and want_scales is not None:
+            sg, sw = scales.detach().cpu().float(), want_scales.detach().cpu().float()
+            bad = (sg.reshape(-1) != sw.reshape(-1)) & ~(sg.reshape(-1).isnan()
+                                                         & sw.reshape(-1).isnan())
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                return (f"codes equal; {int(bad.sum())} of {bad.numel()} scales differ, first "
+                        f"at flat index {i}: got {sg.reshape(-1)[i].item()!r}, want "
+                        f"{sw.reshape(-1)[i].item()!r}")
+        return ""
+
+    def ordered(t):  # the codes in value order (FP8 sign-magnitude), for a distance
+        t = t.to(torch.int32)
+        return torch.where(t >= 128, 128 - t, t) if fp8 else t
+
+    dist = (ordered(g2) - ordered(w2)).abs().max().item()
+    src = None if source is None else source.detach().cpu().float().reshape(g2.shape)
+    parts = [f"{diff.shape[0]} of {g2.numel()} codes differ (max code distance {dist})"]
+    for r, c in diff[:limit].tolist():
+        s = f"[{r}, {c}]: got {int(g2[r, c])} ({gf[r, c].item()!r}) want {int(w2[r, c])} " \
+            f"({wf[r, c].item()!r})"
+        if src is not None:
+            s += f" source {src[r, c].item()!r}"
+        for name, sc in (("scale", scales), ("want scale", want_scales)):
+            if sc is not None:
+                sc2 = sc.detach().cpu().float().reshape(g2.shape[0], -1)
+                gsz = max(1, g2.shape[1] // sc2.shape[1])
+                s += f" {name} {sc2[r, min(c // gsz, sc2.shape[1] - 1)].item()!r}"
+        parts.append(s)
+    return "; ".join(parts)

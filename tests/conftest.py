@@ -29,6 +29,18 @@ def pytest_configure(config):
         config._compile_ops_shard = _tier.parse_shard(config.getoption("--shard", default=None))
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
+    _share_cpu_threads()
+
+
+def _share_cpu_threads():
+    """Under pytest-xdist (``-n N``), give each worker its share of the cores for torch's CPU
+    threads (the references and the CPU oracles of the CUDA tests): N workers with a full thread
+    pool each oversubscribe the machine N times over. OMP_NUM_THREADS, when set, wins."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(1, int(workers))))
 
 
 def _cuda_skip_reason():

@@ -11,7 +11,7 @@ from compile_ops import activation_quant as AQ
 from compile_ops._fp8 import FP8_MIN_SCALE, INT8_MIN_SCALE
 from compile_ops.activation_quant import (silu_and_mul_per_block_quant_ref,
                                           silu_and_mul_quant_ref)
-from compile_ops.testing import assert_raises_eager_and_fake, special_gate_up_rows
+from compile_ops.testing import assert_raises_eager_and_fake, quant_mismatch, special_gate_up_rows
 
 ops = torch.ops.compile_ops
 FP8 = torch.float8_e4m3fn
@@ -479,7 +479,7 @@ def test_cuda_silu_and_mul_quant(tokens, hidden, dtype, row_pad, gen):
         scale = torch.tensor([sc], device="cuda")
         got = run_quant(x, scale)
         exp = silu_and_mul_quant_ref(x, scale)
-        assert same_bytes(got, exp), (got.view(torch.uint8) != exp.view(torch.uint8)).sum()
+        assert same_bytes(got, exp), f"scale {sc}: {quant_mismatch(got, exp)}"
 
 
 # Per-block needs d % group_size == 0: the grid's hidden sizes that allow it, plus 64 and 192.
@@ -502,8 +502,9 @@ def test_cuda_silu_and_mul_per_block_quant(tokens, hidden, dtype, row_pad, gen):
                            else [None]):
                     q, s = run_block(x, gs, qdtype, ub, transposed)
                     eq, es = silu_and_mul_per_block_quant_ref(x, gs, qdtype, ub)
-                    assert same_bytes(q, eq), (gs, qdtype, transposed, ub)
-                    assert torch.equal(s, es), (gs, qdtype, transposed, ub)
+                    tag = f"gs={gs} {qdtype} transposed={transposed} ub={ub}"
+                    assert same_bytes(q, eq) and torch.equal(s, es), \
+                        f"{tag}: {quant_mismatch(q, eq, scales=s, want_scales=es)}"
 
 
 @pytest.mark.cuda

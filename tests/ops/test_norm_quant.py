@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import compile_ops
 from compile_ops import norm_quant as nq
 from compile_ops._fp8 import FP8_DTYPE
-from compile_ops.testing import assert_raises_eager_and_fake, rows_tensor
+from compile_ops.testing import assert_raises_eager_and_fake, quant_mismatch, rows_tensor
 
 ops = torch.ops.compile_ops
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -461,7 +461,7 @@ def _wide(tokens, hidden, dtype, row_pad, gen):
 
 
 def _cuda_oracle(kind, x, w, r, qdtype, group=None, ub=None, scale=None):
-    """(codes, scales, residual_out) from our CUDA norm kernels (outputs fresh and contiguous,
+    """(codes, scales, residual_out, normalized rows) from our CUDA norm kernels (outputs fresh and contiguous,
     as rms_norm's own tests use them) and the reference quantization."""
     res = None
     if kind == "static_add":
@@ -474,15 +474,15 @@ def _cuda_oracle(kind, x, w, r, qdtype, group=None, ub=None, scale=None):
     else:
         n = compile_ops.rms_norm(x, w, EPS)
     if kind.startswith("static"):
-        return codes(nq.static_fp8_quant_ref(n, scale)), None, res
+        return codes(nq.static_fp8_quant_ref(n, scale)), None, res, n
     q, s = nq.dynamic_quant_ref(n, qdtype, group, ub)
-    return codes(q), s, res
+    return codes(q), s, res, n
 
 
 def _check_cuda(kind, x, w, r, qdtype, group=None, ub=None, transposed=False, tag=""):
     tokens, hidden = x.shape
     scale = torch.tensor([0.05], device="cuda")
-    want_q, want_s, want_r = _cuda_oracle(kind, x, w, None if r is None else r.clone(), qdtype,
+    want_q, want_s, want_r, n = _cuda_oracle(kind, x, w, None if r is None else r.clone(), qdtype,
                                           group, ub, scale)
     x0 = x.clone()
     r1 = None if r is None else r.clone()
@@ -497,9 +497,12 @@ def _check_cuda(kind, x, w, r, qdtype, group=None, ub=None, transposed=False, ta
     else:
         got, s = nq.rms_norm_per_block_quant(x, w, EPS, qdtype, group, ub, r1, transposed,
                                              4 if transposed else 0)
-    assert torch.equal(codes(got), want_q), f"{tag}: codes differ"
+    want = want_q.view(FP8_DTYPE) if want_q.dtype == torch.uint8 else want_q
+    assert torch.equal(codes(got), want_q), \
+        f"{tag}: codes differ: {quant_mismatch(got, want, source=n, scales=s, want_scales=want_s)}"
     if s is not None:
-        assert torch.equal(s, want_s), f"{tag}: scales differ"
+        assert torch.equal(s, want_s), \
+            f"{tag}: scales differ: {quant_mismatch(got, want, scales=s, want_scales=want_s)}"
     if r is not None:  # NaN payloads may differ between torch's casts and the kernels'
         torch.testing.assert_close(r1, want_r, rtol=0, atol=0, equal_nan=True,
                                    msg=f"{tag}: residual differs")

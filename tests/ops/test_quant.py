@@ -12,7 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compile_ops import quant as Q
-from compile_ops.testing import assert_raises_eager_and_fake, rows_tensor
+from compile_ops.testing import assert_raises_eager_and_fake, quant_mismatch
 
 ops = torch.ops.compile_ops
 FP8 = torch.float8_e4m3fn
@@ -589,6 +589,14 @@ def test_overlapping_outputs_rejected():
 # ---------------------------------------------------------------------------------------------
 # CUDA kernels: byte for byte against the references over the shared grid
 # ---------------------------------------------------------------------------------------------
+def _same(q, s, eq, es, x=None, tag=""):
+    """q, s (the kernel's) equal eq, es (the reference's) byte for byte, else a message that says
+    which codes / scales differ, with the source values and scales there."""
+    ok_s = s is None or torch.equal(s.cpu(), es)
+    assert ok_s and torch.equal(u8(q).cpu(), u8(eq)), f"{tag}: " + (quant_mismatch(
+        q, eq, source=x, scales=s, want_scales=es) or "scales differ")
+
+
 def _cuda_x(tokens, hidden, dtype, row_pad, gen):
     x = make_x(tokens, hidden, dtype, gen, row_pad=row_pad, device="cuda")
     assert x.stride(0) == hidden + row_pad or tokens == 1
@@ -606,15 +614,15 @@ def test_cuda_matches_reference(dtype, tokens, hidden, row_pad, gen):
     tag = f"{dtype} {tokens}x{hidden} pad {row_pad}"
     for name, s, gshape, *_ in static_cases(tokens, hidden, gen):
         got = run_static(x, s.cuda(), gshape)
-        assert torch.equal(u8(got).cpu(), u8(Q.static_scaled_fp8_quant_ref(xc, s, gshape))), \
-            f"static {name} {tag}"
+        _same(got, None, Q.static_scaled_fp8_quant_ref(xc, s, gshape), None, xc,
+              f"static {name} {tag}")
     q, s = run_dynamic(x)
     eq, es = Q.dynamic_scaled_fp8_quant_ref(xc)
-    assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq)), f"dynamic {tag}"
+    _same(q, s, eq, es, xc, f"dynamic {tag}")
     for ub in (None, torch.tensor([1.5])):
         q, s = run_per_token(x, None if ub is None else ub.cuda())
         eq, es = Q.dynamic_per_token_scaled_fp8_quant_ref(xc, ub)
-        assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq)), f"token {tag}"
+        _same(q, s, eq, es, xc, f"token ub={ub} {tag}")
 
 
 @pytest.mark.cuda
@@ -628,8 +636,7 @@ def test_cuda_group_matches_reference(dtype, tokens, hidden, gs, gen):
         eq, es = Q.per_token_group_fp8_quant_ref(x.cpu(), gs, scale_ue8m0=ue8m0)
         for layout in ("row", "col", "tma"):
             q, s = run_group(x, gs, ue8m0, layout)
-            assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq)), \
-                (layout, ue8m0)
+            _same(q, s, eq, es, x, f"{layout} ue8m0={ue8m0}")
 
 
 @pytest.mark.cuda
@@ -641,7 +648,7 @@ def test_cuda_group_odd_sizes_and_misaligned(dtype, gs, gen):
     for x in (base[:, :k].contiguous(), base.reshape(-1)[1:1 + 5 * k].reshape(5, k)):
         q, s = run_group(x, gs, False, "row", eps=1e-4, lo=-200.0, hi=300.0)
         eq, es = Q.per_token_group_fp8_quant_ref(x.cpu(), gs, 1e-4, -200.0, 300.0)
-        assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq))
+        _same(q, s, eq, es, x, f"gs={gs}")
 
 
 @pytest.mark.cuda
@@ -651,10 +658,10 @@ def test_cuda_long_rows_two_pass(gen):
         x = make_x(3, hidden, dtype, gen).cuda()
         q, s = run_per_token(x)
         eq, es = Q.dynamic_per_token_scaled_fp8_quant_ref(x.cpu())
-        assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq))
+        _same(q, s, eq, es, x, f"token {dtype} {hidden}")
         q, s = run_dynamic(x)
         eq, es = Q.dynamic_scaled_fp8_quant_ref(x.cpu())
-        assert torch.equal(s.cpu(), es) and torch.equal(u8(q).cpu(), u8(eq))
+        _same(q, s, eq, es, x, f"dynamic {dtype} {hidden}")
 
 
 @pytest.mark.cuda
