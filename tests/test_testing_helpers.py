@@ -76,3 +76,17 @@ def test_xdist_workers_share_the_cores(monkeypatch):
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_emulated_sample_keeps_every_nth_and_the_last_of_each_function():
+    from types import SimpleNamespace
+
+    from tests.emulated.conftest import sample_items
+
+    items = [SimpleNamespace(path=f"/t/{f}.py", originalname=fn, name=f"{fn}[{i}]")
+             for f, fn, n in (("a", "t1", 7), ("a", "t2", 1), ("b", "t1", 3)) for i in range(n)]
+    kept, dropped = sample_items(items, 3)
+    assert [it.name for it in kept] == ["t1[0]", "t1[3]", "t1[6]", "t2[0]", "t1[0]", "t1[2]"]
+    assert len(kept) + len(dropped) == len(items) and not {id(i) for i in kept} & {
+        id(i) for i in dropped}
+    assert sample_items(items, 1) == (items, [])

@@ -59,3 +59,46 @@ def coop(emu):
     emu.set_cooperative(True)
     yield emu
     emu.set_cooperative(False)
+
+
+# COMPILE_OPS_EMU_SAMPLE=N: of each emulated test function's parametrizations, keep every N-th
+# (in collection order) and the last. The AddressSanitizer child run (test_address_sanitizer.py)
+# sets it: the parent run has already checked every parametrization's numbers, the child's job is
+# the memory paths, which a sample of the shapes (the first, the last and every N-th between)
+# exercises at a fraction of the time.
+def _sample_every():
+    raw = os.environ.get("COMPILE_OPS_EMU_SAMPLE", "")
+    try:
+        n = int(raw) if raw else 1
+    except ValueError:
+        raise pytest.UsageError(f"COMPILE_OPS_EMU_SAMPLE must be an integer, got {raw!r}") from None
+    if n < 1:
+        raise pytest.UsageError(f"COMPILE_OPS_EMU_SAMPLE must be >= 1, got {n}")
+    return n
+
+
+def sample_items(items, every):
+    """(kept, dropped): of the items of each test function (file + function name), every
+    ``every``-th in order and the last one."""
+    groups = {}
+    for it in items:
+        groups.setdefault((str(it.path), getattr(it, "originalname", it.name)), []).append(it)
+    keep = set()
+    for members in groups.values():
+        keep.update(id(m) for m in members[::every])
+        keep.add(id(members[-1]))
+    kept = [it for it in items if id(it) in keep]
+    return kept, [it for it in items if id(it) not in keep]
+
+
+def pytest_collection_modifyitems(config, items):
+    every = _sample_every()
+    if every == 1:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    mine = [it for it in items if str(it.path).startswith(here + os.sep)]
+    kept, dropped = sample_items(mine, every)
+    if dropped:
+        gone = {id(it) for it in dropped}
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [it for it in items if id(it) not in gone]

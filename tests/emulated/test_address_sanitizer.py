@@ -2,8 +2,9 @@
 write outside a tensor's allocation (a bad slot, block id or position that a bounds check let
 through, a vector access past a row) aborts the run with the faulting kernel and line.
 
-Runs in a child pytest (ASan must be preloaded into the interpreter); skipped where the
-compiler has no libasan.
+Runs in a child pytest (ASan must be preloaded into the interpreter) over a sample of the
+emulated tests (every third parametrization of each, and the last; COMPILE_OPS_EMU_SAMPLE=1 in
+the environment runs them all); skipped where the compiler has no libasan.
 """
 
 import os
@@ -31,8 +32,11 @@ def test_emulated_kernels_under_address_sanitizer(emu):
     asan, cxx = _runtime("libasan.so"), _runtime("libstdc++.so")
     if asan is None or cxx is None:
         pytest.skip("g++ has no libasan.so / libstdc++.so to preload")
+    # Every third parametrization of each test (conftest.py's COMPILE_OPS_EMU_SAMPLE): this
+    # process's emulated tests check every one's numbers; the child looks for bad memory accesses.
     env = dict(os.environ, COMPILE_OPS_EMU_ASAN="1", LD_PRELOAD=f"{asan} {cxx}",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
+               COMPILE_OPS_EMU_SAMPLE=os.environ.get("COMPILE_OPS_EMU_SAMPLE", "3"))
     # The shifted-row norm tests (4096 rows of OS threads) add time but no new memory paths.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            HERE, "-k", "not rms_norm_shifted and not address_sanitizer"],
