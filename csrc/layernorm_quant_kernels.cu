@@ -6,7 +6,9 @@
 //
 // The launch plan (pack width, packs per thread, threads per row) is rms_norm's (row_plan.h),
 // so the sums of squares are accumulated in the same order
-// as our rms_norm and the normalized values match it bit for bit on rows with the same layout.
+// as our rms_norm and the normalized values match it bit for bit on rows with the same layout,
+// except where rms_norm takes its shifted kernel (misaligned rows whose tensors share one 16-byte
+// phase, from 4096 rows on: another summation order); these kernels have no shifted variant.
 #include <torch/all.h>
 
 #include <algorithm>
