@@ -16,24 +16,10 @@
 # in .wheels/ (the device has no network).
 set -u
 cd "$(dirname "$0")/.."
-R=$OUT/r; mkdir -p "$R"
 LIMIT=${LIMIT:-540}
-T0=$(date +%s)
-el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$R/timeline.txt"; }
-pack() { tar czf "$OUT/r.tgz" -C "$OUT" r; }
-trap pack EXIT
-export PYTHONUNBUFFERED=1 COMPILE_OPS_BUILD_CUDA=1 COMPILE_OPS_REQUIRE_KERNELS=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch,triton,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'triton',triton.__version__,'gpus',torch.cuda.device_count())"
-  nproc; git log --oneline -1; } > "$R/env.txt" 2>&1
-cat "$R/env.txt"
-python3 -m pip install -q --no-deps --no-index .wheels/*.whl > "$R/pip.log" 2>&1
-python3 setup.py build_ext --inplace > "$R/build.log" 2>&1 || { tail -30 "$R/build.log"; el "BUILD FAILED"; exit 1; }
-el build
-COMPILE_OPS_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$R/pip.log" 2>&1 || el "editable install failed"
+. bench/device_setup.sh
 NG=$(python3 -c "import torch;print(torch.cuda.device_count())")
 NC=$(nproc)
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 
 test_lane() {
   local gpu=$1 cores=$2 workers=$3 sel=${4:-${TEST_SEL:-tests}} tag=${5:-}
