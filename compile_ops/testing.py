@@ -105,6 +105,16 @@ def special_gate_up_rows(group_size: int, groups: int, *, up_inf: bool = False,
     return torch.stack([torch.cat([g, u]), torch.cat([u, g])])
 
 
+def ordered_codes(q: torch.Tensor) -> torch.Tensor:
+    """FP8 (float8_e4m3fn) or INT8 codes as int32 in value order (FP8: sign-magnitude to two's
+    complement), so adjacent representable values differ by one."""
+    if q.dtype == torch.float8_e4m3fn:
+        b = q.view(torch.uint8).to(torch.int32)
+        mag = b & 0x7F
+        return torch.where(b >= 0x80, -mag, mag)
+    return q.to(torch.int32)
+
+
 def quant_mismatch(got: torch.Tensor, want: torch.Tensor, *, source: torch.Tensor = None,
                    scales: torch.Tensor = None, want_scales: torch.Tensor = None,
                    limit: int = 4) -> str:
@@ -138,11 +148,8 @@ def quant_mismatch(got: torch.Tensor, want: torch.Tensor, *, source: torch.Tenso
                         f"{sw.reshape(-1)[i].item()!r}")
         return ""
 
-    def ordered(t):  # the codes in value order (FP8 sign-magnitude), for a distance
-        t = t.to(torch.int32)
-        return torch.where(t >= 128, 128 - t, t) if fp8 else t
-
-    dist = (ordered(g2) - ordered(w2)).abs().max().item()
+    shape2 = g2.shape
+    dist = (ordered_codes(g.reshape(shape2)) - ordered_codes(w.reshape(shape2))).abs().max().item()
     src = None if source is None else source.detach().cpu().float().reshape(g2.shape)
     parts = [f"{diff.shape[0]} of {g2.numel()} codes differ (max code distance {dist})"]
     for r, c in diff[:limit].tolist():

@@ -16,17 +16,10 @@ import torch
 
 from compile_ops.activation_quant import (silu_and_mul_per_block_quant_ref,
                                           silu_and_mul_quant_ref)
-from compile_ops.testing import special_gate_up_rows
+from compile_ops.testing import ordered_codes as ordered, special_gate_up_rows
 
 FP8 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def ordered(q):
-    if q.dtype == FP8:
-        b = q.view(torch.uint8).to(torch.int32)
-        return torch.where(b >= 0x80, -(b & 0x7F), b & 0x7F)
-    return q.to(torch.int32)
 
 
 def compare_codes(got, exp, what):

@@ -11,7 +11,8 @@ from compile_ops import activation_quant as AQ
 from compile_ops._fp8 import FP8_MIN_SCALE, INT8_MIN_SCALE
 from compile_ops.activation_quant import (silu_and_mul_per_block_quant_ref,
                                           silu_and_mul_quant_ref)
-from compile_ops.testing import assert_raises_eager_and_fake, quant_mismatch, special_gate_up_rows
+from compile_ops.testing import (assert_raises_eager_and_fake, ordered_codes as ordered,
+                                 quant_mismatch, special_gate_up_rows)
 
 ops = torch.ops.compile_ops
 FP8 = torch.float8_e4m3fn
@@ -31,16 +32,6 @@ def rows(tokens, width, dtype, device="cpu", *, row_pad=0, gen=None, scale=1.0):
     base = (torch.randn(tokens, width + row_pad, generator=gen) * scale).to(dtype=dtype,
                                                                              device=device)
     return base[:, :width] if row_pad else base
-
-
-def ordered(q: torch.Tensor) -> torch.Tensor:
-    """FP8 / int8 codes as integers in value order (fp8: sign-magnitude to two's complement), so
-    adjacent representable values differ by one."""
-    if q.dtype == FP8:
-        b = q.view(torch.uint8).to(torch.int32)
-        mag = b & 0x7F
-        return torch.where(b >= 0x80, -mag, mag)
-    return q.to(torch.int32)
 
 
 def assert_codes_within_one(got, expected, max_frac=0.01):
