@@ -41,10 +41,6 @@
 #include "compile_ops/norm.cuh"
 #include "compile_ops/vec.cuh"
 
-#if !defined(__CUDA_ARCH__)
-#include <atomic>
-#endif
-
 namespace compile_ops {
 
 // Ranks a launch may have: one barrier thread per rank, all in the first warp.
@@ -78,13 +74,13 @@ __device__ __forceinline__ void flag_cas_spin(uint32_t* flag, uint32_t from, uin
       __trap();
     }
   }
-#else  // host emulation: std::atomic_ref with the same orderings
-  std::atomic_ref<uint32_t> a(*flag);
+#else  // host emulation: the compiler's atomic builtins with the same orderings (std::atomic_ref
+       // is C++20; nvcc's host pass of this header runs as C++17 under torch 2.11)
   for (;;) {
     uint32_t expected = from;
-    if (a.compare_exchange_weak(expected, to,
-                                RELEASE ? std::memory_order_release : std::memory_order_acquire,
-                                std::memory_order_relaxed))
+    if (__atomic_compare_exchange_n(flag, &expected, to, /*weak=*/true,
+                                    RELEASE ? __ATOMIC_RELEASE : __ATOMIC_ACQUIRE,
+                                    __ATOMIC_RELAXED))
       return;
   }
 #endif
