@@ -81,3 +81,23 @@ def test_cuda_build_only_where_it_can_run_unless_forced():
         decide("1", "", True, ["no nvcc found"])
     with pytest.raises(SystemExit, match="must be 0 or 1"):
         decide("yes", "", True, [])
+
+
+def test_cuda_headers_parse_as_cxx17(tmp_path):
+    """torch 2.11 (the GPU machines) builds csrc/ as C++17, torch 2.14 (CI) as C++20, so CI's nvcc
+    build alone misses a C++20-only construct (session 15: std::atomic_ref in a host branch broke
+    the device build). Every header of csrc/include/compile_ops/ must compile in one C++17
+    translation unit (no torch headers: those require C++20 on this torch)."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        pytest.skip(f"no nvcc at {nvcc}")
+    inc = os.path.join(ROOT, "csrc", "include")
+    headers = sorted(glob.glob(os.path.join(inc, "compile_ops", "*.cuh")))
+    assert len(headers) >= 10
+    tu = tmp_path / "all_headers.cu"
+    tu.write_text("".join(f'#include "compile_ops/{os.path.basename(h)}"\n' for h in headers))
+    r = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-gencode",
+                        "arch=compute_90,code=sm_90", f"-I{inc}", f"-I{os.path.join(ROOT, 'csrc')}",
+                        "-c", str(tu), "-o", str(tmp_path / "all_headers.o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

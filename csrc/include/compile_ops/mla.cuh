@@ -8,13 +8,13 @@
 #pragma once
 
 #include "compile_ops/fp8.cuh"
+#include "compile_ops/quant.cuh"  // kFp8E4M3Max
 #include "compile_ops/rotary.cuh"
 #include "compile_ops/vec.cuh"
 
 namespace compile_ops {
 
 constexpr int kMlaThreads = 256;  // 8 warps
-constexpr float kFp8E4M3Max = 448.0f;
 
 __device__ __forceinline__ void store_f32_bytes(uint8_t* p, float v) {
   const uint32_t u = __float_as_uint(v);
