@@ -8,6 +8,9 @@ T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$R/timeline.txt"; }
 pack() { tar czf "$OUT/r.tgz" -C "$OUT" r; }
 trap pack EXIT
+# Each failing test's message lands in $R/failures.txt as it happens (tests/conftest.py), so a
+# call cut by its limit still says why its failures failed.
+export COMPILE_OPS_FAILURE_LOG=$R/failures.txt
 export PYTHONUNBUFFERED=1 COMPILE_OPS_BUILD_CUDA=1 COMPILE_OPS_REQUIRE_KERNELS=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch,triton,sys;print('python',sys.version.split()[0],'torch',torch.__version__,'triton',triton.__version__)"

@@ -88,6 +88,21 @@ def pytest_testnodedown(node, error):
         node.config._compile_ops_tier_counts = tuple(counts)
 
 
+FAILURE_LOG_ENV = "COMPILE_OPS_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report):
+    """With $COMPILE_OPS_FAILURE_LOG set, append each failure's id and full report to that file
+    the moment it arrives (in pytest-xdist's controller, or the only process without -n). A
+    device call cut by its time limit loses pytest's end-of-run summary; this file keeps the
+    messages of the failures that had happened by then."""
+    path = os.environ.get(FAILURE_LOG_ENV)
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def pytest_terminal_summary(terminalreporter, config):
     counts = config._compile_ops_tier_counts
     if counts is None:

@@ -1,6 +1,7 @@
 """The quick test tier's selection (tests/_tier.py, hooked up in tests/conftest.py; issue 15):
 pytest runs in-process on a small test file that uses the project's own hooks."""
 
+import os
 import re
 import types
 
@@ -13,7 +14,7 @@ pytest_plugins = ["pytester"]
 
 CONFTEST = """
 from tests.conftest import (pytest_addoption, pytest_configure, pytest_collection_modifyitems,
-                            pytest_terminal_summary)
+                            pytest_runtest_logreport, pytest_terminal_summary)
 """
 
 INI = """
@@ -165,3 +166,40 @@ def test_shards_partition_the_items_round_robin():
     for bad in ("3/3", "-1/2", "a/2", "1"):
         with pytest.raises(ValueError, match="shard"):
             _tier.parse_shard(bad)
+
+
+FAILING = """
+import pytest
+
+
+def test_passes():
+    assert True
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_fails(v):
+    assert v == 0, f"message {v} kept"
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True])
+def test_failure_log_gets_each_failure_once(pytester, monkeypatch, tmp_path, xdist):
+    """$COMPILE_OPS_FAILURE_LOG: every failure's id and message, once each, with or without
+    pytest-xdist (the workers leave the writing to the controller); nothing for a pass."""
+    log = tmp_path / "failures.txt"
+    monkeypatch.setenv("COMPILE_OPS_FAILURE_LOG", str(log))
+    monkeypatch.delenv(_tier.ENV, raising=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))  # the subprocess imports tests
+    pytester.makeini(INI)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_failing=FAILING)
+    args = ["-n", "2"] if xdist else []
+    result = pytester.runpytest_subprocess(*args) if xdist else pytester.runpytest(*args)
+    result.assert_outcomes(passed=1, failed=2)
+    text = log.read_text()
+    for v in (1, 2):
+        assert text.count(f"=== FAILED test_failing.py::test_fails[{v}] (call)") == 1, text
+        assert f"message {v} kept" in text
+    assert "test_passes" not in text
